@@ -1,0 +1,160 @@
+"""Training backends: plain PyTorch and DeepSpeed, behind one small interface.
+
+``engine.backward(loss)`` once per micro-batch, ``engine.step()`` once per optimizer step
+(it returns the gradient norm and whether the step was skipped for a non-finite gradient),
+``engine.save_state(dir)`` / ``load_state(dir)`` for checkpoints, ``engine.export(dir, processor)``
+for a ``save_pretrained`` folder loadable by plain transformers.
+
+- ``TorchEngine``: one process, or several under torchrun/the DeepSpeed launcher with gradients
+  averaged by ``all_reduce`` before clipping (every rank holds the whole model).
+- ``DeepSpeedEngine``: ``deepspeed.initialize`` with the recipe's JSON (ZeRO-2 or ZeRO-3); the
+  values written ``"auto"`` are filled from the training config. On CPU it runs with gloo.
+
+What it leaves out: the loop (``core/trainer.py``) and any loss maths.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from core.utils import dist
+
+
+def _clean_state_dict(sd: dict) -> dict:
+    return {k: v.detach().clone() for k, v in sd.items()}
+
+
+class TorchEngine:
+    name = "torch"
+
+    def __init__(self, model, optimizer, scheduler, *, grad_clip: float = 1.0, grad_accum: int = 1):
+        self.module = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.grad_clip = grad_clip
+        self.grad_accum = grad_accum
+        self.zero3 = False
+
+    def params(self):
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accum).backward()
+
+    def step(self) -> dict:
+        params = self.params()
+        dist.all_reduce_grads(params)
+        if self.grad_clip and self.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        else:
+            norm = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        norm = float(norm)
+        skipped = not math.isfinite(norm)
+        if not skipped:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": norm, "skipped": skipped}
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def save_state(self, d: Path) -> None:
+        if dist.is_main():
+            torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict()}, Path(d) / "engine.pt")
+
+    def load_state(self, d: Path) -> None:
+        s = torch.load(Path(d) / "engine.pt", weights_only=False, map_location="cpu")
+        self.module.load_state_dict(s["model"])
+        self.optimizer.load_state_dict(s["optimizer"])
+        self.scheduler.load_state_dict(s["scheduler"])
+
+    def export(self, out_dir: Path, processor) -> None:
+        if dist.is_main():
+            from core.models import save_model
+            m = self.module
+            if hasattr(m, "merge_and_unload"):  # LoRA: export merged weights
+                m = m.merge_and_unload()
+            save_model(m, processor, out_dir)
+        dist.barrier()
+
+
+def fill_ds_config(path: str, *, batch_size: int, grad_accum: int, grad_clip: float) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"DeepSpeed config not found: {p}")
+    try:
+        cfg = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: invalid JSON: {e}") from None
+    ws = dist.world_size()
+    auto = {"train_micro_batch_size_per_gpu": batch_size, "gradient_accumulation_steps": grad_accum,
+            "train_batch_size": batch_size * grad_accum * ws, "gradient_clipping": grad_clip}
+    for k, v in auto.items():
+        if cfg.get(k, "auto") == "auto":
+            cfg[k] = v
+    cfg.setdefault("zero_allow_untested_optimizer", True)
+    for k in ("optimizer", "scheduler"):
+        if k in cfg:
+            raise ValueError(f"{p}: remove '{k}': the optimizer and schedule come from the training config")
+    return cfg
+
+
+class DeepSpeedEngine:
+    name = "deepspeed"
+
+    def __init__(self, model, optimizer, scheduler, ds_config: dict):
+        import deepspeed
+        self.ds_config = ds_config
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        self.module = self.engine.module
+        self.zero3 = int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+        self.engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
+
+    def step(self) -> dict:
+        norm = self.engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else float("nan")
+        return {"grad_norm": norm, "skipped": False}
+
+    def zero_grad(self) -> None:
+        self.engine.zero_grad()
+
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def save_state(self, d: Path) -> None:
+        self.engine.save_checkpoint(str(d), tag="deepspeed", save_latest=False)
+
+    def load_state(self, d: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(d), tag="deepspeed", load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {d}")
+
+    def export(self, out_dir: Path, processor) -> None:
+        from core.models import save_model
+        if self.zero3:
+            sd = self.engine._zero3_consolidated_16bit_state_dict()
+        else:
+            sd = self.module.state_dict()
+        if dist.is_main():
+            m = self.module
+            if self.zero3:
+                # save the gathered weights with the module's own config and class
+                tmp = type(m)(m.config)
+                tmp.load_state_dict(_clean_state_dict(sd), strict=False)
+                tmp.generation_config = m.generation_config
+                m = tmp
+            save_model(m, processor, out_dir)
+        dist.barrier()

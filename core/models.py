@@ -1,0 +1,253 @@
+"""Load a model and its processor from a directory, or build a tiny one from config.
+
+What it does:
+- ``load_model_and_processor(path)``: picks the transformers class from the checkpoint's own
+  ``config.json`` (``model_type``), never from the path: Qwen2-Audio, the Qwen2.5-Omni thinker,
+  or any ``AutoModelForCausalLM``; no hub access, ``trust_remote_code`` off unless asked.
+- ``train_tokenizer``: a byte-level BPE trained on a recipe's own text, with the Qwen chat
+  specials and a Jinja chat template that renders audio items as
+  ``<|audio_bos|><|AUDIO|><|audio_eos|>``.
+- ``build_tiny_qwen2_audio``: a ``Qwen2AudioForConditionalGeneration`` built from sizes, with
+  the audio encoder's position table filled with Whisper sinusoids (built from config it is a
+  frozen random table), a short feature chunk and an untied LM head (transformers 5 does not
+  declare the composite model's tied weights, so tying by hand breaks ``save_pretrained``); saved with
+  ``save_pretrained`` so the rest of the code loads it like a downloaded checkpoint.
+- ``check_vocab_match``: teacher and student must share a vocabulary; fail at start-up.
+
+What it leaves out: LoRA wrapping (``peft`` at the trainer), the Omni thinker builder (its own
+recipe), chat rendering of prompts (``core/data/collate.py``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]
+
+# Qwen-style chat template; audio items become <|audio_bos|><|AUDIO|><|audio_eos|>, which the
+# processor expands to one <|AUDIO|> per encoder frame.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'audio' or 'audio' in item or 'audio_url' in item %}"
+    "{{ '<|audio_bos|><|AUDIO|><|audio_eos|>' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+# --------------------------------------------------------------------------- tokenizer
+def train_tokenizer(texts: list[str], vocab_size: int, out_dir: str | os.PathLike | None = None):
+    """Train a byte-level BPE on ``texts`` and wrap it as a ``PreTrainedTokenizerFast``.
+
+    The specials are those Qwen2-Audio's processor expects; ``<|im_end|>`` is the EOS (end of
+    an assistant turn) and ``<|endoftext|>`` the pad.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if not texts:
+        raise ValueError("train_tokenizer: no text to train on")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=1,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        bos_token=None, unk_token=None,
+        extra_special_tokens={"audio_token": "<|AUDIO|>", "audio_bos_token": "<|audio_bos|>",
+                              "audio_eos_token": "<|audio_eos|>"},
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.padding_side = "left"
+    if out_dir is not None:
+        fast.save_pretrained(out_dir)
+    return fast
+
+
+# --------------------------------------------------------------------------- building
+def whisper_sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> torch.Tensor:
+    """Whisper's sinusoidal position table [length, channels] (sin half, then cos half)."""
+    if channels % 2:
+        raise ValueError("channels must be even")
+    log_inc = math.log(max_timescale) / (channels // 2 - 1)
+    inv = torch.exp(-log_inc * torch.arange(channels // 2, dtype=torch.float32))
+    t = torch.arange(length, dtype=torch.float32)[:, None] * inv[None, :]
+    return torch.cat([torch.sin(t), torch.cos(t)], dim=1)
+
+
+def build_tiny_qwen2_audio(tokenizer, *, hidden: int = 64, layers: int = 2, heads: int = 4,
+                           kv_heads: int | None = None, intermediate: int | None = None,
+                           audio_hidden: int | None = None, audio_layers: int | None = None,
+                           audio_heads: int | None = None, num_mel_bins: int = 128,
+                           chunk_seconds: int = 3, max_position_embeddings: int = 512,
+                           seed: int = 0, out_dir: str | os.PathLike | None = None):
+    """Build a ``Qwen2AudioForConditionalGeneration`` and its processor from sizes.
+
+    ``chunk_seconds`` sets both the feature extractor's chunk and the encoder's
+    ``max_source_positions`` (100 mel frames per second, halved by the encoder's stride) so
+    they agree. Returns ``(model, processor)``; saves both when ``out_dir`` is given.
+    """
+    from transformers import (Qwen2AudioConfig, Qwen2AudioForConditionalGeneration,
+                              Qwen2AudioProcessor, WhisperFeatureExtractor)
+
+    if int(chunk_seconds) != chunk_seconds or chunk_seconds < 1:
+        # WhisperFeatureExtractor recomputes its sample count from chunk_length on every load;
+        # a fractional value becomes a float count that its padding code rejects.
+        raise ValueError(f"chunk_seconds must be a whole number of seconds, got {chunk_seconds}")
+    chunk_seconds = int(chunk_seconds)
+    frames = chunk_seconds * 100
+    audio_hidden = audio_hidden or hidden
+    audio_cfg = dict(
+        model_type="qwen2_audio_encoder", d_model=audio_hidden, encoder_layers=audio_layers or layers,
+        encoder_attention_heads=audio_heads or heads, encoder_ffn_dim=4 * audio_hidden,
+        num_mel_bins=num_mel_bins, max_source_positions=frames // 2,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+    )
+    text_cfg = dict(
+        model_type="qwen2", vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
+        intermediate_size=intermediate or 4 * hidden, max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=False, rms_norm_eps=1e-6,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    config = Qwen2AudioConfig(audio_config=audio_cfg, text_config=text_cfg,
+                              audio_token_index=tokenizer.convert_tokens_to_ids("<|AUDIO|>"))
+    torch.manual_seed(seed)
+    model = Qwen2AudioForConditionalGeneration(config)
+    _init_audio_positions(model)
+    _set_generation_ids(model, tokenizer)
+    fe = WhisperFeatureExtractor(feature_size=num_mel_bins, sampling_rate=16000, hop_length=160,
+                                 chunk_length=chunk_seconds, n_fft=400)
+    processor = Qwen2AudioProcessor(feature_extractor=fe, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+    if out_dir is not None:
+        save_model(model, processor, out_dir)
+    return model, processor
+
+
+def _init_audio_positions(model) -> None:
+    enc = model.audio_tower if hasattr(model, "audio_tower") else model.model.audio_tower
+    emb = enc.embed_positions
+    with torch.no_grad():
+        emb.weight.copy_(whisper_sinusoids(emb.weight.shape[0], emb.weight.shape[1]))
+    emb.weight.requires_grad_(False)
+
+
+def _set_generation_ids(model, tokenizer) -> None:
+    gc = model.generation_config
+    gc.pad_token_id = tokenizer.pad_token_id
+    gc.eos_token_id = tokenizer.eos_token_id
+    gc.bos_token_id = None
+
+
+def save_model(model, processor, out_dir: str | os.PathLike) -> None:
+    """``save_pretrained`` model (safetensors) and processor into ``out_dir``, atomically."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        import shutil
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if processor is not None:
+        processor.save_pretrained(tmp)
+    if out_dir.exists():
+        import shutil
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+
+
+# --------------------------------------------------------------------------- loading
+def model_type_of(path: str | os.PathLike) -> str:
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        raise FileNotFoundError(f"{path}: not a model directory (no config.json)")
+    return json.loads(cfg.read_text()).get("model_type", "")
+
+
+def load_model_and_processor(path: str | os.PathLike, *, dtype: str | torch.dtype = "float32",
+                             trust_remote_code: bool = False, device: str | None = None):
+    """Load ``(model, processor)`` from a local directory; the class comes from ``model_type``."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    path = str(path)
+    mtype = model_type_of(path)
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    kw: dict[str, Any] = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    if mtype == "qwen2_audio":
+        from transformers import Qwen2AudioForConditionalGeneration as cls
+    elif mtype in ("qwen2_5_omni_thinker",):
+        from transformers import Qwen2_5OmniThinkerForConditionalGeneration as cls
+    elif mtype == "qwen2_5_omni":
+        from transformers import Qwen2_5OmniThinkerForConditionalGeneration as cls
+    else:
+        from transformers import AutoModelForCausalLM as cls
+    model = cls.from_pretrained(path, **kw)
+    try:
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception:  # text-only checkpoints have only a tokenizer
+        processor = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tok = getattr(processor, "tokenizer", processor)
+    if model.generation_config.pad_token_id is None and tok.pad_token_id is not None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    if device:
+        model.to(device)
+    return model, processor
+
+
+def tokenizer_of(processor):
+    return getattr(processor, "tokenizer", processor)
+
+
+def check_vocab_match(student_processor, teacher_processor, *, student_model=None, teacher_model=None,
+                      what: str = "teacher") -> None:
+    """Raise ``ValueError`` at start-up if the two vocabularies differ (size or token ids)."""
+    st, tt = tokenizer_of(student_processor), tokenizer_of(teacher_processor)
+    sv, tv = st.get_vocab(), tt.get_vocab()
+    problems = []
+    if len(sv) != len(tv):
+        problems.append(f"tokenizer sizes differ: student {len(sv)}, {what} {len(tv)}")
+    diff = [t for t, i in sv.items() if tv.get(t) != i]
+    if diff:
+        problems.append(f"{len(diff)} tokens map to different ids (e.g. {diff[:5]})")
+    if student_model is not None and teacher_model is not None:
+        s_out = student_model.get_output_embeddings().weight.shape[0]
+        t_out = teacher_model.get_output_embeddings().weight.shape[0]
+        if s_out != t_out:
+            problems.append(f"output vocabulary sizes differ: student {s_out}, {what} {t_out}")
+    if problems:
+        raise ValueError(f"student/{what} vocabulary mismatch: " + "; ".join(problems)
+                         + ". Distillation needs a shared tokenizer.")
+
+
+def special_token_ids(processor) -> list[int]:
+    """Ids of every special token (placeholders, chat markers, pad) except EOS."""
+    tok = tokenizer_of(processor)
+    ids = set(tok.all_special_ids)
+    for t in ("<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>", "<|im_start|>", "<|endoftext|>",
+              "<|IMAGE|>", "<|VIDEO|>", "<|vision_bos|>", "<|vision_eos|>"):
+        i = tok.convert_tokens_to_ids(t)
+        if isinstance(i, int) and i >= 0 and i != tok.unk_token_id:
+            ids.add(i)
+    ids.update(getattr(tok, "added_tokens_decoder", {}).keys())
+    ids.discard(tok.eos_token_id)
+    return sorted(i for i in ids if i is not None)
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,141 @@
+"""Sampling engine and the completion forward pass every method shares.
+
+- ``generate_completions``: batched ``generate`` with n samples per prompt, temperature / top-p /
+  top-k / max-new-tokens, special tokens suppressed (a sampled ``<|AUDIO|>`` breaks the next
+  forward), stop at EOS; returns completion ids, a mask that is 1 up to and including EOS, and
+  the sampled tokens' log-probabilities under ``log_softmax(logits / temperature)``, the same
+  quantity ``completion_logits`` recomputes for training. Deterministic under a seed.
+- ``completion_logits``: one forward of prompt + completion returning the logits that predict
+  each completion token, ``[B, T, V]``. Position ids follow the attention mask, as in
+  ``generate``, so left-padded prompts score exactly as they were sampled.
+
+What it leaves out: any loss, any teacher, any server-side engine (vLLM).
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+from core.data.collate import PromptBatch
+
+
+@dataclass
+class Completions:
+    """Completions aligned with a ``PromptBatch`` (row i of both belong together)."""
+
+    ids: torch.Tensor            # [B, T] long, pad after EOS
+    mask: torch.Tensor           # [B, T] 1 for completion tokens up to and including EOS
+    logp: torch.Tensor | None    # [B, T] sampled-token log-probs under the sampler (0 outside mask)
+    texts: list[str]
+
+    def select(self, idx: list[int]) -> "Completions":
+        t = torch.as_tensor(idx, dtype=torch.long)
+        return Completions(self.ids[t], self.mask[t], None if self.logp is None else self.logp[t],
+                           [self.texts[i] for i in idx])
+
+
+def eos_mask(ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
+    """1 for every token up to and including the first EOS (all tokens if none)."""
+    is_eos = torch.zeros_like(ids, dtype=torch.bool)
+    for e in eos_ids:
+        is_eos |= ids == e
+    # number of EOS strictly before position t
+    before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
+    return (before == 0).long()
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)
+
+
+def _media_kwargs(inputs: dict) -> dict:
+    return {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+
+
+@torch.no_grad()
+def generate_completions(model, batch: PromptBatch, tokenizer, *, n: int = 1, temperature: float = 1.0,
+                         top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 32,
+                         do_sample: bool = True, suppress_ids: list[int] | None = None,
+                         eos_ids: list[int] | None = None, seed: int | None = None,
+                         synced_gpus: bool = False, return_logp: bool = True) -> tuple[PromptBatch, Completions]:
+    """Sample ``n`` completions per prompt. Returns the repeated ``PromptBatch`` and ``Completions``.
+
+    The repeated batch holds the ``n`` copies of prompt i at rows ``i*n .. i*n+n-1``.
+    """
+    m = _unwrap(model)
+    rep = batch.repeat(n)
+    eos_ids = list(eos_ids or [tokenizer.eos_token_id])
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    if seed is not None:
+        torch.manual_seed(seed)
+    was_training = m.training
+    m.eval()
+    gen_kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=eos_ids,
+                  pad_token_id=pad_id, return_dict_in_generate=True, output_logits=return_logp,
+                  use_cache=True)
+    if do_sample:
+        gen_kw.update(temperature=temperature, top_p=top_p, top_k=top_k)
+    if suppress_ids:
+        gen_kw["suppress_tokens"] = list(suppress_ids)
+    if synced_gpus:
+        gen_kw["synced_gpus"] = True
+    try:
+        out = m.generate(**rep.inputs, **gen_kw)
+    finally:
+        m.train(was_training)
+    P = rep.inputs["input_ids"].shape[1]
+    ids = out.sequences[:, P:]
+    if ids.shape[1] == 0:
+        ids = torch.full((ids.shape[0], 1), eos_ids[0], dtype=torch.long)
+    mask = eos_mask(ids, eos_ids)
+    ids = torch.where(mask.bool(), ids, torch.full_like(ids, pad_id))
+    logp = None
+    if return_logp and out.logits:
+        logits = torch.stack(out.logits, dim=1).float()[:, : ids.shape[1]]
+        t = temperature if do_sample else 1.0
+        logp = torch.log_softmax(logits / t, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        logp = logp * mask
+    texts = decode_completions(tokenizer, ids, mask)
+    return rep, Completions(ids, mask, logp, texts)
+
+
+def decode_completions(tokenizer, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
+    return [tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True).strip()
+            for row, m in zip(ids, mask)]
+
+
+def _supports(model, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def completion_logits(model, batch: PromptBatch, comp_ids: torch.Tensor, comp_mask: torch.Tensor,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """Logits ``[B, T, V]`` (float32, divided by ``temperature``) predicting each completion token."""
+    inputs = batch.inputs
+    p_ids, p_mask = inputs["input_ids"], inputs["attention_mask"]
+    P, T = p_ids.shape[1], comp_ids.shape[1]
+    dev = p_ids.device
+    input_ids = torch.cat([p_ids, comp_ids.to(dev)], dim=1)
+    attn = torch.cat([p_mask, comp_mask.to(dev).to(p_mask.dtype)], dim=1)
+    pos = (attn.long().cumsum(-1) - 1).clamp(min=0)
+    kw = dict(input_ids=input_ids, attention_mask=attn, position_ids=pos, use_cache=False, **_media_kwargs(inputs))
+    m = _unwrap(model)
+    if _supports(m, "logits_to_keep"):
+        kw["logits_to_keep"] = T + 1
+        logits = model(**kw).logits[:, :-1]
+    else:
+        logits = model(**kw).logits[:, P - 1: P + T - 1]
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logits
+
+
+def token_logp(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of ``ids`` ``[B, T]`` under ``logits`` ``[B, T, V]``."""
+    return torch.log_softmax(logits, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)

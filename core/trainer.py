@@ -1,0 +1,381 @@
+"""The training loop, and nothing else: batch -> experience (rollout, scores) -> loss -> step.
+
+The method (``sft`` | ``opd`` | ``grpo``) comes from ``core.methods.METHODS`` by name; the loop
+never branches on its maths. It handles data order (a seeded permutation per epoch, each
+rank taking its slice of the global batch), gradient accumulation, several optimisation epochs
+per rollout (``grpo.epochs`` x ``grpo.minibatches``), the LR schedule, the wall-clock budget,
+skipped non-finite steps, periodic dev evaluation, checkpoints (``resume: auto``), metrics
+(JSONL, TensorBoard, tqdm) and the final ``save_pretrained`` export.
+
+``calibrate`` runs rollout + teacher scoring on the dev set without updates and reports the
+student/teacher per-token KL gap.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from core import config as C
+from core.backends import DeepSpeedEngine, TorchEngine, fill_ds_config
+from core.data.collate import AudioPromptCollator
+from core.data.manifest import read_manifest
+from core.methods import METHODS, Context, Experience
+from core.models import check_vocab_match, load_model_and_processor, special_token_ids
+from core.rewards import compute_rewards
+from core.rollout import completion_logits, generate_completions, token_logp
+from core.teacher import LocalTeacher
+from core.utils import checkpoint as ckpt
+from core.utils import dist
+from core.utils.logging import MetricsLogger, setup_console
+
+log = logging.getLogger("core.trainer")
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+class DataOrder:
+    """A seeded permutation per epoch; ``next_global(k)`` yields the next ``k`` indices."""
+
+    def __init__(self, n: int, seed: int):
+        if n == 0:
+            raise TrainingError("the training manifest has no samples")
+        self.n, self.seed = n, seed
+        self.epoch, self.pos = 0, 0
+        self._perm = self._make()
+
+    def _make(self):
+        g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def next_global(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.pos >= self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._perm = self._make()
+            take = min(k - len(out), self.n - self.pos)
+            out += self._perm[self.pos: self.pos + take]
+            self.pos += take
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load(self, s: dict) -> None:
+        self.epoch, self.pos = s["epoch"], s["pos"]
+        self._perm = self._make()
+
+
+def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 10_007 + micro * 101 + rank) % (2**31 - 1)
+
+
+def _load_teacher(cfg: C.TrainConfig, processor, model):
+    t = cfg.teacher
+    if t.kind == "remote":
+        try:
+            from core.remote_teacher import RemoteTeacher  # provided by the remote-teacher module
+        except ImportError:
+            raise TrainingError("teacher.kind remote needs core/remote_teacher.py, which is not installed") from None
+        return RemoteTeacher(t.url, processor=processor, api_key=t.api_key or None)
+    tm, tp = load_model_and_processor(t.path, dtype=t.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    check_vocab_match(processor, tp, student_model=model, teacher_model=tm)
+    return LocalTeacher(tm, tp)
+
+
+def _read_rows(path: str, cfg: C.TrainConfig, require=()):
+    return read_manifest(path, require=tuple(require), skip_bad=cfg.data.skip_bad)
+
+
+class Trainer:
+    def __init__(self, cfg: C.TrainConfig):
+        setup_console()
+        self.cfg = cfg
+        use_ds = cfg.backend.name == "deepspeed"
+        dist.init(cfg.backend.dist_backend, use_deepspeed=use_ds)
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self.out = Path(cfg.output_dir)
+        if dist.is_main():
+            self.out.mkdir(parents=True, exist_ok=True)
+            C.dump_config(cfg, self.out / "config.yaml")
+        seed_all(cfg.train.seed)
+        model, processor = load_model_and_processor(cfg.model.path, dtype=cfg.model.dtype,
+                                                    trust_remote_code=cfg.model.trust_remote_code)
+        if cfg.model.lora:
+            from peft import LoraConfig, get_peft_model
+            model = get_peft_model(model, LoraConfig(**cfg.model.lora))
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.collator = AudioPromptCollator(processor, cfg.data.prompt, system=cfg.data.system or None)
+        teacher = _load_teacher(cfg, processor, model) if cfg.method in ("opd", "calibrate") else None
+        ref = None
+        if cfg.method == "grpo" and cfg.grpo.kl_beta > 0:
+            ref = copy.deepcopy(model).eval()
+            for p in ref.parameters():
+                p.requires_grad_(False)
+        # data: every problem found before training starts
+        require = (cfg.data.target_field,) if cfg.method == "sft" else ()
+        self.rows = _read_rows(cfg.data.train, cfg, require) if cfg.data.train else []
+        self.dev_rows = _read_rows(cfg.data.dev, cfg)[: cfg.data.dev_max_samples] if cfg.data.dev else []
+        self.model = model
+        self.teacher, self.ref = teacher, ref
+        self.engine = None
+        if cfg.method != "calibrate":
+            self._build_engine()
+        fwd = self.engine.module if self.engine else model
+        self.ctx = Context(model=fwd, forward_model=fwd, processor=processor, tokenizer=self.tokenizer,
+                           collator=self.collator, cfg=cfg, teacher=teacher, ref_model=ref,
+                           suppress_ids=special_token_ids(processor), eos_ids=[self.tokenizer.eos_token_id],
+                           synced_gpus=bool(self.engine and self.engine.zero3 and self.world > 1))
+        self.logger = MetricsLogger(self.out, enabled=dist.is_main())
+
+    def _build_engine(self):
+        cfg, o = self.cfg, self.cfg.optim
+        from transformers import get_scheduler
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        sched = get_scheduler(o.scheduler, opt, num_warmup_steps=o.warmup_steps,
+                              num_training_steps=cfg.train.max_steps)
+        if cfg.backend.name == "deepspeed":
+            ds = fill_ds_config(cfg.backend.ds_config, batch_size=cfg.train.batch_size,
+                                grad_accum=o.grad_accum, grad_clip=o.grad_clip)
+            self.engine = DeepSpeedEngine(self.model, opt, sched, ds)
+        else:
+            self.engine = TorchEngine(self.model, opt, sched, grad_clip=o.grad_clip, grad_accum=o.grad_accum)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, rows=None, batch_size: int | None = None) -> dict:
+        rows = self.dev_rows if rows is None else rows
+        if not rows:
+            return {}
+        cfg = self.cfg
+        bs = batch_size or max(cfg.train.batch_size, 16)
+        model = self.ctx.forward_model
+        model.eval()
+        nll, ntok, rewards, lens = 0.0, 0.0, [], []
+        has_ref = all(r.get(cfg.data.target_field) for r in rows)
+        for i in range(0, len(rows), bs):
+            chunk = rows[i: i + bs]
+            batch = self.collator.prompts(chunk)
+            if has_ref:
+                ids, mask = self.collator.targets([_first(r[cfg.data.target_field]) for r in chunk],
+                                                  max_len=cfg.data.max_target_tokens)
+                lp = token_logp(completion_logits(model, batch, ids, mask), ids)
+                nll -= float((lp * mask).sum())
+                ntok += float(mask.sum())
+            if cfg.train.eval_reward:
+                _, comp = generate_completions(model, batch, self.tokenizer, do_sample=False,
+                                               max_new_tokens=cfg.rollout.max_new_tokens,
+                                               suppress_ids=self.ctx.suppress_ids, eos_ids=self.ctx.eos_ids,
+                                               synced_gpus=self.ctx.synced_gpus, return_logp=False)
+                from core.methods import reward_fields
+                tot, _ = compute_rewards({cfg.train.eval_reward: 1.0}, comp.texts, **reward_fields(chunk))
+                rewards += tot
+                lens += comp.mask.sum(-1).tolist()
+        model.train()
+        out = {}
+        if ntok:
+            out["dev/nll"] = nll / ntok
+        if rewards:
+            out[f"dev/{cfg.train.eval_reward}_reward"] = sum(rewards) / len(rewards)
+            out["dev/greedy_len"] = sum(lens) / len(lens)
+        return out
+
+    # ------------------------------------------------------------------ calibrate
+    @torch.no_grad()
+    def calibrate(self) -> dict:
+        """Rollout + teacher scoring on dev, no updates: the student/teacher KL gap."""
+        cfg = self.cfg
+        rows = self.dev_rows
+        bs = cfg.train.batch_size
+        tot = {"kl_sampled": 0.0, "kl_full": 0.0, "tokens": 0.0, "student_logp": 0.0, "teacher_logp": 0.0}
+        lens = []
+        for i in tqdm(range(0, len(rows), bs), desc="calibrate", disable=not dist.is_main()):
+            batch = self.collator.prompts(rows[i: i + bs])
+            rep, comp = generate_completions(
+                self.model, batch, self.tokenizer, n=cfg.rollout.n, temperature=cfg.rollout.temperature,
+                top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens,
+                suppress_ids=self.ctx.suppress_ids, eos_ids=self.ctx.eos_ids,
+                seed=step_seed(cfg.train.seed, 0, i, self.rank))
+            s = self.teacher.score(rep, comp, return_logits=True)
+            st_logits = completion_logits(self.model, rep, comp.ids, comp.mask)
+            m = comp.mask.float() * s.valid.float()[:, None]
+            sl = torch.log_softmax(st_logits, -1)
+            tl = torch.log_softmax(s.logits, -1)
+            kl_full = (sl.exp() * (sl - tl)).sum(-1)
+            slp = sl.gather(-1, comp.ids.unsqueeze(-1)).squeeze(-1)
+            tot["kl_sampled"] += float(((slp - s.logp) * m).sum())
+            tot["kl_full"] += float((kl_full * m).sum())
+            tot["student_logp"] += float((slp * m).sum())
+            tot["teacher_logp"] += float((s.logp * m).sum())
+            tot["tokens"] += float(m.sum())
+            lens += comp.mask.sum(-1).tolist()
+        n = max(tot["tokens"], 1.0)
+        res = {"reverse_kl_per_token": tot["kl_full"] / n, "sampled_kl_per_token": tot["kl_sampled"] / n,
+               "student_logp_per_token": tot["student_logp"] / n, "teacher_logp_per_token": tot["teacher_logp"] / n,
+               "tokens": tot["tokens"], "completion_len": sum(lens) / max(1, len(lens)), "samples": len(lens)}
+        if dist.is_main():
+            (self.out / "calibrate.json").write_text(json.dumps(res, indent=2))
+            log.info("calibrate: %s", res)
+        return res
+
+    # ------------------------------------------------------------------ training
+    def _micro_rows(self, idx: list[int], micro: int) -> list[dict]:
+        B = self.cfg.train.batch_size
+        start = (micro * self.world + self.rank) * B
+        return [self.rows[i] for i in idx[start: start + B]]
+
+    def train(self) -> dict:
+        cfg, tc = self.cfg, self.cfg.train
+        if cfg.method == "calibrate":
+            return self.calibrate()
+        method = METHODS[cfg.method]
+        accum = cfg.optim.grad_accum
+        epochs = cfg.grpo.epochs if cfg.method == "grpo" else 1
+        minibatches = cfg.grpo.minibatches if cfg.method == "grpo" else 1
+        order = DataOrder(len(self.rows), tc.seed)
+        ckdir = self.out / "checkpoints"
+        step, train_seconds, bad_in_a_row, skipped_total = 0, 0.0, 0, 0
+        resume_from = None
+        if tc.resume == "auto":
+            resume_from = ckpt.latest_checkpoint(ckdir)
+        elif tc.resume not in ("never", ""):
+            resume_from = Path(tc.resume)
+        if resume_from is not None:
+            st = ckpt.load(resume_from, engine=self.engine)
+            step, train_seconds = st["step"], st.get("train_seconds", 0.0)
+            skipped_total = st.get("skipped_steps", 0)
+            order.load(st["data"])
+            ckpt.set_rng_state(st["rng"])
+            log.info("resumed from %s at step %d", resume_from, step)
+        global_k = tc.batch_size * accum * self.world
+        bar = tqdm(total=tc.max_steps, initial=step, desc=cfg.method, disable=not dist.is_main(),
+                   dynamic_ncols=True)
+        interrupted = False
+        last_eval = {}
+        while step < tc.max_steps:
+            if tc.max_seconds and train_seconds >= tc.max_seconds:
+                log.info("wall-clock budget of %.0f s reached at step %d", tc.max_seconds, step)
+                break
+            t0 = time.time()
+            idx = order.next_global(global_k)
+            self.ctx.forward_model.train()
+            t_exp = time.time()
+            exps = [method.experience(self.ctx, self._micro_rows(idx, mi), step_seed(tc.seed, step, mi, self.rank))
+                    for mi in range(accum)]
+            t_exp = time.time() - t_exp
+            metrics: dict = {}
+            for e in exps:
+                for k, v in e.metrics.items():
+                    metrics[k] = metrics.get(k, 0.0) + v / len(exps)
+            loss_sum, n_loss, step_info, bad = 0.0, 0, {}, False
+            for ep in range(epochs):
+                for mb in range(minibatches):
+                    for e in exps:
+                        sub = _minibatch(e, mb, minibatches)
+                        loss, lm = method.loss(self.ctx, sub)
+                        if not torch.isfinite(loss):
+                            bad = True
+                            break
+                        self.engine.backward(loss)
+                        loss_sum += float(loss)
+                        n_loss += 1
+                        for k, v in lm.items():
+                            metrics[f"train/{k}"] = v
+                    if bad:
+                        self.engine.zero_grad()
+                        break
+                    step_info = self.engine.step()
+                    if step_info["skipped"]:
+                        bad = True
+                        break
+                if bad:
+                    break
+            step += 1
+            dt = time.time() - t0
+            train_seconds += dt
+            if bad:
+                bad_in_a_row += 1
+                skipped_total += 1
+                log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", step, bad_in_a_row)
+                if bad_in_a_row >= tc.max_bad_steps:
+                    raise TrainingError(f"{bad_in_a_row} consecutive non-finite steps (limit train.max_bad_steps="
+                                        f"{tc.max_bad_steps}); stopping. Lower the learning rate or check the data.")
+            else:
+                bad_in_a_row = 0
+            ntok = sum(float(e.comp.mask.sum()) for e in exps)
+            metrics.update({"loss": loss_sum / max(n_loss, 1), "lr": self.engine.lr(),
+                            "grad_norm": step_info.get("grad_norm", float("nan")), "skipped_steps": skipped_total,
+                            "step_seconds": dt, "experience_seconds": t_exp, "tokens_per_s": ntok / max(dt, 1e-9),
+                            "train_seconds": train_seconds, "epoch": order.epoch})
+            metrics = {k: dist.mean_across(v) if isinstance(v, float) else v for k, v in metrics.items()}
+            if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:
+                last_eval = self.evaluate()
+                metrics.update(last_eval)
+            if step % tc.log_every == 0 or step == tc.max_steps:
+                self.logger.log(step, metrics)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", **({"kl": f"{metrics['kl_sampled']:.3f}"}
+                                                                if "kl_sampled" in metrics else {}))
+            if tc.save_every and step % tc.save_every == 0:
+                self._save(ckdir, step, order, train_seconds, skipped_total)
+            if tc.stop_after_steps and step >= tc.stop_after_steps:
+                interrupted = True
+                break
+        bar.close()
+        self._save(ckdir, step, order, train_seconds, skipped_total)
+        summary = {"method": cfg.method, "steps": step, "train_seconds": round(train_seconds, 2),
+                   "skipped_steps": skipped_total, "interrupted": interrupted}
+        if not interrupted:
+            final_eval = self.evaluate()
+            summary.update(final_eval)
+            self.engine.export(self.out / "final", self.processor)
+            summary["final_model"] = str(self.out / "final")
+        if dist.is_main():
+            (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+            log.info("done: %s", summary)
+        self.logger.close()
+        return summary
+
+    def _save(self, ckdir, step, order, train_seconds, skipped_total):
+        state = {"step": step, "data": order.state(), "rng": ckpt.rng_state(), "train_seconds": train_seconds,
+                 "skipped_steps": skipped_total, "config": C.to_dict(self.cfg)}
+        ckpt.save(ckdir, step, engine=self.engine, state=state, keep_last=self.cfg.train.keep_last)
+
+
+def _first(x):
+    return x[0] if isinstance(x, list) else x
+
+
+def _minibatch(e: Experience, mb: int, n: int) -> Experience:
+    if n == 1:
+        return e
+    B = len(e)
+    per = math.ceil(B / n)
+    return e.select(list(range(mb * per, min(B, (mb + 1) * per))))
+
+
+def run(cfg: C.TrainConfig) -> dict:
+    t = Trainer(cfg)
+    try:
+        return t.train()
+    finally:
+        pass

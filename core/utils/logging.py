@@ -1,0 +1,60 @@
+"""Metrics: one JSON object per line (``metrics.jsonl``), TensorBoard scalars, and a console log.
+
+Only the main process writes. Values that are not finite numbers are kept in the JSONL as
+strings ("nan", "inf") so that a bad step is visible, and skipped in TensorBoard.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+
+def setup_console(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=False)
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+class MetricsLogger:
+    def __init__(self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = True,
+                 filename: str = "metrics.jsonl"):
+        self.enabled = enabled
+        self.path = Path(out_dir) / filename
+        self.tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+            except Exception as e:  # noqa: BLE001
+                logging.getLogger(__name__).warning("TensorBoard disabled: %s", e)
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, "time": round(time.time(), 3)}
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                v = float(v)
+                row[k] = v if math.isfinite(v) else str(v)
+                if self.tb is not None and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+            else:
+                row[k] = v
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()

@@ -1,0 +1,114 @@
+# Command-line options for recipe scripts, in the Kaldi / WeNet style.
+#
+# Source it after the script has given every option a default:
+#
+#     stage=0
+#     stop_stage=100
+#     nj=2
+#     use_gpu=false
+#     help_message="Usage: $0 [options] [args]"    # optional, printed by --help
+#     . tools/parse_options.sh
+#
+# Then `run.sh --stage 1 --stop_stage 3 --use-gpu true` sets stage=1, stop_stage=3 and
+# use_gpu=true. Rules:
+#   --name value and --name=value are both accepted; dashes in a name become underscores.
+#   Only variables that already exist can be set; any other --option is an error (exit 1).
+#   A variable whose default is true or false accepts only true or false.
+#   Option parsing stops at "--" (which is removed) or at the first argument that does not start
+#   with "--"; what is left stays in "$@" for the script.
+#   --help (or -h) prints help_message, then every variable the calling script assigned before
+#   sourcing this file, with its default, and exits 0.
+# Left out: arrays, short options other than -h, and Kaldi's --config file.
+#
+# Works under `set -euo pipefail`. Needs bash (indirect expansion and printf -v).
+
+if [ -z "${BASH_VERSION:-}" ]; then
+  echo "parse_options.sh: needs bash" >&2
+  exit 1
+fi
+
+# Print the options of the calling script: names assigned at the start of a line in "$0" before
+# it sources this file, with their current (default) values.
+__po_print_help() {
+  local script="$0" line name seen=" "
+  if [ -n "${help_message:-}" ]; then
+    printf '%s\n' "${help_message}"
+  else
+    printf 'Usage: %s [options] [args]\n' "${script}"
+  fi
+  if [ ! -r "${script}" ]; then
+    return 0
+  fi
+  printf '\nOptions (default values):\n'
+  while IFS= read -r line || [ -n "${line}" ]; do
+    case "${line}" in
+      *parse_options.sh*) break ;;
+    esac
+    if [[ "${line}" =~ ^[[:space:]]*([A-Za-z_][A-Za-z0-9_]*)= ]]; then
+      name="${BASH_REMATCH[1]}"
+      case "${name}" in help_message) continue ;; esac
+      case "${seen}" in *" ${name} "*) continue ;; esac
+      seen="${seen}${name} "
+      if [ -n "${!name+x}" ]; then
+        printf '  --%-24s %s\n' "${name}" "${!name}"
+      fi
+    fi
+  done < "${script}"
+}
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --help|-h)
+      __po_print_help
+      exit 0
+      ;;
+    --)
+      shift
+      break
+      ;;
+    --*=*)
+      __po_name="${1%%=*}"
+      __po_value="${1#*=}"
+      __po_nargs=1
+      ;;
+    --*)
+      __po_name="$1"
+      if [ $# -lt 2 ]; then
+        echo "$0: option '$1' needs a value" >&2
+        exit 1
+      fi
+      __po_value="$2"
+      __po_nargs=2
+      ;;
+    *)
+      break
+      ;;
+  esac
+  __po_name="${__po_name#--}"
+  __po_name="${__po_name//-/_}"
+  if ! [[ "${__po_name}" =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]]; then
+    echo "$0: invalid option name '--${__po_name}'" >&2
+    exit 1
+  fi
+  if [ -z "${!__po_name+x}" ]; then
+    echo "$0: unknown option '--${__po_name}' (run '$0 --help' for the options)" >&2
+    exit 1
+  fi
+  case "${!__po_name}" in
+    true|false)
+      case "${__po_value}" in
+        true|false) ;;
+        *)
+          echo "$0: option '--${__po_name}' takes true or false, got '${__po_value}'" >&2
+          exit 1
+          ;;
+      esac
+      ;;
+  esac
+  printf -v "${__po_name}" '%s' "${__po_value}"
+  shift "${__po_nargs}"
+done
+
+unset __po_name __po_value __po_nargs
+unset -f __po_print_help
+true
