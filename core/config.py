@@ -77,7 +77,7 @@ class OPDConfig:
     coef: float = _f(1.0, "sampled-token form: advantage scale")
     reward_weight: float = _f(0.0, "hybrid: weight of the reward group advantage added to the OPD advantage")
     rewards: dict = _f({}, "hybrid: reward name -> weight")
-    chunk_size: int = _f(1024, "positions per chunk of the full-vocabulary divergence")
+    chunk_size: int = _f(256, "positions per chunk of the full-vocabulary divergence")
 
 
 @dataclass

@@ -39,6 +39,7 @@ __all__ = [
     "KL_ESTIMATORS",
     "DIVERGENCES",
     "SUPPORTS",
+    "DEFAULT_CHUNK_SIZE",
     "agg_loss",
     "policy_loss",
     "kl_penalty",
@@ -624,7 +625,9 @@ def distill_loss(
             chosen without gradient.
         top_k: size of the top-k sets; ignored for ``full``.
         agg: aggregation mode of ``agg_loss``.
-        chunk_size: positions per chunk for ``full``; None computes all positions at once.
+        chunk_size: positions per chunk for ``full`` (default 256: at a 151,936 vocabulary one
+            float32 ``[256, V]`` temporary is ~150 MB); None computes all positions at once with
+            plain autograd (several ``[N, V]`` float32 tensors alive at the peak).
         norm_len: passed to ``agg_loss`` for ``seq-mean-token-sum-norm``.
 
     Returns:

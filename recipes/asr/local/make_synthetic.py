@@ -5,7 +5,7 @@ A small grammar (44 words: the digits "zero".."nine", short commands such as "tu
 "go left three steps", "set the volume to seven", colours) gives utterances of 2-6 words. Each one
 is spoken by a voice drawn from every English espeak-ng voice here crossed with eleven variants
 (m1..m7, f1..f4), at 140-200 words per minute and pitch 30-70, and saved as a 16 kHz mono
-16-bit wav. A clip must last at most ``--max_seconds`` (3.2 s, the model's audio chunk): a longer
+16-bit wav. A clip must last at most ``--max_seconds`` (3 s, the model's audio chunk): a longer
 one is spoken again faster (up to ``--max_speed``) and, if still too long, replaced by a shorter
 utterance of the grammar. Audio is never cut.
 

@@ -1,0 +1,74 @@
+#!/usr/bin/env python3
+"""Stage 1a of the ASR recipe: a byte-level BPE tokenizer, then a teacher and a smaller student
+``Qwen2AudioForConditionalGeneration`` built from the sizes in ``conf/models.yaml``.
+
+A model whose ``*_dir`` is set in the YAML is not built: the directory is checked (it must hold
+a config.json) and linked as ``<exp>/<name>_init``. Teacher and student share one tokenizer;
+with two existing directories their vocabularies are checked to agree.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(ROOT))
+
+import yaml  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--conf", required=True, help="conf/models.yaml")
+    ap.add_argument("--text", required=True, help="text corpus for the tokenizer (one utterance a line)")
+    ap.add_argument("--exp", required=True, help="experiment dir: writes teacher_init/ and student_init/")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    from core.models import (build_tiny_qwen2_audio, check_vocab_match, count_parameters,
+                             load_model_and_processor, train_tokenizer)
+    from core.utils.logging import setup_console
+    setup_console()
+
+    conf = yaml.safe_load(open(args.conf))
+    allowed = {"teacher_dir", "student_dir", "tokenizer", "chunk_seconds", "teacher", "student"}
+    bad = set(conf) - allowed
+    if bad:
+        raise SystemExit(f"{args.conf}: unknown keys {sorted(bad)}; valid: {sorted(allowed)}")
+    exp = Path(args.exp)
+    exp.mkdir(parents=True, exist_ok=True)
+    info = {}
+    tok = None
+    if not (conf.get("teacher_dir") and conf.get("student_dir")):
+        texts = [t.strip() for t in open(args.text, encoding="utf-8") if t.strip()]
+        tok = train_tokenizer(texts, conf["tokenizer"]["vocab_size"], exp / "tokenizer")
+        info["vocab_size"] = len(tok)
+    for i, name in enumerate(("teacher", "student")):
+        out = exp / f"{name}_init"
+        given = conf.get(f"{name}_dir")
+        if given:
+            if not (Path(given) / "config.json").is_file():
+                raise SystemExit(f"{args.conf}: {name}_dir={given} is not a model directory (no config.json)")
+            if out.is_symlink() or out.exists():
+                out.unlink() if out.is_symlink() else None
+            os.symlink(Path(given).resolve(), out)
+            info[name] = {"dir": str(Path(given).resolve()), "built": False}
+            continue
+        sizes = dict(conf[name])
+        model, _ = build_tiny_qwen2_audio(tok, chunk_seconds=conf.get("chunk_seconds", 3),
+                                          seed=args.seed + i, out_dir=out, **sizes)
+        info[name] = {"dir": str(out), "built": True, "parameters": count_parameters(model), **sizes}
+    if conf.get("teacher_dir") or conf.get("student_dir"):
+        _, tp = load_model_and_processor(exp / "teacher_init")
+        _, sp = load_model_and_processor(exp / "student_init")
+        check_vocab_match(sp, tp)
+    (exp / "models.json").write_text(json.dumps(info, indent=2))
+    print(json.dumps(info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

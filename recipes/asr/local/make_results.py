@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""Stage 3 of the ASR recipe: decode the test set with every trained model, score WER (CER for
+Chinese), and report.
+
+Writes, under ``<exp>``: ``decode/<system>/hyp.jsonl``, ``report.json`` and ``utt_errors.txt``
+(per-utterance errors, worst first); ``results.json``; PNG curves in ``plots/``. Prints the
+results table and writes it into the recipe README between the ``results`` markers.
+Systems: ``teacher``, ``student_before`` (the student after its SFT), ``student_after`` (after
+OPD) and the baselines that were trained (``sft_more``, ``seqkd``, ``td_opd``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(ROOT))
+
+SYSTEMS = {"teacher": "teacher", "student_before": "student_sft", "student_after": "opd"}
+BASELINES = {"sft_more": "more SFT on the student's labelled set",
+             "seqkd": "sequence-level KD (SFT on the teacher's greedy transcripts)",
+             "td_opd": "sequence-level KD, then OPD (half the budget each)"}
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def load_json(p: Path):
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def decode_and_score(name: str, model_dir: Path, data: Path, exp: Path, lang: str) -> dict:
+    from core.bin.decode import decode
+    from tools.compute_wer import format_details, read_transcripts, score
+    out = exp / "decode" / name
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    info = decode(str(model_dir), str(data / "test.jsonl"), str(out / "hyp.jsonl"))
+    refs = read_transcripts(data / "test.jsonl")
+    hyps = read_transcripts(out / "hyp.jsonl")
+    cer = lang == "zh"
+    res = score(refs, hyps, cer=cer, lang=lang)
+    (out / "report.json").write_text(json.dumps(res, indent=2, ensure_ascii=False))
+    (out / "utt_errors.txt").write_text(format_details(res, cer=cer))
+    r = {"wer": res["error_rate"], "errors": res["errors"], "ref_tokens": res["num_ref_words"],
+         "substitutions": res["substitutions"], "deletions": res["deletions"], "insertions": res["insertions"],
+         "sentence_error_rate": res["sentence_error_rate"], "num_utts": res["num_utts"],
+         "empty_hypotheses": info["empty"], "decode_seconds": round(time.time() - t0, 2), "model": str(model_dir)}
+    if cer:
+        r["cer"] = res["error_rate"]
+    worst = [u for u in res["utterances"] if u["errors"]][:5]
+    r["worst"] = [{k: u[k] for k in ("key", "ref", "hyp", "errors")} for u in worst]
+    return r
+
+
+def fmt_table(results: dict, unit: str) -> str:
+    rows = [("teacher", results["teacher"], "SFT on its own labelled set"),
+            ("student_before", results["student_before"], "SFT on the small labelled set"),
+            ("student_after", results["student_after"], "OPD on unlabelled audio")]
+    rows += [(k, v, BASELINES.get(k, "")) for k, v in results.get("baselines", {}).items()]
+    tr = results.get("training", {})
+    lines = [f"| system | {unit} (%) | errors / ref | train s | steps | what |", "|---|---|---|---|---|---|"]
+    key_of = {"student_before": "student_sft", "student_after": "opd"}
+    for name, r, what in rows:
+        t = tr.get(key_of.get(name, name), {})
+        lines.append(f"| {name} | {100 * r['wer']:.2f} | {r['errors']} / {r['ref_tokens']} | "
+                     f"{t.get('train_seconds', '')} | {t.get('steps', '')} | {what} |")
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, text: str) -> None:
+    if not readme.is_file():
+        return
+    s = readme.read_text()
+    if START in s and END in s:
+        a, b = s.index(START) + len(START), s.index(END)
+        s = s[:a] + "\n" + text + "\n" + s[b:]
+    else:
+        s += f"\n{START}\n{text}\n{END}\n"
+    readme.write_text(s)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--exp", required=True)
+    ap.add_argument("--lang", default="en", help="en (WER) | zh (CER)")
+    ap.add_argument("--readme", default="", help="README to write the table into")
+    ap.add_argument("--corpus", default="synthetic")
+    ap.add_argument("--budget", default="")
+    ap.add_argument("--smoke", default="false")
+    ap.add_argument("--only_times", action="store_true", help="only refresh stage_seconds in results.json")
+    args = ap.parse_args(argv)
+    data, exp = Path(args.data), Path(args.exp)
+    res_path = exp / "results.json"
+    times = load_json(exp / "stage_seconds.json") or {}
+    if args.only_times:
+        r = load_json(res_path)
+        if r is None:
+            raise SystemExit(f"{res_path} not found")
+        r["stage_seconds"] = times
+        r["total_seconds"] = round(sum(times.values()), 1)
+        res_path.write_text(json.dumps(r, indent=2, ensure_ascii=False))
+        print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
+              + f" | total {r['total_seconds']:.0f}")
+        return 0
+
+    from core.utils.logging import setup_console
+    setup_console()
+    results: dict = {}
+    for name, d in SYSTEMS.items():
+        m = exp / d / "final"
+        if not (m / "config.json").is_file():
+            raise SystemExit(f"{m} is missing: run stages 1-2 first")
+        results[name] = decode_and_score(name, m, data, exp, args.lang)
+    results["baselines"] = {}
+    for name in BASELINES:
+        m = exp / name / "final"
+        if (m / "config.json").is_file():
+            results["baselines"][name] = decode_and_score(name, m, data, exp, args.lang)
+    b, a = results["student_before"]["wer"], results["student_after"]["wer"]
+    results["relative_improvement"] = round((b - a) / b, 4) if b > 0 else None
+    results["calibrate"] = {k: load_json(exp / f"calibrate_{k}" / "calibrate.json") for k in ("before", "after")}
+    results["training"] = {d: load_json(exp / d / "train_summary.json") for d in
+                           ("teacher", "student_sft", "opd", "sft_more", "seqkd", "td_kd", "td_opd")
+                           if (exp / d / "train_summary.json").is_file()}
+    best = min([("student_after", a)] + [(k, v["wer"]) for k, v in results["baselines"].items()], key=lambda x: x[1])
+    results["best_student"] = best[0]
+    results["settings"] = {"corpus": args.corpus, "lang": args.lang, "metric": "cer" if args.lang == "zh" else "wer",
+                           "budget_seconds": args.budget, "smoke": args.smoke == "true",
+                           "models": load_json(exp / "models.json"), "data": load_json(data / "stats.json"),
+                           "opd_config": str(exp / "opd" / "config.yaml")}
+    results["stage_seconds"] = times
+    exp.mkdir(parents=True, exist_ok=True)
+    res_path.write_text(json.dumps(results, indent=2, ensure_ascii=False))
+
+    unit = "CER" if args.lang == "zh" else "WER"
+    table = fmt_table(results, unit)
+    cal = results["calibrate"]
+    cal_line = ""
+    if cal.get("before") and cal.get("after"):
+        cal_line = (f"\n\nStudent-teacher reverse KL per token on dev (calibrate): before OPD "
+                    f"{cal['before']['reverse_kl_per_token']:.3f}, after {cal['after']['reverse_kl_per_token']:.3f}.")
+    rel = results["relative_improvement"]
+    summary = (f"{table}\n\nOPD relative {unit} change vs student_before: "
+               f"{-100 * rel:+.1f}%. Best student: {best[0]}.{cal_line}" if rel is not None else table)
+    print(summary)
+    if args.readme and args.smoke != "true":
+        update_readme(Path(args.readme), summary + f"\n\n(measured by `run.sh` on {time.strftime('%Y-%m-%d')}, "
+                                                   f"corpus {args.corpus}, budget {args.budget} s per stage-2 run)")
+    try:
+        from tools.plot_metrics import plot
+        runs = [(d, exp / d / "metrics.jsonl") for d in ("opd", "sft_more", "seqkd", "td_opd")]
+        runs = [(d, p) for d, p in runs if p.is_file()]
+        if runs:
+            plot([p for _, p in runs], keys=["loss", "kl_sampled", "train/divergence", "completion_len",
+                                            "dev/wer_reward", "nonempty_share"],
+                 out_dir=exp / "plots", labels=[d for d, _ in runs], smooth=5)
+    except Exception as e:  # noqa: BLE001  plots are a convenience; the numbers are in results.json
+        print(f"warning: plots not drawn: {e}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# ASR on-policy distillation (OPD), wenet-style stages.
+#
+#   bash run.sh                                  # stages 0-3 on the embedded default (synthetic speech)
+#   bash run.sh --stage 2 --stop_stage 3         # only OPD + baselines, then scoring
+#   bash run.sh --corpus librispeech --corpus_dir /data/LibriSpeech
+#   bash run.sh --corpus aishell --corpus_dir /data/aishell          # scored with CER
+#
+# Stage 0: data. Stage 1: tokenizer + teacher/student models, teacher SFT on its own set,
+# student SFT on its small labelled set. Stage 2: OPD on the student's unlabelled audio, and
+# the fair baselines at the same wall-clock (more SFT, sequence-level KD, KD then OPD).
+# Stage 3: greedy decoding of the test set, WER/CER, results.json, README table, plots.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+RECIPE_DIR="$(pwd)"
+ROOT="$(cd ../.. && pwd)"
+
+stage=0
+stop_stage=3
+corpus=synthetic      # synthetic | librispeech | aishell
+corpus_dir=""         # local copy of the corpus (librispeech | aishell)
+data=data             # manifests
+exp=exp               # models, logs, results
+budget=150            # seconds of training for OPD and for each baseline (equal wall-clock)
+baselines=true        # also train the fair baselines (sft_more, seqkd, td_opd)
+backend=torch         # torch | deepspeed (uses conf/ds_zero2.json; multi-node: see README)
+smoke=false           # tiny corpus and few steps, for tests
+seed=0
+help_message="Usage: bash run.sh [--stage N] [--stop_stage N] [--corpus synthetic|librispeech|aishell] [--corpus_dir DIR] [--budget SECONDS] [--smoke true]"
+. tools/parse_options.sh
+
+# the project's environment, found from any shell
+if [ -x "${ROOT}/.venv/bin/python" ]; then
+  PY="${ROOT}/.venv/bin/python"
+else
+  echo "The project's environment is missing: run 'bash run.sh setup' in ${ROOT} first." >&2
+  exit 1
+fi
+export PYTHONPATH="${ROOT}${PYTHONPATH:+:${PYTHONPATH}}"
+export TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+
+log() { echo "$(date '+%Y-%m-%d %H:%M:%S') [asr] $*"; }
+mkdir -p "${exp}"
+TIMES="${exp}/stage_seconds.json"
+record_time() {  # name seconds
+  "${PY}" - "$TIMES" "$1" "$2" <<'PY'
+import json, sys, os
+p, k, v = sys.argv[1], sys.argv[2], float(sys.argv[3])
+d = json.load(open(p)) if os.path.exists(p) else {}
+d[k] = round(v, 1)
+json.dump(d, open(p, "w"), indent=2)
+PY
+}
+train() {  # config [overrides...]
+  local conf=$1; shift
+  if [ "${backend}" = "deepspeed" ]; then set -- backend.name=deepspeed "$@"; fi
+  "${PY}" -m core.bin.train --config "${conf}" train.seed=${seed} "$@"
+}
+
+lang=en; lang_flag=""
+[ "${corpus}" = "aishell" ] && lang=zh
+teacher_over=(); student_over=(); synth_args=()
+if [ "${smoke}" = "true" ]; then
+  synth_args=(--smoke)
+  teacher_over=(train.max_steps=40 train.eval_every=0 train.save_every=0)
+  student_over=(train.max_steps=10 train.eval_every=0 train.save_every=0)
+  budget=6
+fi
+common=(train.eval_every=0)
+[ "${smoke}" = "true" ] || common=()
+
+if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
+  t0=$(date +%s)
+  log "stage 0: data (${corpus})"
+  case "${corpus}" in
+    synthetic)
+      "${PY}" local/make_synthetic.py --out_dir "${data}" --seed ${seed} "${synth_args[@]}" ;;
+    librispeech)
+      [ -n "${corpus_dir}" ] || { echo "--corpus_dir is required for librispeech" >&2; exit 1; }
+      "${PY}" local/prepare_librispeech.py --corpus_dir "${corpus_dir}" --out_dir "${data}/raw" \
+        --parts train-clean-100 dev-clean test-clean --map train-clean-100=train dev-clean=dev test-clean=test
+      "${PY}" local/split_train.py --train "${data}/raw/train.jsonl" --dev "${data}/raw/dev.jsonl" \
+        --test "${data}/raw/test.jsonl" --out_dir "${data}" --seed ${seed} ;;
+    aishell)
+      [ -n "${corpus_dir}" ] || { echo "--corpus_dir is required for aishell" >&2; exit 1; }
+      "${PY}" local/prepare_aishell.py --corpus_dir "${corpus_dir}" --out_dir "${data}/raw"
+      "${PY}" local/split_train.py --train "${data}/raw/train.jsonl" --dev "${data}/raw/dev.jsonl" \
+        --test "${data}/raw/test.jsonl" --out_dir "${data}" --seed ${seed} ;;
+    *) echo "unknown corpus '${corpus}'" >&2; exit 1 ;;
+  esac
+  record_time data $(( $(date +%s) - t0 ))
+fi
+
+if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
+  t0=$(date +%s)
+  log "stage 1: tokenizer and models"
+  "${PY}" local/build_models.py --conf conf/models.yaml --text "${data}/text_corpus.txt" --exp "${exp}" --seed ${seed}
+  built_teacher=$("${PY}" -c "import json;print(json.load(open('${exp}/models.json'))['teacher']['built'])")
+  built_student=$("${PY}" -c "import json;print(json.load(open('${exp}/models.json'))['student']['built'])")
+  if [ "${built_teacher}" = "True" ]; then
+    log "stage 1: teacher SFT on its own labelled set"
+    train conf/teacher_sft.yaml train.resume=never "${teacher_over[@]}"
+  else
+    rm -rf "${exp}/teacher"; mkdir -p "${exp}/teacher"; ln -sfn "$(readlink -f ${exp}/teacher_init)" "${exp}/teacher/final"
+  fi
+  if [ "${built_student}" = "True" ]; then
+    log "stage 1: student SFT on its small labelled set"
+    train conf/student_sft.yaml train.resume=never "${student_over[@]}"
+  else
+    rm -rf "${exp}/student_sft"; mkdir -p "${exp}/student_sft"; ln -sfn "$(readlink -f ${exp}/student_init)" "${exp}/student_sft/final"
+  fi
+  record_time models $(( $(date +%s) - t0 ))
+fi
+
+if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
+  t0=$(date +%s)
+  log "stage 2: calibrate (student vs teacher KL on dev, before OPD)"
+  train conf/opd.yaml method=calibrate output_dir=${exp}/calibrate_before train.batch_size=32
+  log "stage 2: on-policy distillation, ${budget} s"
+  train conf/opd.yaml train.max_seconds=${budget} train.resume=never "${common[@]}"
+  record_time opd $(( $(date +%s) - t0 ))
+  train conf/opd.yaml method=calibrate model.path=${exp}/opd/final output_dir=${exp}/calibrate_after train.batch_size=32
+  # the baselines get the wall-clock OPD actually trained for
+  spent=$("${PY}" -c "import json;print(json.load(open('${exp}/opd/train_summary.json'))['train_seconds'])")
+  half=$("${PY}" -c "print(${spent} / 2)")
+  if [ "${baselines}" = "true" ]; then
+    t1=$(date +%s)
+    log "baseline sft_more: more SFT on the labelled set, ${spent} s"
+    train conf/sft_more.yaml train.max_seconds=${spent} train.resume=never "${common[@]}"
+    record_time sft_more $(( $(date +%s) - t1 ))
+    t1=$(date +%s)
+    log "baseline seqkd: the teacher transcribes the unlabelled audio"
+    "${PY}" -m core.bin.decode --model ${exp}/teacher/final --manifest ${data}/unlabelled.jsonl \
+      --out ${exp}/seqkd_data/unlabelled_teacher.jsonl --as_manifest
+    record_time teacher_transcribe $(( $(date +%s) - t1 ))
+    t1=$(date +%s)
+    log "baseline seqkd: SFT on the teacher's transcripts, ${spent} s"
+    train conf/seqkd.yaml train.max_seconds=${spent} train.resume=never "${common[@]}"
+    record_time seqkd $(( $(date +%s) - t1 ))
+    t1=$(date +%s)
+    log "td_opd: sequence-level KD then OPD, ${half} s each"
+    train conf/seqkd.yaml train.max_seconds=${half} output_dir=${exp}/td_kd train.resume=never "${common[@]}"
+    train conf/opd.yaml model.path=${exp}/td_kd/final train.max_seconds=${half} output_dir=${exp}/td_opd \
+      train.resume=never "${common[@]}"
+    record_time td_opd $(( $(date +%s) - t1 ))
+  fi
+fi
+
+if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
+  t0=$(date +%s)
+  log "stage 3: decode the test set and score"
+  "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --lang ${lang} --readme README.md \
+    --corpus ${corpus} --budget ${budget} --smoke ${smoke}
+  record_time decode_score $(( $(date +%s) - t0 ))
+  "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --lang ${lang} --only_times
+fi
