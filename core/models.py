@@ -198,6 +198,7 @@ def load_model_and_processor(path: str | os.PathLike, *, dtype: str | torch.dtyp
     else:
         from transformers import AutoModelForCausalLM as cls
     model = cls.from_pretrained(path, **kw)
+    _refreeze_audio_positions(model)
     try:
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception:  # text-only checkpoints have only a tokenizer
@@ -208,6 +209,18 @@ def load_model_and_processor(path: str | os.PathLike, *, dtype: str | torch.dtyp
     if device:
         model.to(device)
     return model, processor
+
+
+def _refreeze_audio_positions(model) -> None:
+    """Keep the audio encoder's position table frozen after loading.
+
+    Whisper-style encoders (Qwen2-Audio's included) build ``embed_positions`` with
+    ``requires_grad_(False)``, but ``from_pretrained`` in transformers 5 hands back every
+    parameter trainable, so the fixed sinusoid table would drift during training.
+    """
+    for name, mod in model.named_modules():
+        if name.split(".")[-2:] == ["audio_tower", "embed_positions"] and isinstance(mod, torch.nn.Embedding):
+            mod.weight.requires_grad_(False)
 
 
 def tokenizer_of(processor):

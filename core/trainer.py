@@ -296,7 +296,7 @@ class Trainer:
                             bad = True
                             break
                         self.engine.backward(loss)
-                        loss_sum += float(loss)
+                        loss_sum += float(loss.detach())
                         n_loss += 1
                         for k, v in lm.items():
                             metrics[f"train/{k}"] = v

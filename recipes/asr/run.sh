@@ -99,34 +99,41 @@ if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
   built_student=$("${PY}" -c "import json;print(json.load(open('${exp}/models.json'))['student']['built'])")
   if [ "${built_teacher}" = "True" ]; then
     log "stage 1: teacher SFT on its own labelled set"
-    train conf/teacher_sft.yaml train.resume=never "${teacher_over[@]}"
+    train conf/teacher_sft.yaml model.path=${exp}/teacher_init output_dir=${exp}/teacher \
+      data.train=${data}/teacher_train.jsonl data.dev=${data}/dev.jsonl train.resume=never "${teacher_over[@]}"
   else
     rm -rf "${exp}/teacher"; mkdir -p "${exp}/teacher"; ln -sfn "$(readlink -f ${exp}/teacher_init)" "${exp}/teacher/final"
   fi
   if [ "${built_student}" = "True" ]; then
     log "stage 1: student SFT on its small labelled set"
-    train conf/student_sft.yaml train.resume=never "${student_over[@]}"
+    train conf/student_sft.yaml model.path=${exp}/student_init output_dir=${exp}/student_sft \
+      data.train=${data}/student_labelled.jsonl data.dev=${data}/dev.jsonl train.resume=never "${student_over[@]}"
   else
     rm -rf "${exp}/student_sft"; mkdir -p "${exp}/student_sft"; ln -sfn "$(readlink -f ${exp}/student_init)" "${exp}/student_sft/final"
   fi
   record_time models $(( $(date +%s) - t0 ))
 fi
 
+opd_paths=(model.path=${exp}/student_sft/final teacher.path=${exp}/teacher/final output_dir=${exp}/opd
+           data.train=${data}/unlabelled.jsonl data.dev=${data}/dev.jsonl)
+kd_paths=(model.path=${exp}/student_sft/final data.train=${exp}/seqkd_data/unlabelled_teacher.jsonl data.dev=${data}/dev.jsonl)
+
 if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
   t0=$(date +%s)
   log "stage 2: calibrate (student vs teacher KL on dev, before OPD)"
-  train conf/opd.yaml method=calibrate output_dir=${exp}/calibrate_before train.batch_size=32
+  train conf/opd.yaml "${opd_paths[@]}" method=calibrate output_dir=${exp}/calibrate_before
   log "stage 2: on-policy distillation, ${budget} s"
-  train conf/opd.yaml train.max_seconds=${budget} train.resume=never "${common[@]}"
+  train conf/opd.yaml "${opd_paths[@]}" train.max_seconds=${budget} train.resume=never "${common[@]}"
   record_time opd $(( $(date +%s) - t0 ))
-  train conf/opd.yaml method=calibrate model.path=${exp}/opd/final output_dir=${exp}/calibrate_after train.batch_size=32
+  train conf/opd.yaml "${opd_paths[@]}" method=calibrate model.path=${exp}/opd/final output_dir=${exp}/calibrate_after
   # the baselines get the wall-clock OPD actually trained for
   spent=$("${PY}" -c "import json;print(json.load(open('${exp}/opd/train_summary.json'))['train_seconds'])")
   half=$("${PY}" -c "print(${spent} / 2)")
   if [ "${baselines}" = "true" ]; then
     t1=$(date +%s)
     log "baseline sft_more: more SFT on the labelled set, ${spent} s"
-    train conf/sft_more.yaml train.max_seconds=${spent} train.resume=never "${common[@]}"
+    train conf/sft_more.yaml model.path=${exp}/student_sft/final output_dir=${exp}/sft_more data.train=${data}/student_labelled.jsonl \
+      data.dev=${data}/dev.jsonl train.max_seconds=${spent} train.resume=never "${common[@]}"
     record_time sft_more $(( $(date +%s) - t1 ))
     t1=$(date +%s)
     log "baseline seqkd: the teacher transcribes the unlabelled audio"
@@ -135,12 +142,12 @@ if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
     record_time teacher_transcribe $(( $(date +%s) - t1 ))
     t1=$(date +%s)
     log "baseline seqkd: SFT on the teacher's transcripts, ${spent} s"
-    train conf/seqkd.yaml train.max_seconds=${spent} train.resume=never "${common[@]}"
+    train conf/seqkd.yaml "${kd_paths[@]}" output_dir=${exp}/seqkd train.max_seconds=${spent} train.resume=never "${common[@]}"
     record_time seqkd $(( $(date +%s) - t1 ))
     t1=$(date +%s)
     log "td_opd: sequence-level KD then OPD, ${half} s each"
-    train conf/seqkd.yaml train.max_seconds=${half} output_dir=${exp}/td_kd train.resume=never "${common[@]}"
-    train conf/opd.yaml model.path=${exp}/td_kd/final train.max_seconds=${half} output_dir=${exp}/td_opd \
+    train conf/seqkd.yaml "${kd_paths[@]}" train.max_seconds=${half} output_dir=${exp}/td_kd train.resume=never "${common[@]}"
+    train conf/opd.yaml "${opd_paths[@]}" model.path=${exp}/td_kd/final train.max_seconds=${half} output_dir=${exp}/td_opd \
       train.resume=never "${common[@]}"
     record_time td_opd $(( $(date +%s) - t1 ))
   fi

@@ -1,0 +1,158 @@
+"""Shared fixtures: a tiny spoken corpus and tiny Qwen2-Audio student/teacher models.
+
+``tiny`` (session scope) builds, once per test session in a temp dir:
+- 12 short English clips spoken by espeak-ng, resampled to 16 kHz mono (each < 3 s);
+- ``train.jsonl`` (key, audio, task=asr, text) beside them;
+- a byte-level BPE tokenizer trained on the transcripts;
+- a student (hidden 32, 1 layer, seed 0) and a teacher (hidden 48, 1 layer, seed 1) built with
+  ``core.models.build_tiny_qwen2_audio`` and saved as ``save_pretrained`` folders.
+
+``train_config`` writes a training YAML for these models; ``run_train_cli`` runs
+``python -m core.bin.train`` (or torchrun) in a subprocess, on the CPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+TEXTS = [
+    "the cat sat on the mat",
+    "a dog ran in the park",
+    "red green and blue",
+    "one two three four",
+    "hello world",
+    "open the door please",
+    "the sun is hot",
+    "we like to read books",
+    "turn left at the light",
+    "fish swim in water",
+    "birds fly high",
+    "it is cold today",
+]
+SR = 16000
+MAX_CLIP_SECONDS = 3.0
+
+
+def _speak(text: str, out: Path, tmp: Path) -> float:
+    """espeak-ng -> 16 kHz mono wav at ``out``; returns its duration in seconds."""
+    import numpy as np
+    import soundfile as sf
+    import soxr
+
+    raw = tmp / (out.stem + ".raw.wav")
+    subprocess.run(["espeak-ng", "-v", "en-us", "-s", "170", "-w", str(raw), text],
+                   check=True, capture_output=True)
+    x, sr = sf.read(str(raw), dtype="float32", always_2d=True)
+    raw.unlink()
+    x = x.mean(axis=1)
+    if sr != SR:
+        x = soxr.resample(x, sr, SR).astype(np.float32)
+    if len(x) == 0:
+        raise RuntimeError(f"espeak-ng produced no audio for {text!r}")
+    sf.write(str(out), x, SR, subtype="PCM_16")
+    return len(x) / SR
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    if shutil.which("espeak-ng") is None:
+        pytest.fail("espeak-ng is needed to build the test corpus (bash run.sh setup installs it)")
+    from core.models import build_tiny_qwen2_audio, train_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny")
+    wavs = root / "wav"
+    wavs.mkdir()
+    rows = []
+    for i, text in enumerate(TEXTS):
+        dur = _speak(text, wavs / f"utt{i:02d}.wav", root)
+        assert dur < MAX_CLIP_SECONDS, f"clip {i} is {dur:.2f} s long"
+        rows.append({"key": f"utt{i:02d}", "audio": f"wav/utt{i:02d}.wav", "task": "asr", "text": text})
+    manifest = root / "train.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    tok = train_tokenizer(TEXTS, 300)
+    student_dir, teacher_dir = root / "student", root / "teacher"
+    build_tiny_qwen2_audio(tok, hidden=32, layers=1, heads=2, seed=0, out_dir=student_dir)
+    build_tiny_qwen2_audio(tok, hidden=48, layers=1, heads=2, seed=1, out_dir=teacher_dir)
+    abs_rows = [dict(r, audio=str(root / r["audio"])) for r in rows]
+    return SimpleNamespace(root=root, manifest=manifest, rows=abs_rows, texts=list(TEXTS),
+                           tokenizer=tok, student=student_dir, teacher=teacher_dir)
+
+
+def _deep_update(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@pytest.fixture
+def train_config(tiny, tmp_path):
+    """``train_config(name, **sections)`` -> path of a YAML training config under tmp_path."""
+
+    def make(name: str = "cfg", **over) -> Path:
+        cfg = {
+            "method": "sft",
+            "output_dir": str(tmp_path / name),
+            "model": {"path": str(tiny.student)},
+            "teacher": {"path": str(tiny.teacher)},
+            "data": {"train": str(tiny.manifest)},
+            "rollout": {"n": 2, "max_new_tokens": 6},
+            "optim": {"lr": 1e-2},
+            "train": {"batch_size": 2, "max_steps": 3, "seed": 0},
+            "backend": {"dist_backend": "gloo"},
+        }
+        cfg = _deep_update(cfg, over)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return path
+
+    return make
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_env() -> dict:
+    """Environment of a CPU-only child process with no inherited process-group variables."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO))
+    return env
+
+
+@pytest.fixture(scope="session")
+def run_train_cli():
+    """``run_train_cli(config, *overrides, nproc=1)`` runs core.bin.train in a child process."""
+
+    def run(config, *overrides, nproc: int = 1, timeout: int = 300):
+        if nproc == 1:
+            cmd = [sys.executable, "-m", "core.bin.train"]
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                   "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "core.bin.train"]
+        cmd += ["--config", str(config), *overrides]
+        p = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=timeout)
+        if p.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} exited with {p.returncode}:\n{p.stderr[-6000:]}")
+        return p
+
+    return run
+
+
+
