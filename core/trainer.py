@@ -90,10 +90,11 @@ def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
 def _load_teacher(cfg: C.TrainConfig, processor, model):
     t = cfg.teacher
     if t.kind == "remote":
-        try:
-            from core.remote_teacher import RemoteTeacher  # provided by the remote-teacher module
-        except ImportError:
-            raise TrainingError("teacher.kind remote needs core/remote_teacher.py, which is not installed") from None
+        from core import teacher as T
+        if not hasattr(T, "RemoteTeacher"):
+            raise TrainingError("teacher.kind: remote is not available in this version (no RemoteTeacher in "
+                                "core/teacher.py); use teacher.kind: local")
+        RemoteTeacher = T.RemoteTeacher
         return RemoteTeacher(t.url, processor=processor, api_key=t.api_key or None)
     tm, tp = load_model_and_processor(t.path, dtype=t.dtype, trust_remote_code=cfg.model.trust_remote_code)
     check_vocab_match(processor, tp, student_model=model, teacher_model=tm)
@@ -374,8 +375,4 @@ def _minibatch(e: Experience, mb: int, n: int) -> Experience:
 
 
 def run(cfg: C.TrainConfig) -> dict:
-    t = Trainer(cfg)
-    try:
-        return t.train()
-    finally:
-        pass
+    return Trainer(cfg).train()

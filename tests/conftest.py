@@ -7,7 +7,7 @@
 - a student (hidden 32, 1 layer, seed 0) and a teacher (hidden 48, 1 layer, seed 1) built with
   ``core.models.build_tiny_qwen2_audio`` and saved as ``save_pretrained`` folders.
 
-``train_config`` writes a training YAML for these models; ``run_train_cli`` runs
+``write_config`` / ``train_config`` write a training YAML for these models; ``run_train_cli`` runs
 ``python -m core.bin.train`` (or torchrun) in a subprocess, on the CPU.
 """
 from __future__ import annotations
@@ -90,6 +90,18 @@ def tiny(tmp_path_factory):
                            tokenizer=tok, student=student_dir, teacher=teacher_dir)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread while a module runs: the models are tiny, and two threads on a busy
+    2-core machine spin against each other (and a bitwise comparison needs a fixed count)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _deep_update(a: dict, b: dict) -> dict:
     out = dict(a)
     for k, v in b.items():
@@ -97,14 +109,18 @@ def _deep_update(a: dict, b: dict) -> dict:
     return out
 
 
-@pytest.fixture
-def train_config(tiny, tmp_path):
-    """``train_config(name, **sections)`` -> path of a YAML training config under tmp_path."""
+@pytest.fixture(scope="session")
+def write_config(tiny):
+    """``write_config(folder, name, **sections)`` -> path of a YAML training config in ``folder``.
 
-    def make(name: str = "cfg", **over) -> Path:
+    The run writes into ``folder/name``; ``sections`` are merged over the defaults below.
+    """
+
+    def make(folder, name: str = "cfg", **over) -> Path:
+        folder = Path(folder)
         cfg = {
             "method": "sft",
-            "output_dir": str(tmp_path / name),
+            "output_dir": str(folder / name),
             "model": {"path": str(tiny.student)},
             "teacher": {"path": str(tiny.teacher)},
             "data": {"train": str(tiny.manifest)},
@@ -114,11 +130,17 @@ def train_config(tiny, tmp_path):
             "backend": {"dist_backend": "gloo"},
         }
         cfg = _deep_update(cfg, over)
-        path = tmp_path / f"{name}.yaml"
+        path = folder / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         return path
 
     return make
+
+
+@pytest.fixture
+def train_config(write_config, tmp_path):
+    """``train_config(name, **sections)``: ``write_config`` into this test's tmp_path."""
+    return lambda name="cfg", **over: write_config(tmp_path, name, **over)
 
 
 def free_port() -> int:
@@ -127,32 +149,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cpu_env() -> dict:
+def cpu_env(threads: int = 1) -> dict:
     """Environment of a CPU-only child process with no inherited process-group variables."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+    env.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(threads),
                TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO))
     return env
 
 
 @pytest.fixture(scope="session")
 def run_train_cli():
-    """``run_train_cli(config, *overrides, nproc=1)`` runs core.bin.train in a child process."""
+    """``run_train_cli(config, *overrides, nproc=1, threads=1)`` runs core.bin.train in a child
+    process (``threads``: its OpenMP threads; float reductions depend on the thread count, so a
+    run compared bitwise with one in this process uses ``torch.get_num_threads()``)."""
 
-    def run(config, *overrides, nproc: int = 1, timeout: int = 300):
+    def run(config, *overrides, nproc: int = 1, threads: int = 1, timeout: int = 300):
         if nproc == 1:
             cmd = [sys.executable, "-m", "core.bin.train"]
         else:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                    "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "core.bin.train"]
         cmd += ["--config", str(config), *overrides]
-        p = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(cmd, cwd=REPO, env=cpu_env(threads), capture_output=True, text=True, timeout=timeout)
         if p.returncode != 0:
             raise AssertionError(f"{' '.join(cmd)} exited with {p.returncode}:\n{p.stderr[-6000:]}")
         return p
 
     return run
-
-
-

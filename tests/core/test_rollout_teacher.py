@@ -1,0 +1,236 @@
+"""Rollout engine and LocalTeacher on tiny Qwen2-Audio models (real HF classes, real audio).
+
+Checks: determinism under a seed, EOS masks and padding, the n-per-prompt layout, special tokens
+never sampled, sampled-token log-probs equal to a recomputed forward, and LocalTeacher scores equal
+to a forward of the teacher written out in the test.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.data.collate import AudioPromptCollator
+from core.models import load_model_and_processor, special_token_ids
+from core.rollout import completion_logits, eos_mask, generate_completions, token_logp
+from core.teacher import LocalTeacher
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def student(tiny):
+    model, proc = load_model_and_processor(tiny.student)
+    return model.eval(), proc
+
+
+@pytest.fixture(scope="module")
+def teacher_model(tiny):
+    model, proc = load_model_and_processor(tiny.teacher)
+    return model.eval(), proc
+
+
+@pytest.fixture(scope="module")
+def batch(tiny, student):
+    _, proc = student
+    b = AudioPromptCollator(proc).prompts(tiny.rows[:3])
+    lens = b.inputs["attention_mask"].sum(1)
+    assert len(set(lens.tolist())) > 1, "the prompts should need left padding"
+    return b
+
+
+def _with_logit_bias(model, bias: dict[int, float]):
+    """The model with its LM head given a bias on some token ids (a copy; the original is kept)."""
+    import copy
+
+    m = copy.deepcopy(model)
+    old = m.get_output_embeddings()
+    head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(old.weight)
+        head.bias.zero_()
+        for i, v in bias.items():
+            head.bias[i] = v
+    m.set_output_embeddings(head)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def eos_prone(student):
+    """The student made to emit EOS often (about 1 token in 3), so completions end early."""
+    model, proc = student
+    return _with_logit_bias(model, {proc.tokenizer.eos_token_id: 5.0})
+
+
+def _gen(model, batch, proc, **kw):
+    tok = proc.tokenizer
+    kw.setdefault("suppress_ids", special_token_ids(proc))
+    kw.setdefault("eos_ids", [tok.eos_token_id])
+    return generate_completions(model, batch, tok, **kw)
+
+
+# ----------------------------------------------------------------------------- eos_mask
+def test_eos_mask_hand_made():
+    E = 7
+    ids = torch.tensor([
+        [5, 6, E, 9, E, 3],   # EOS at 2: the later EOS is after the end
+        [E, 1, 1, 1, 1, 1],   # EOS first
+        [1, 2, 3, 4, 5, 6],   # no EOS: everything counts
+        [1, 2, 3, 4, 5, E],   # EOS last
+    ])
+    want = torch.tensor([
+        [1, 1, 1, 0, 0, 0],
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 1, 1],
+        [1, 1, 1, 1, 1, 1],
+    ])
+    assert torch.equal(eos_mask(ids, [E]), want)
+    # several EOS ids: the first of any of them ends the completion
+    assert torch.equal(eos_mask(ids, [E, 3])[0], torch.tensor([1, 1, 1, 0, 0, 0]))
+    assert torch.equal(eos_mask(ids, [E, 3])[2], torch.tensor([1, 1, 1, 0, 0, 0]))
+
+
+# ----------------------------------------------------------------------------- determinism
+def test_generation_is_deterministic_under_a_seed(student, batch):
+    model, proc = student
+    kw = dict(n=2, temperature=1.0, max_new_tokens=8)
+    _, a = _gen(model, batch, proc, seed=123, **kw)
+    torch.manual_seed(999)  # the global RNG state before the call must not matter
+    _, b = _gen(model, batch, proc, seed=123, **kw)
+    _, c = _gen(model, batch, proc, seed=124, **kw)
+    assert torch.equal(a.ids, b.ids)
+    assert torch.equal(a.mask, b.mask)
+    assert torch.equal(a.logp, b.logp)
+    assert a.texts == b.texts
+    assert not torch.equal(a.ids, c.ids), "another seed should sample other completions"
+
+
+# ----------------------------------------------------------------------------- masks
+def test_masks_stop_at_first_eos_and_pad_after(eos_prone, student, batch):
+    _, proc = student
+    tok = proc.tokenizer
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    _, comp = _gen(eos_prone, batch, proc, n=4, max_new_tokens=12, seed=0)
+    B, T = comp.ids.shape
+    assert B == len(batch) * 4 and T <= 12
+    assert comp.mask.dtype == torch.long
+    ended_early = 0
+    for ids, mask, logp in zip(comp.ids.tolist(), comp.mask.tolist(), comp.logp):
+        first = ids.index(eos) if eos in ids else None
+        if first is None:
+            assert mask == [1] * T, "a completion without EOS is all completion tokens"
+            continue
+        assert mask == [1] * (first + 1) + [0] * (T - first - 1), (ids, mask)
+        assert all(t == pad for t in ids[first + 1:]), "tokens after EOS must be padding"
+        assert torch.all(logp[first + 1:] == 0)
+        ended_early += first < T - 1
+    assert ended_early >= 2, "the EOS-prone model should end some completions early (then padded)"
+    # the decoded text stops at EOS
+    for text, ids, mask in zip(comp.texts, comp.ids, comp.mask):
+        want = tok.decode(ids[mask.bool()].tolist(), skip_special_tokens=True).strip()
+        assert text == want
+
+
+def test_n_completions_per_prompt_are_contiguous(eos_prone, student, batch):
+    _, proc = student
+    n = 3
+    rep, comp = _gen(eos_prone, batch, proc, n=n, temperature=0.8, max_new_tokens=10, seed=7)
+    assert len(rep) == len(batch) * n == comp.ids.shape[0]
+    for r in range(len(rep)):
+        i = r // n
+        assert rep.rows[r] is batch.rows[i]
+        for k, v in batch.inputs.items():
+            assert torch.equal(rep.inputs[k][r], v[i]), k
+    # completion r was sampled from prompt r // n: its log-probs are reproduced with that prompt
+    own = batch.select([r // n for r in range(len(rep))])
+    lp = token_logp(completion_logits(eos_prone, own, comp.ids, comp.mask) / 0.8, comp.ids) * comp.mask
+    torch.testing.assert_close(lp, comp.logp, atol=1e-4, rtol=0)
+    # ... and not with a shuffled assignment
+    other = batch.select([(r // n + 1) % len(batch) for r in range(len(rep))])
+    lp_other = token_logp(completion_logits(eos_prone, other, comp.ids, comp.mask) / 0.8, comp.ids) * comp.mask
+    assert not torch.allclose(lp_other, comp.logp, atol=1e-4)
+    # greedy: the n copies of one prompt agree
+    _, g = _gen(eos_prone, batch, proc, n=n, do_sample=False, max_new_tokens=6)
+    for i in range(len(batch)):
+        grp = g.ids[i * n:(i + 1) * n]
+        assert all(torch.equal(grp[0], x) for x in grp[1:])
+
+
+# ----------------------------------------------------------------------------- special tokens
+def test_special_tokens_are_never_sampled(student, batch):
+    model, proc = student
+    tok = proc.tokenizer
+    audio, im_start, pad = (tok.convert_tokens_to_ids(t) for t in ("<|AUDIO|>", "<|im_start|>", "<|endoftext|>"))
+    specials = special_token_ids(proc)
+    assert {audio, im_start, pad} <= set(specials)
+    assert tok.eos_token_id not in specials
+    # make the specials likely (and EOS impossible, so completions run to full length)
+    biased = _with_logit_bias(model, {**{i: 15.0 for i in specials}, tok.eos_token_id: -1e4})
+    kw = dict(n=8, temperature=5.0, max_new_tokens=16, seed=1)
+    _, free = _gen(biased, batch, proc, suppress_ids=[], **kw)
+    hits = torch.isin(free.ids[free.mask.bool()], torch.tensor(specials))
+    assert hits.sum() > 20, "without suppression the biased model samples special tokens"
+    _, comp = _gen(biased, batch, proc, **kw)
+    sampled = comp.ids[comp.mask.bool()]
+    assert sampled.numel() == len(batch) * 8 * 16
+    assert not torch.isin(sampled, torch.tensor(specials)).any()
+    # the unbiased model at a high temperature, with the default suppression list
+    _, comp = _gen(model, batch, proc, **kw)
+    assert not torch.isin(comp.ids[comp.mask.bool()], torch.tensor(specials)).any()
+
+
+# ----------------------------------------------------------------------------- log-probs
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_rollout_logp_matches_a_recomputed_forward(eos_prone, student, batch, temperature):
+    _, proc = student
+    rep, comp = _gen(eos_prone, batch, proc, n=2, temperature=temperature, max_new_tokens=10, seed=3)
+    assert comp.logp is not None and comp.logp.shape == comp.ids.shape
+    logits = completion_logits(eos_prone, rep, comp.ids, comp.mask)
+    assert logits.shape == (*comp.ids.shape, eos_prone.config.text_config.vocab_size)
+    lp = token_logp(logits / temperature, comp.ids) * comp.mask
+    torch.testing.assert_close(comp.logp, lp, atol=1e-4, rtol=0)
+    # the temperature argument of completion_logits is the same division
+    lp2 = token_logp(completion_logits(eos_prone, rep, comp.ids, comp.mask, temperature), comp.ids) * comp.mask
+    torch.testing.assert_close(lp2, lp, atol=1e-5, rtol=0)
+    assert (comp.logp[comp.mask.bool()] < 0).all()
+
+
+# ----------------------------------------------------------------------------- LocalTeacher
+def _direct_teacher_logits(model, batch, ids, mask):
+    """Teacher logits predicting each completion token, from one plain forward."""
+    p_ids, p_mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
+    P, T = p_ids.shape[1], ids.shape[1]
+    full_ids = torch.cat([p_ids, ids], dim=1)
+    attn = torch.cat([p_mask, mask.to(p_mask.dtype)], dim=1)
+    pos = (attn.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        out = model(input_ids=full_ids, attention_mask=attn, position_ids=pos,
+                    input_features=batch.inputs["input_features"],
+                    feature_attention_mask=batch.inputs["feature_attention_mask"], use_cache=False)
+    return out.logits[:, P - 1:P + T - 1].float()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_local_teacher_scores_equal_a_direct_forward(eos_prone, student, teacher_model, batch, temperature):
+    _, proc = student
+    tmodel, _ = teacher_model
+    rep, comp = _gen(eos_prone, batch, proc, n=2, max_new_tokens=10, seed=11)
+    k = 5
+    scores = LocalTeacher(tmodel).score(rep, comp, top_k=k, return_logits=True, temperature=temperature)
+    ref_logits = _direct_teacher_logits(tmodel, rep, comp.ids, comp.mask) / temperature
+    m = comp.mask.bool()
+    assert scores.logits.shape == ref_logits.shape
+    torch.testing.assert_close(scores.logits[m], ref_logits[m], atol=1e-5, rtol=1e-5)
+    ref_logp_all = torch.log_softmax(ref_logits, -1)
+    ref_logp = ref_logp_all.gather(-1, comp.ids.unsqueeze(-1)).squeeze(-1) * comp.mask
+    torch.testing.assert_close(scores.logp, ref_logp, atol=1e-5, rtol=0)
+    ref_topk_logp, ref_topk_ids = ref_logp_all.topk(k, dim=-1)
+    assert scores.topk_ids.shape == (*comp.ids.shape, k)
+    assert torch.equal(scores.topk_ids[m], ref_topk_ids[m])
+    torch.testing.assert_close(scores.topk_logp[m], ref_topk_logp[m], atol=1e-5, rtol=0)
+    assert scores.valid.all() and scores.valid.shape == (comp.ids.shape[0],)
+    # the teacher is another model: its scores are not the student's
+    assert not torch.allclose(scores.logp[m], comp.logp[m], atol=1e-3)
+    # without top_k / return_logits only the sampled-token log-probs come back
+    plain = LocalTeacher(tmodel).score(rep, comp, temperature=temperature)
+    assert plain.topk_ids is None and plain.logits is None
+    torch.testing.assert_close(plain.logp, scores.logp, atol=0, rtol=0)
