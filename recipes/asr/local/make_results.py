@@ -64,8 +64,12 @@ def fmt_table(results: dict, unit: str) -> str:
     key_of = {"student_before": "student_sft", "student_after": "opd"}
     for name, r, what in rows:
         t = tr.get(key_of.get(name, name), {})
+        secs, steps = t.get("train_seconds", ""), t.get("steps", "")
+        if name == "td_opd" and "td_kd" in tr and t:  # two runs: KD then OPD
+            secs = round(tr["td_kd"]["train_seconds"] + t["train_seconds"], 2)
+            steps = f"{tr['td_kd']['steps']} + {t['steps']}"
         lines.append(f"| {name} | {100 * r['wer']:.2f} | {r['errors']} / {r['ref_tokens']} | "
-                     f"{t.get('train_seconds', '')} | {t.get('steps', '')} | {what} |")
+                     f"{secs} | {steps} | {what} |")
     return "\n".join(lines)
 
 
