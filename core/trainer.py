@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -268,8 +269,12 @@ class Trainer:
             ckpt.set_rng_state(st["rng"])
             log.info("resumed from %s at step %d", resume_from, step)
         global_k = tc.batch_size * accum * self.world
-        bar = tqdm(total=tc.max_steps, initial=step, desc=cfg.method, disable=not dist.is_main(),
-                   dynamic_ncols=True)
+        # a wall-clock budget shows as seconds spent of the budget, otherwise steps of max_steps
+        by_time = bool(tc.max_seconds)
+        bar = tqdm(total=round(tc.max_seconds) if by_time else tc.max_steps,
+                   initial=round(train_seconds) if by_time else step, unit="s" if by_time else "step",
+                   desc=cfg.method, disable=not dist.is_main(), dynamic_ncols=True,
+                   mininterval=0.1 if sys.stderr.isatty() else 10.0)
         interrupted = False
         last_eval = {}
         while step < tc.max_steps:
@@ -333,8 +338,8 @@ class Trainer:
                 metrics.update(last_eval)
             if step % tc.log_every == 0 or step == tc.max_steps:
                 self.logger.log(step, metrics)
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", **({"kl": f"{metrics['kl_sampled']:.3f}"}
+            bar.update(min(dt, max(0.0, bar.total - bar.n)) if by_time else 1)
+            bar.set_postfix(step=step, loss=f"{metrics['loss']:.4f}", **({"kl": f"{metrics['kl_sampled']:.3f}"}
                                                                 if "kl_sampled" in metrics else {}))
             if tc.save_every and step % tc.save_every == 0:
                 self._save(ckdir, step, order, train_seconds, skipped_total)
