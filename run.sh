@@ -39,7 +39,7 @@ setup_python() {
     ${PIP} install -q "torch==2.14.1" "torchvision==0.29.1"
   fi
   log "installing the project and its dependencies"
-  ${PIP} install -q -e ".[dev]"
+  ${PIP} install -q -e ".[dev,bench]"
   echo "${want}" > "${STAMP}"
 }
 
