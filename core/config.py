@@ -55,6 +55,8 @@ class DataConfig:
     skip_bad: bool = _f(False, "skip bad manifest lines (written with reasons to <manifest>.bad.jsonl)")
     max_target_tokens: int = _f(64, "truncate reference completions to this many tokens")
     dev_max_samples: int = _f(200, "use at most this many dev samples in evaluation")
+    modality: str = _f("auto", "auto | audio | text: audio prompts (rows need 'audio') or text-only prompts "
+                               "(no media); auto = text when the model has no audio encoder or no row has audio")
 
 
 @dataclass
@@ -203,6 +205,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         bad("data.dev", "required for calibrate")
     if cfg.method == "grpo" and not cfg.grpo.rewards:
         bad("grpo.rewards", "at least one reward is required")
+    if cfg.data.modality not in ("auto", "audio", "text"):
+        bad("data.modality", f"'{cfg.data.modality}' is not one of auto, audio, text")
     if cfg.backend.name not in ("torch", "deepspeed"):
         bad("backend.name", "torch | deepspeed")
     if cfg.backend.name == "deepspeed" and not cfg.backend.ds_config:

@@ -11,6 +11,10 @@ What is here
   distributions at every masked position (reverse KL, forward KL, generalised JSD), over the full
   vocabulary (computed in chunks of positions so memory stays bounded at a 150k vocabulary) or
   over a top-k support (the teacher's, the student's, or their union), with a temperature.
+- ``distill_loss_from_hidden``: the same full-vocabulary loss from the student's hidden states and
+  LM head weight (and the teacher's logits, or its hidden states and LM head), fused with the
+  projection: chunks of positions go through ``h @ W^T``, the divergence and its gradient one at a
+  time, so no ``[N, V]`` logits exist (memory independent of the number of positions).
 - ``DIVERGENCES``: a registry of divergences by name (``register_divergence`` adds one).
 
 What is left out
@@ -47,6 +51,7 @@ __all__ = [
     "get_divergence",
     "distill_per_token",
     "distill_loss",
+    "distill_loss_from_hidden",
 ]
 
 Metrics = Dict[str, float]
@@ -644,4 +649,277 @@ def distill_loss(
     )
     loss = agg_loss(per_token, mask, agg, norm_len=norm_len)
     metrics = {"distill_loss": float(loss.detach()), **metrics}
+    return loss, metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Distillation loss fused with the LM head (hidden states in, no [N, V] tensor kept)
+# --------------------------------------------------------------------------------------------
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """``[n, V] x [n, V] -> [n]`` row-wise dot product through the preallocated ``scratch``.
+
+    ``sum`` (pairwise/vectorised) rather than ``bmm``: a float32 ``bmm`` of ``[1, V] @ [V, 1]``
+    accumulates sequentially and loses ~1e-4 relative at V = 150k.
+    """
+    return torch.mul(a, b, out=scratch).sum(-1)
+
+
+def _project_rows(h: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``[n, H] @ [V, H]^T`` in the weight's dtype, then float32 divided by the temperature."""
+    z = h.to(weight.dtype) @ weight.t()
+    z = z.float() if z.dtype != torch.float32 else z
+    if temperature != 1.0:
+        z.div_(temperature)
+    return z
+
+
+def _log_softmax_(z: torch.Tensor) -> torch.Tensor:
+    """In-place log-softmax over the last dim of a float32 ``[n, V]`` tensor."""
+    return z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))
+
+
+def _fused_chunk(
+    s: torch.Tensor, t: torch.Tensor, kind: str, beta: float, want_grad: bool
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """One chunk of log-probs ``s``, ``t`` ``[n, V]`` (both overwritten) -> (d, ent_s, ent_t, G).
+
+    ``G`` is d(d_row)/d(scaled student logits), row by row: ``p (s - t - d)`` for reverse KL,
+    ``p - q`` for forward KL, ``(1 - beta) p (s - m - KL(S||M))`` for the generalised JSD.
+    At most five ``[n, V]`` float32 tensors are alive at once (``s``, ``t`` included).
+    """
+    scratch = torch.empty_like(s)
+    q = t.exp()
+    ent_t = -_dot(q, t, scratch)
+    if kind == "reverse_kl":
+        del q
+        p = s.exp()
+        ent_s = -_dot(p, s, scratch)
+        diff = t.neg_().add_(s)  # s - t
+        d = _dot(p, diff, scratch)
+        g = diff.sub_(d.unsqueeze(-1)).mul_(p) if want_grad else None
+        return d, ent_s, ent_t, g
+    if kind == "forward_kl":
+        d = _dot(q, t.sub_(s), scratch)  # sum q (t - s)
+        p = torch.exp(s, out=t)
+        ent_s = -_dot(p, s, scratch)
+        g = p.sub_(q) if want_grad else None
+        return d, ent_s, ent_t, g
+    # generalised JSD, 0 < beta < 1
+    log_m = torch.add(s, math.log1p(-beta), out=scratch)
+    del scratch
+    log_m = torch.logaddexp(log_m, t + math.log(beta), out=log_m)
+    kl_t = _dot(q, t.sub_(log_m), t)  # KL(T || M); t is free afterwards
+    p = torch.exp(s, out=q)
+    del q
+    ent_s = -_dot(p, s, t)
+    sm = s.sub_(log_m)  # s - m
+    del log_m
+    kl_s = _dot(p, sm, t)  # KL(S || M)
+    d = beta * kl_t + (1.0 - beta) * kl_s
+    g = sm.sub_(kl_s.unsqueeze(-1)).mul_(p).mul_(1.0 - beta) if want_grad else None
+    return d, ent_s, ent_t, g
+
+
+class _FusedHiddenDivergence(torch.autograd.Function):
+    """``sum_r w_r * D(softmax(h_r W^T / tau), teacher_r)`` over rows, chunk by chunk.
+
+    The row weights ``w`` (from the aggregation mode) are known in advance, so the gradient with
+    respect to the student's hidden rows and LM head weight is accumulated during the forward
+    pass, chunk by chunk, while the chunk's logits exist; backward only scales it by the incoming
+    scalar gradient. No logits are recomputed and no ``[N, V]`` tensor is kept: the peak is the
+    temporaries of one ``[chunk, V]`` chunk plus a float32 ``[V, H]`` gradient buffer.
+    The teacher gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, row_w, t_logits, t_hidden, t_weight, fn, kind, beta, temperature, chunk, grad_h, grad_w):
+        n = h.shape[0]
+        gh = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if grad_h else None
+        gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_w else None
+        want_grad = grad_h or grad_w
+        w_f32 = weight if weight.dtype == torch.float32 else None
+        ds, es, ets = [], [], []
+        row_w = row_w.float()
+        for start in range(0, n, chunk):
+            sl = slice(start, min(start + chunk, n))
+            h_c = h[sl]
+            z_s = _project_rows(h_c, weight, temperature)
+            if t_logits is not None:
+                z_t = t_logits[sl].to(torch.float32, copy=True)
+                if temperature != 1.0:
+                    z_t.div_(temperature)
+            else:
+                z_t = _project_rows(t_hidden[sl], t_weight, temperature)
+            if kind is not None:
+                s, t = _log_softmax_(z_s), _log_softmax_(z_t)
+                d, e_s, e_t, g = _fused_chunk(s, t, kind, beta, want_grad)
+            else:  # a registered divergence without a closed-form gradient: autograd on the chunk
+                with torch.enable_grad():
+                    zs = z_s.requires_grad_(want_grad)
+                    s = F.log_softmax(zs, dim=-1)
+                    t = F.log_softmax(z_t, dim=-1)
+                    d = fn(s, t, None, beta)
+                    g = torch.autograd.grad(d, zs, row_w[sl])[0] if want_grad else None
+                d = d.detach()
+                e_s, e_t = _entropy(s.detach()), _entropy(t)
+            ds.append(d)
+            es.append(e_s)
+            ets.append(e_t)
+            if want_grad:
+                if kind is not None:
+                    g.mul_(row_w[sl].unsqueeze(-1))
+                if temperature != 1.0:
+                    g.div_(temperature)
+                if gh is not None:
+                    if w_f32 is not None:
+                        gh[sl].addmm_(g, w_f32)
+                    else:
+                        gh[sl].add_((g.to(weight.dtype) @ weight).float())
+                if gw is not None:
+                    gw.addmm_(g.t(), h_c.float())
+            del z_s, z_t, s, t, g  # free this chunk's [chunk, V] tensors before the next one
+        d, ent_s, ent_t = torch.cat(ds), torch.cat(es), torch.cat(ets)
+        loss = (d * row_w).sum()
+        ctx.save_for_backward(*(x for x in (gh, gw) if x is not None))
+        ctx.has = (gh is not None, gw is not None)
+        ctx.dtypes = (h.dtype, weight.dtype)
+        ctx.mark_non_differentiable(d, ent_s, ent_t)
+        return loss, d, ent_s, ent_t
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, _gd, _ges, _get):
+        saved = list(ctx.saved_tensors)
+        gh = saved.pop(0) if ctx.has[0] else None
+        gw = saved.pop(0) if ctx.has[1] else None
+        out_h = (gh * grad_loss).to(ctx.dtypes[0]) if gh is not None else None
+        out_w = (gw * grad_loss).to(ctx.dtypes[1]) if gw is not None else None
+        return (out_h, out_w) + (None,) * 11
+
+
+def distill_loss_from_hidden(
+    student_hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    teacher_logits: Optional[torch.Tensor] = None,
+    *,
+    teacher_hidden: Optional[torch.Tensor] = None,
+    teacher_lm_head_weight: Optional[torch.Tensor] = None,
+    mask: torch.Tensor,
+    divergence: str = "reverse_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    agg: str = "token-mean",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    norm_len: Optional[float] = None,
+) -> Tuple[torch.Tensor, Metrics]:
+    """``distill_loss(student_hidden @ lm_head_weight.T, teacher, ...)`` over the full vocabulary,
+    fused with the LM head so that no ``[B, T, V]`` / ``[N, V]`` logits exist.
+
+    The masked positions are processed ``chunk_size`` at a time: the chunk's student logits
+    ``h @ W^T`` (and the teacher's, from ``teacher_hidden @ teacher_lm_head_weight^T`` under no
+    gradient, or rows of ``teacher_logits``), the per-token divergence, and the chunk's
+    contribution to the gradient with respect to ``student_hidden`` and ``lm_head_weight``
+    (accumulated in float32 during the forward pass, since the aggregation weights are known; the
+    backward pass only scales it). Peak memory: a few float32 ``[chunk_size, V]`` temporaries
+    plus a float32 ``[V, H]`` gradient buffer, whatever ``B * T``.
+
+    Args:
+        student_hidden: ``[B, T, H]`` the student's last hidden states (before the LM head),
+            aligned with the positions of ``mask``. Gradient flows here.
+        lm_head_weight: ``[V, H]`` the student's LM head weight (no bias). Gradient flows here.
+        teacher_logits: ``[B, T, V]`` teacher logits, or None when ``teacher_hidden`` is given.
+        teacher_hidden: ``[B, T, H_t]`` the teacher's last hidden states (no gradient).
+        teacher_lm_head_weight: ``[V, H_t]`` the teacher's LM head weight (no gradient).
+        mask, divergence, beta, temperature, agg, norm_len: as in ``distill_loss``.
+        chunk_size: masked positions per chunk (> 0).
+
+    Returns:
+        ``(loss, metrics)`` with the metrics of ``distill_loss`` (``topk_support_size`` is V).
+
+    The teacher receives no gradient (it is detached). The loss supports one backward pass (no
+    double backward). Matmuls run in the weights' dtype; everything after them in float32.
+    """
+    fn = get_divergence(divergence)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if divergence == "jsd" and not 0.0 <= beta <= 1.0:
+        raise ValueError(f"jsd beta must be in [0, 1], got {beta}")
+    if agg not in AGG_MODES:
+        raise ValueError(f"unknown aggregation mode {agg!r}; valid modes: {', '.join(AGG_MODES)}")
+    if chunk_size is None or int(chunk_size) <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    if student_hidden.dim() != 3:
+        raise ValueError(f"student_hidden must be [B, T, H], got shape {tuple(student_hidden.shape)}")
+    B, T, H = student_hidden.shape
+    if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != H:
+        raise ValueError(f"lm_head_weight must be [V, H] with H = {H}, got shape {tuple(lm_head_weight.shape)}")
+    V = lm_head_weight.shape[0]
+    if tuple(mask.shape) != (B, T):
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match student_hidden [B, T] = {(B, T)}")
+    have_hidden = teacher_hidden is not None or teacher_lm_head_weight is not None
+    if teacher_logits is not None and have_hidden:
+        raise ValueError("give either teacher_logits or teacher_hidden + teacher_lm_head_weight, not both")
+    if teacher_logits is None and not have_hidden:
+        raise ValueError("distill_loss_from_hidden needs teacher_logits or teacher_hidden + teacher_lm_head_weight")
+    if have_hidden:
+        if teacher_hidden is None or teacher_lm_head_weight is None:
+            raise ValueError("teacher_hidden and teacher_lm_head_weight must be given together")
+        if teacher_hidden.dim() != 3 or tuple(teacher_hidden.shape[:2]) != (B, T):
+            raise ValueError(f"teacher_hidden must be [B, T, H_t] with [B, T] = {(B, T)}, got {tuple(teacher_hidden.shape)}")
+        if teacher_lm_head_weight.dim() != 2 or teacher_lm_head_weight.shape != (V, teacher_hidden.shape[-1]):
+            raise ValueError(
+                f"teacher_lm_head_weight must be [V, H_t] = {(V, teacher_hidden.shape[-1])} (teacher and student "
+                f"vocabularies must agree), got {tuple(teacher_lm_head_weight.shape)}"
+            )
+    elif tuple(teacher_logits.shape) != (B, T, V):
+        raise ValueError(
+            f"teacher_logits shape {tuple(teacher_logits.shape)} != [B, T, V] = {(B, T, V)} "
+            "(teacher and student vocabularies must agree)"
+        )
+
+    kind: Optional[str] = None
+    if fn is reverse_kl or (fn is generalized_jsd and beta == 1.0):
+        kind = "reverse_kl"
+    elif fn is forward_kl or (fn is generalized_jsd and beta == 0.0):
+        kind = "forward_kl"
+    elif fn is generalized_jsd:
+        kind = "jsd"
+
+    rows = mask.reshape(-1).nonzero().squeeze(-1)
+    n = rows.numel()
+    if n == 0:
+        loss = 0.0 * (student_hidden.sum() + lm_head_weight.sum()).float()
+        metrics = {"distill_loss": 0.0, "divergence": 0.0, "topk_support_size": 0.0, "student_entropy": 0.0,
+                   "teacher_entropy": 0.0, "num_tokens": 0.0}
+        return loss, metrics
+
+    # agg_loss is linear in the per-token loss: its gradient gives each position's weight.
+    with torch.enable_grad():
+        probe = torch.zeros((B, T), dtype=torch.float32, device=student_hidden.device, requires_grad=True)
+        (w_bt,) = torch.autograd.grad(agg_loss(probe, mask, agg, norm_len=norm_len), probe)
+    row_w = w_bt.reshape(-1)[rows]
+
+    h_rows = student_hidden.reshape(B * T, H)[rows]
+    t_logits = t_hidden = t_weight = None
+    if teacher_logits is not None:
+        t_logits = teacher_logits.detach().reshape(B * T, V)[rows]
+    else:
+        t_hidden = teacher_hidden.detach().reshape(B * T, -1)[rows]
+        t_weight = teacher_lm_head_weight.detach()
+    grad_on = torch.is_grad_enabled()
+    loss, d, ent_s, ent_t = _FusedHiddenDivergence.apply(
+        h_rows, lm_head_weight, row_w, t_logits, t_hidden, t_weight, fn, kind, float(beta), float(temperature),
+        int(chunk_size), grad_on and student_hidden.requires_grad, grad_on and lm_head_weight.requires_grad,
+    )
+    with torch.no_grad():
+        metrics = {
+            "distill_loss": float(loss.detach()),
+            "divergence": float(d.mean()),
+            "topk_support_size": float(V),
+            "student_entropy": float(ent_s.mean()),
+            "teacher_entropy": float(ent_t.mean()),
+            "num_tokens": float(n),
+        }
     return loss, metrics

@@ -12,6 +12,8 @@ What it does:
   frozen random table), a short feature chunk and an untied LM head (transformers 5 does not
   declare the composite model's tied weights, so tying by hand breaks ``save_pretrained``); saved with
   ``save_pretrained`` so the rest of the code loads it like a downloaded checkpoint.
+- ``build_tiny_causal_lm``: a text-only ``Qwen2ForCausalLM`` built from sizes (the text-model
+  path: any ``AutoModelForCausalLM`` trains through the same loop with text prompts).
 - ``check_vocab_match``: teacher and student must share a vocabulary; fail at start-up.
 
 What it leaves out: LoRA wrapping (``peft`` at the trainer), the Omni thinker builder (its own
@@ -139,6 +141,31 @@ def build_tiny_qwen2_audio(tokenizer, *, hidden: int = 64, layers: int = 2, head
     if out_dir is not None:
         save_model(model, processor, out_dir)
     return model, processor
+
+
+def build_tiny_causal_lm(tokenizer, *, hidden: int = 64, layers: int = 2, heads: int = 4,
+                         kv_heads: int | None = None, intermediate: int | None = None,
+                         max_position_embeddings: int = 512, tie_word_embeddings: bool = False,
+                         seed: int = 0, out_dir: str | os.PathLike | None = None):
+    """Build a text-only ``Qwen2ForCausalLM`` from sizes; returns ``(model, tokenizer)``.
+
+    Saves both with ``save_pretrained`` when ``out_dir`` is given, so ``load_model_and_processor``
+    loads it like a downloaded checkpoint (the processor is then the tokenizer).
+    """
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads, intermediate_size=intermediate or 4 * hidden,
+        max_position_embeddings=max_position_embeddings, tie_word_embeddings=tie_word_embeddings,
+        rms_norm_eps=1e-6, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    _set_generation_ids(model, tokenizer)
+    if out_dir is not None:
+        save_model(model, tokenizer, out_dir)
+    return model, tokenizer
 
 
 def _init_audio_positions(model) -> None:

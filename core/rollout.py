@@ -7,7 +7,9 @@
   quantity ``completion_logits`` recomputes for training. Deterministic under a seed.
 - ``completion_logits``: one forward of prompt + completion returning the logits that predict
   each completion token, ``[B, T, V]``. Position ids follow the attention mask, as in
-  ``generate``, so left-padded prompts score exactly as they were sampled.
+  ``generate``, so left-padded prompts score exactly as they were sampled. The LM head runs on
+  the completion positions only (``logits_to_keep`` where the model takes it; the head's input
+  sliced by a forward pre-hook for Qwen2-Audio and the Qwen2.5-Omni thinker).
 
 What it leaves out: any loss, any teacher, any server-side engine (vLLM).
 """
@@ -93,24 +95,63 @@ def generate_completions(model, batch: PromptBatch, tokenizer, *, n: int = 1, te
     ids = torch.where(mask.bool(), ids, torch.full_like(ids, pad_id))
     logp = None
     if return_logp and out.logits:
-        logits = torch.stack(out.logits, dim=1).float()[:, : ids.shape[1]]
-        t = temperature if do_sample else 1.0
-        logp = torch.log_softmax(logits / t, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-        logp = logp * mask
+        logp = _sampled_logp(out.logits, ids, temperature if do_sample else 1.0) * mask
+    del out
     texts = decode_completions(tokenizer, ids, mask)
     return rep, Completions(ids, mask, logp, texts)
 
 
+def _sampled_logp(step_logits, ids: torch.Tensor, temperature: float, chunk: int = 16) -> torch.Tensor:
+    """``log_softmax(logits_t / temperature)[y_t]`` for each step ``t``, ``[B, T]``.
+
+    Works ``chunk`` steps at a time (the gathered logit minus the step's logsumexp), so no
+    ``[B, T, V]`` stack, float copy or log-softmax of the whole rollout is allocated: the extra
+    memory is ``chunk`` steps' ``[B, V]``, which matters with a real vocabulary (150k entries).
+    """
+    T = ids.shape[1]
+    cols = []
+    for s in range(0, T, chunk):
+        lg = torch.stack(step_logits[s: s + chunk], dim=1).float()  # [B, c, V]
+        if temperature != 1.0:
+            lg = lg / temperature
+        y = ids[:, s: s + lg.shape[1]].to(lg.device).unsqueeze(-1)
+        cols.append(lg.gather(-1, y).squeeze(-1) - torch.logsumexp(lg, dim=-1))
+        del lg
+    return torch.cat(cols, dim=1).to(ids.device)
+
+
 def decode_completions(tokenizer, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
-    return [tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True).strip()
-            for row, m in zip(ids, mask)]
+    rows = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+    return [t.strip() for t in tokenizer.batch_decode(rows, skip_special_tokens=True)]
+
+
+_SUPPORTS: dict = {}
 
 
 def _supports(model, name: str) -> bool:
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
+    key = (type(model), name)
+    if key not in _SUPPORTS:
+        try:
+            _SUPPORTS[key] = name in inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            _SUPPORTS[key] = False
+    return _SUPPORTS[key]
+
+
+# transformers classes whose forward is exactly ``logits = self.lm_head(self.model(...)[0])`` and
+# that take no ``logits_to_keep``: for them the LM head's input is sliced to the completion positions.
+_SLICE_HEAD_CLASSES = ("Qwen2AudioForConditionalGeneration", "Qwen2_5OmniThinkerForConditionalGeneration")
+
+
+def _sliceable_head(model):
+    """The LM head module of a ``_SLICE_HEAD_CLASSES`` model (through a peft wrapper), else None."""
+    base = _unwrap(model)
+    if hasattr(base, "get_base_model"):
+        base = base.get_base_model()
+    if type(base).__name__ not in _SLICE_HEAD_CLASSES:
+        return None
+    head = getattr(base, "lm_head", None)
+    return head if isinstance(head, torch.nn.Module) else None
 
 
 def completion_logits(model, batch: PromptBatch, comp_ids: torch.Tensor, comp_mask: torch.Tensor,
@@ -125,9 +166,23 @@ def completion_logits(model, batch: PromptBatch, comp_ids: torch.Tensor, comp_ma
     pos = (attn.long().cumsum(-1) - 1).clamp(min=0)
     kw = dict(input_ids=input_ids, attention_mask=attn, position_ids=pos, use_cache=False, **_media_kwargs(inputs))
     m = _unwrap(model)
+    head = None if _supports(m, "logits_to_keep") else _sliceable_head(model)
     if _supports(m, "logits_to_keep"):
         kw["logits_to_keep"] = T + 1
         logits = model(**kw).logits[:, :-1]
+    elif head is not None:
+        # the LM head on the completion positions only: no [B, P + T, V] logits over the prompt
+        # (hundreds of audio positions times the vocabulary), forward or backward. A pre-hook
+        # slices the head's input, so the call still goes through the model's own forward (and
+        # through any ZeRO-3 / peft hooks on it).
+        def _slice(mod, args):
+            return (args[0][:, P - 1: P + T - 1],) + tuple(args[1:])
+
+        handle = head.register_forward_pre_hook(_slice)
+        try:
+            logits = model(**kw).logits
+        finally:
+            handle.remove()
     else:
         logits = model(**kw).logits[:, P - 1: P + T - 1]
     logits = logits.float()

@@ -51,13 +51,15 @@ class LocalTeacher:
     def score(self, batch: PromptBatch, completions: Completions, top_k: int | None = None,
               return_logits: bool = False, temperature: float = 1.0) -> TeacherScores:
         logits = completion_logits(self.model, batch, completions.ids, completions.mask, temperature)
-        logp_all = torch.log_softmax(logits, dim=-1)
-        logp = logp_all.gather(-1, completions.ids.unsqueeze(-1).to(logits.device)).squeeze(-1)
-        logp = logp * completions.mask.to(logp)
+        # log-probs as logit - logsumexp: no [B, T, V] log-softmax copy of the logits
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        logp = logits.gather(-1, completions.ids.unsqueeze(-1).to(logits.device)) - lse
+        logp = logp.squeeze(-1) * completions.mask.to(logp)
         out = TeacherScores(logp=logp, valid=torch.ones(logp.shape[0], dtype=torch.bool))
         if top_k:
-            k = min(int(top_k), logp_all.shape[-1])
-            out.topk_logp, out.topk_ids = logp_all.topk(k, dim=-1)
+            k = min(int(top_k), logits.shape[-1])
+            top_logits, out.topk_ids = logits.topk(k, dim=-1)
+            out.topk_logp = top_logits - lse
         if return_logits:
             out.logits = logits
         return out

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from core import config as C
 from core.backends import DeepSpeedEngine, TorchEngine, fill_ds_config
-from core.data.collate import AudioPromptCollator
+from core.data.collate import AudioPromptCollator, TextPromptCollator
 from core.data.manifest import read_manifest
 from core.methods import METHODS, Context, Experience
 from core.models import check_vocab_match, load_model_and_processor, special_token_ids
@@ -102,8 +102,43 @@ def _load_teacher(cfg: C.TrainConfig, processor, model):
     return LocalTeacher(tm, tp)
 
 
-def _read_rows(path: str, cfg: C.TrainConfig, require=()):
-    return read_manifest(path, require=tuple(require), skip_bad=cfg.data.skip_bad)
+def _read_rows(path: str, cfg: C.TrainConfig, require=(), require_media: bool = True):
+    return read_manifest(path, require=tuple(require), skip_bad=cfg.data.skip_bad, require_media=require_media)
+
+
+def has_audio_encoder(model) -> bool:
+    """True when the model has an audio tower (Qwen2-Audio, the Omni thinker); False for a text LM."""
+    return any(name.split(".")[-1] == "audio_tower" for name, _ in model.named_modules())
+
+
+def resolve_modality(cfg: C.TrainConfig, model) -> str:
+    """``data.modality`` made concrete: ``audio`` or ``text``.
+
+    ``auto``: text for a model without an audio encoder; for an audio model, text when no row
+    of the training manifest has an ``audio``/``video`` path, else audio.
+    """
+    m = cfg.data.modality
+    if m != "auto":
+        return m
+    if not has_audio_encoder(model):
+        return "text"
+    if cfg.data.train and Path(cfg.data.train).is_file() and not _any_media(cfg.data.train):
+        return "text"
+    return "audio"
+
+
+def _any_media(path: str) -> bool:
+    """Whether any parseable line of a JSONL manifest names an ``audio`` or ``video`` path
+    (validation proper, with errors naming file:line, is ``read_manifest``'s job)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and (row.get("audio") is not None or row.get("video") is not None):
+                return True
+    return False
 
 
 class Trainer:
@@ -125,7 +160,14 @@ class Trainer:
             model = get_peft_model(model, LoraConfig(**cfg.model.lora))
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
-        self.collator = AudioPromptCollator(processor, cfg.data.prompt, system=cfg.data.system or None)
+        self.modality = resolve_modality(cfg, model)
+        if cfg.data.modality == "auto":
+            log.info("data.modality auto -> %s (%s)", self.modality,
+                     "the model has an audio encoder and the manifest has media" if self.modality == "audio"
+                     else "no audio encoder in the model" if not has_audio_encoder(model)
+                     else "no row of the training manifest has audio or video")
+        collator_cls = TextPromptCollator if self.modality == "text" else AudioPromptCollator
+        self.collator = collator_cls(processor, cfg.data.prompt, system=cfg.data.system or None)
         teacher = _load_teacher(cfg, processor, model) if cfg.method in ("opd", "calibrate") else None
         ref = None
         if cfg.method == "grpo" and cfg.grpo.kl_beta > 0:
@@ -134,8 +176,10 @@ class Trainer:
                 p.requires_grad_(False)
         # data: every problem found before training starts
         require = (cfg.data.target_field,) if cfg.method == "sft" else ()
-        self.rows = _read_rows(cfg.data.train, cfg, require) if cfg.data.train else []
-        self.dev_rows = _read_rows(cfg.data.dev, cfg)[: cfg.data.dev_max_samples] if cfg.data.dev else []
+        media = self.modality == "audio"
+        self.rows = _read_rows(cfg.data.train, cfg, require, media) if cfg.data.train else []
+        self.dev_rows = (_read_rows(cfg.data.dev, cfg, require_media=media)[: cfg.data.dev_max_samples]
+                         if cfg.data.dev else [])
         self.model = model
         self.teacher, self.ref = teacher, ref
         self.engine = None

@@ -5,6 +5,9 @@ fields, e.g. ``"{question}"``) followed by the generation prompt; prompts are le
 that every completion starts at the same column. Targets (transcripts, reference answers) are
 tokenised without specials, followed by EOS, right-padded.
 
+``AudioPromptCollator`` serves audio-in models; ``TextPromptCollator`` serves text-only causal
+LMs (any ``AutoModelForCausalLM``) with the same interface and no media.
+
 What it leaves out: video (the audio-visual recipe brings its own collator with the same
 ``PromptBatch`` shape) and any model maths.
 """
@@ -82,14 +85,72 @@ class AudioPromptCollator:
 
     def targets(self, texts: list[str], max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokenise reference completions + EOS, right-padded: ``(ids [B,T], mask [B,T])``."""
+        return tokenize_targets(self.tokenizer, texts, max_len)
+
+
+class TextPromptCollator:
+    """Builds ``PromptBatch`` objects for text-only causal LMs; same interface as ``AudioPromptCollator``.
+
+    The user turn's text is, in order of preference: the ``prompt`` template formatted with the
+    row's fields when the template names a field (``"Answer: {question}"``); else the row's own
+    ``prompt`` field; else its ``question`` field; else the template as it is. Prompts are
+    chat-formatted with the tokenizer's chat template (the raw text when it has none) and
+    left-padded; there are no media inputs.
+    """
+
+    def __init__(self, processor, prompt: str = "{prompt}", *, system: str | None = None, **_ignored):
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.prompt = prompt
+        self.system = system
+
+    def text(self, row: dict) -> str:
+        if "{" in self.prompt:
+            try:
+                return self.prompt.format(**row)
+            except KeyError as e:
+                raise KeyError(f"prompt template needs field {e} missing from sample {row.get('key')!r}") from None
+        for name in ("prompt", "question"):
+            v = row.get(name)
+            if isinstance(v, str) and v:
+                return v
+        return self.prompt
+
+    def messages(self, row: dict) -> list[dict]:
+        msgs = [{"role": "system", "content": self.system}] if self.system else []
+        return msgs + [{"role": "user", "content": self.text(row)}]
+
+    def render(self, row: dict) -> str:
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(self.messages(row), add_generation_prompt=True, tokenize=False)
+        return (self.system + "\n" if self.system else "") + self.text(row)
+
+    def prompts(self, rows: list[dict]) -> PromptBatch:
+        texts = [self.render(r) for r in rows]
         tok = self.tokenizer
-        seqs = []
-        for t in texts:
-            ids = tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            if max_len is not None:
-                ids = ids[:max_len]
-            seqs.append(ids)
-        return pad_right(seqs, tok.pad_token_id)
+        old_side = tok.padding_side
+        tok.padding_side = "left"
+        try:
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        finally:
+            tok.padding_side = old_side
+        inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        return PromptBatch(inputs, list(rows), texts, [])
+
+    def targets(self, texts: list[str], max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenise reference completions + EOS, right-padded: ``(ids [B,T], mask [B,T])``."""
+        return tokenize_targets(self.tokenizer, texts, max_len)
+
+
+def tokenize_targets(tok, texts: list[str], max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference completions without specials, then EOS, cut to ``max_len``, right-padded."""
+    seqs = []
+    for t in texts:
+        ids = tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        if max_len is not None:
+            ids = ids[:max_len]
+        seqs.append(ids)
+    return pad_right(seqs, tok.pad_token_id)
 
 
 def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,211 @@
+"""Shared pieces of the benchmarks: timing helpers and the tiny Qwen2-Audio teacher/student pair.
+
+- ``best`` (minimum) is the headline statistic: the 2-core machine is shared, and a burst of
+  other work can slow single runs ten-fold; medians are reported beside it.
+- ``timeit(fn, repeat, warmup)``: runs ``fn`` ``warmup`` times untimed, then ``repeat`` times,
+  and returns the median seconds (and every sample); ``median`` of a list of samples.
+- ``tiny_audio_pair(smoke)``: a few espeak-ng clips (16 kHz mono), a byte-level BPE tokenizer
+  trained on their transcripts, and a Qwen2-Audio student and teacher built from config with the
+  ASR recipe's default sizes (``recipes/asr/conf/models.yaml``: teacher 64 hidden, student 48
+  hidden, 2 layers each, vocabulary 400, 3 s chunks), saved with ``save_pretrained`` and loaded
+  back through ``core.models.load_model_and_processor`` as the trainer does. Built once per
+  process (cached) in a temporary folder that is removed at exit.
+- ``opd_config(...)``: the ``TrainConfig`` of an OPD step (the recipe's defaults: distribution
+  form, reverse KL over the full vocabulary) and ``opd_context(...)``: the trainer's ``Context``
+  and ``TorchEngine`` for it.
+- ``machine()``: platform, CPU count, threads and library versions for ``results.json``.
+
+What it leaves out: timing assertions (benchmarks report numbers, tests never threshold them)
+and any reference implementation (each benchmark module writes its own).
+"""
+from __future__ import annotations
+
+import atexit
+import functools
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+SR = 16000
+TEXTS = [
+    "the cat sat on the mat",
+    "a dog ran in the park",
+    "red green and blue",
+    "one two three four",
+    "hello world",
+    "open the door please",
+    "the sun is hot",
+    "we like to read books",
+]
+SEED = 0
+THREADS = 2
+
+
+# --------------------------------------------------------------------------- timing
+def median(xs):
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def timeit(fn, repeat: int = 5, warmup: int = 1):
+    """Median seconds of ``fn()`` over ``repeat`` runs after ``warmup`` untimed ones.
+
+    Returns ``(median_seconds, samples, last_result)``.
+    """
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    samples = []
+    for _ in range(max(1, repeat)):
+        t = time.perf_counter()
+        out = fn()
+        samples.append(time.perf_counter() - t)
+    return median(samples), samples, out
+
+
+class Timer:
+    """Accumulates named wall-clock sections: ``with timer("teacher"): ...``."""
+
+    def __init__(self):
+        self.t: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Section:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.t[name] = timer.t.get(name, 0.0) + time.perf_counter() - self.t0
+
+        return _Section()
+
+
+def best(xs):
+    """The minimum: on a shared, noisy machine the least disturbed run is the most repeatable."""
+    return float(min(xs)) if xs else float("nan")
+
+
+def ratio(a: float, b: float) -> float:
+    return float(a / b) if b else float("nan")
+
+
+def machine() -> dict:
+    import transformers
+
+    try:
+        import trl
+        trl_v = trl.__version__
+    except Exception:  # noqa: BLE001 - optional
+        trl_v = None
+    return {"platform": platform.platform(), "python": platform.python_version(),
+            "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "trl": trl_v,
+            "core": str(Path(__import__("core").__file__).parent)}
+
+
+# --------------------------------------------------------------------------- tiny models and clips
+def _speak(text: str, out: Path) -> float:
+    import numpy as np
+    import soundfile as sf
+    import soxr
+
+    raw = out.with_suffix(".raw.wav")
+    subprocess.run(["espeak-ng", "-v", "en-us", "-s", "170", "-w", str(raw), text], check=True,
+                   capture_output=True)
+    x, sr = sf.read(str(raw), dtype="float32", always_2d=True)
+    raw.unlink()
+    x = x.mean(axis=1)
+    if sr != SR:
+        x = soxr.resample(x, sr, SR).astype(np.float32)
+    sf.write(str(out), x, SR, subtype="PCM_16")
+    return len(x) / SR
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_audio_pair() -> SimpleNamespace:
+    """Clips, manifest rows, tokenizer, and the saved student/teacher folders (built once)."""
+    if shutil.which("espeak-ng") is None:
+        raise RuntimeError("espeak-ng is needed for the audio benchmarks (bash run.sh setup installs it)")
+    from core.models import build_tiny_qwen2_audio, train_tokenizer
+
+    root = Path(tempfile.mkdtemp(prefix="bench_audio_"))
+    atexit.register(shutil.rmtree, root, True)
+    (root / "wav").mkdir()
+    rows = []
+    for i, text in enumerate(TEXTS):
+        wav = root / "wav" / f"utt{i:02d}.wav"
+        dur = _speak(text, wav)
+        rows.append({"key": f"utt{i:02d}", "audio": str(wav), "task": "asr", "text": text, "duration": dur})
+    manifest = root / "train.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = train_tokenizer(TEXTS, 400)
+    build_tiny_qwen2_audio(tok, hidden=48, layers=2, heads=4, audio_hidden=48, audio_layers=2, seed=0,
+                           chunk_seconds=3, out_dir=root / "student")
+    build_tiny_qwen2_audio(tok, hidden=64, layers=2, heads=4, audio_hidden=64, audio_layers=2, seed=1,
+                           chunk_seconds=3, out_dir=root / "teacher")
+    return SimpleNamespace(root=root, rows=rows, manifest=manifest, student=root / "student", teacher=root / "teacher")
+
+
+def load_pair():
+    """Fresh (student, processor, teacher) loaded from the cached folders (a new student each call,
+    so optimizer steps of one benchmark never leak into another)."""
+    from core.models import load_model_and_processor
+
+    t = tiny_audio_pair()
+    student, proc = load_model_and_processor(t.student)
+    teacher, _ = load_model_and_processor(t.teacher)
+    return student, proc, teacher.eval()
+
+
+def opd_config(*, batch_size: int, n: int, max_new_tokens: int, temperature: float = 1.0, lr: float = 1e-3,
+               grad_clip: float = 1.0):
+    """The recipe's OPD stage (distribution form, reverse KL over the full vocabulary)."""
+    from core import config as C
+
+    t = tiny_audio_pair()
+    return C.load_config(None, {
+        "method": "opd", "model": {"path": str(t.student)}, "teacher": {"path": str(t.teacher)},
+        "data": {"train": str(t.manifest)},
+        "rollout": {"n": n, "temperature": temperature, "max_new_tokens": max_new_tokens},
+        "opd": {"form": "distribution", "divergence": "reverse_kl", "support": "full"},
+        "optim": {"lr": lr, "grad_clip": grad_clip, "scheduler": "constant"},
+        "train": {"batch_size": batch_size, "seed": SEED},
+    })
+
+
+def opd_context(cfg, student, proc, teacher):
+    """The trainer's ``Context`` + ``TorchEngine`` for ``cfg`` (as ``Trainer.__init__`` builds them)."""
+    from transformers import get_scheduler
+
+    from core.backends import TorchEngine
+    from core.data.collate import AudioPromptCollator
+    from core.methods import Context
+    from core.models import special_token_ids
+    from core.teacher import LocalTeacher
+
+    o = cfg.optim
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    sched = get_scheduler(o.scheduler, opt, num_warmup_steps=o.warmup_steps, num_training_steps=cfg.train.max_steps)
+    engine = TorchEngine(student, opt, sched, grad_clip=o.grad_clip, grad_accum=o.grad_accum)
+    tok = getattr(proc, "tokenizer", proc)
+    ctx = Context(model=student, forward_model=student, processor=proc, tokenizer=tok,
+                  collator=AudioPromptCollator(proc, cfg.data.prompt), cfg=cfg, teacher=LocalTeacher(teacher, proc),
+                  suppress_ids=special_token_ids(proc), eos_ids=[tok.eos_token_id])
+    return ctx, engine
+
+
+def rows_for(batch_size: int) -> list[dict]:
+    rows = tiny_audio_pair().rows
+    return [rows[i % len(rows)] for i in range(batch_size)]

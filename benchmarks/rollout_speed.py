@@ -1,0 +1,90 @@
+"""Rollout throughput ("rollout"): ``core.rollout.generate_completions`` against a plain
+``model.generate`` call on the same model and batch.
+
+Both sample with the same settings (temperature, top-p, top-k, special tokens suppressed, EOS,
+``max_new_tokens``) and the same seed, so they produce the same tokens (checked). Ours also
+returns the sampled-token log-probabilities, the EOS mask and the decoded texts, as the trainer
+uses it. Throughput counts real generated tokens: up to and including the first EOS of each row.
+The two alternate; the best run of each is the headline (the machine is shared), the ratio of
+medians is reported beside it.
+
+What it leaves out: prompt collation (both get the same ready ``PromptBatch``).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from benchmarks import common as B
+
+GOAL = 0.95
+
+
+def run_rollout(smoke: bool = False) -> dict:
+    from core.data.collate import AudioPromptCollator
+    from core.models import special_token_ids
+    from core.rollout import eos_mask, generate_completions
+
+    batch_size, n, max_new = (2, 2, 8) if smoke else (8, 4, 32)
+    repeat, warmup = (1, 1) if smoke else (9, 2)
+    temperature, top_p, top_k = 1.0, 0.95, 50
+    model, proc, _ = B.load_pair()
+    model.eval()
+    tok = proc.tokenizer
+    suppress, eos = special_token_ids(proc), [tok.eos_token_id]
+    batch = AudioPromptCollator(proc).prompts(B.rows_for(batch_size))
+    rep = batch.repeat(n)
+    P = rep.inputs["input_ids"].shape[1]
+
+    def ours(seed):
+        _, comp = generate_completions(model, batch, tok, n=n, temperature=temperature, top_p=top_p, top_k=top_k,
+                                       max_new_tokens=max_new, suppress_ids=suppress, eos_ids=eos, seed=seed)
+        return comp.ids, comp.mask
+
+    def plain(seed):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            seqs = model.generate(**rep.inputs, max_new_tokens=max_new, do_sample=True, temperature=temperature,
+                                  top_p=top_p, top_k=top_k, suppress_tokens=suppress, eos_token_id=eos,
+                                  pad_token_id=tok.pad_token_id, use_cache=True)
+        ids = seqs[:, P:]
+        mask = eos_mask(ids, eos)
+        return torch.where(mask.bool(), ids, torch.full_like(ids, tok.pad_token_id)), mask
+
+    t_ours, t_plain, n_ours, n_plain, same = [], [], [], [], []
+    for it in range(warmup + repeat):
+        seed = 2000 + it
+        res = {}
+        for name, fn in ((("ours", ours), ("plain", plain)) if it % 2 == 0 else (("plain", plain), ("ours", ours))):
+            t0 = time.perf_counter()
+            ids, mask = fn(seed)
+            res[name] = (time.perf_counter() - t0, ids, mask)
+        if it < warmup:
+            continue
+        t_ours.append(res["ours"][0])
+        t_plain.append(res["plain"][0])
+        n_ours.append(int(res["ours"][2].sum()))
+        n_plain.append(int(res["plain"][2].sum()))
+        same.append(bool(torch.equal(res["ours"][1], res["plain"][1])))
+    tps_ours = max(k / t for k, t in zip(n_ours, t_ours))
+    tps_plain = max(k / t for k, t in zip(n_plain, t_plain))
+    r = B.ratio(tps_ours, tps_plain)
+    return {
+        "ours_tokens_per_s": tps_ours, "reference_tokens_per_s": tps_plain, "ratio": r,
+        "goal": f">= {GOAL}x (not slower, within noise)", "met": bool(r >= GOAL),
+        "stat": "best over repeats (the machine is shared)",
+        "ratio_of_medians": B.ratio(B.median([k / t for k, t in zip(n_ours, t_ours)]),
+                                    B.median([k / t for k, t in zip(n_plain, t_plain)])),
+        "ours_s": B.best(t_ours), "reference_s": B.best(t_plain),
+        "generated_tokens": B.median(n_ours), "same_tokens": all(same),
+        "setup": {"prompts": batch_size, "n": n, "sequences": batch_size * n, "max_new_tokens": max_new,
+                  "temperature": temperature, "top_p": top_p, "top_k": top_k, "suppressed_ids": len(suppress),
+                  "model": "Qwen2Audio tiny student (hidden 48, 2+2 layers)",
+                  "ours": "generate_completions (ids, EOS mask, sampled-token logp, texts)",
+                  "reference": "model.generate(...) sequences only, EOS mask computed after"},
+        "repeat": repeat, "warmup": warmup,
+    }
+
+
+BENCHMARKS = {"rollout": run_rollout}
