@@ -68,7 +68,7 @@ case "${cmd}" in
     bash recipes/asr/run.sh --stage 0 --stop_stage 3
     ;;
   -h|--help|help)
-    sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//'
     ;;
   *) echo "unknown command '${cmd}' (use: setup | test | no argument)" >&2; exit 2 ;;
 esac

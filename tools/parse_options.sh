@@ -36,6 +36,8 @@ __po_print_help() {
   else
     printf 'Usage: %s [options] [args]\n' "${script}"
   fi
+  # a recipe that cd's into its own folder first still finds itself by its file name
+  [ -r "${script}" ] || script="$(basename "${script}")"
   if [ ! -r "${script}" ]; then
     return 0
   fi

@@ -12,8 +12,6 @@
 # Stage 3: greedy decoding of the test set, WER/CER, results.json, README table, plots.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
-RECIPE_DIR="$(pwd)"
-ROOT="$(cd ../.. && pwd)"
 
 stage=0
 stop_stage=3
@@ -28,6 +26,7 @@ smoke=false           # tiny corpus and few steps, for tests
 seed=0
 help_message="Usage: bash run.sh [--stage N] [--stop_stage N] [--corpus synthetic|librispeech|aishell] [--corpus_dir DIR] [--budget SECONDS] [--smoke true]"
 . tools/parse_options.sh
+ROOT="$(cd ../.. && pwd)"
 
 # the project's environment, found from any shell
 if [ -x "${ROOT}/.venv/bin/python" ]; then
