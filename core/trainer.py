@@ -382,9 +382,9 @@ class Trainer:
                 metrics.update(last_eval)
             if step % tc.log_every == 0 or step == tc.max_steps:
                 self.logger.log(step, metrics)
+            bar.set_postfix(step=step, loss=f"{metrics['loss']:.4f}", refresh=False,
+                            **({"kl": f"{metrics['kl_sampled']:.3f}"} if "kl_sampled" in metrics else {}))
             bar.update(min(dt, max(0.0, bar.total - bar.n)) if by_time else 1)
-            bar.set_postfix(step=step, loss=f"{metrics['loss']:.4f}", **({"kl": f"{metrics['kl_sampled']:.3f}"}
-                                                                if "kl_sampled" in metrics else {}))
             if tc.save_every and step % tc.save_every == 0:
                 self._save(ckdir, step, order, train_seconds, skipped_total)
             if tc.stop_after_steps and step >= tc.stop_after_steps:
