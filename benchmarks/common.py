@@ -27,7 +27,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -115,29 +114,13 @@ def machine() -> dict:
 
 
 # --------------------------------------------------------------------------- tiny models and clips
-def _speak(text: str, out: Path) -> float:
-    import numpy as np
-    import soundfile as sf
-    import soxr
-
-    raw = out.with_suffix(".raw.wav")
-    subprocess.run(["espeak-ng", "-v", "en-us", "-s", "170", "-w", str(raw), text], check=True,
-                   capture_output=True)
-    x, sr = sf.read(str(raw), dtype="float32", always_2d=True)
-    raw.unlink()
-    x = x.mean(axis=1)
-    if sr != SR:
-        x = soxr.resample(x, sr, SR).astype(np.float32)
-    sf.write(str(out), x, SR, subtype="PCM_16")
-    return len(x) / SR
-
-
 @functools.lru_cache(maxsize=None)
 def tiny_audio_pair() -> SimpleNamespace:
     """Clips, manifest rows, tokenizer, and the saved student/teacher folders (built once)."""
     if shutil.which("espeak-ng") is None:
         raise RuntimeError("espeak-ng is needed for the audio benchmarks (bash run.sh setup installs it)")
     from core.models import build_tiny_qwen2_audio, train_tokenizer
+    from tools.synth.speech import synthesize
 
     root = Path(tempfile.mkdtemp(prefix="bench_audio_"))
     atexit.register(shutil.rmtree, root, True)
@@ -145,7 +128,7 @@ def tiny_audio_pair() -> SimpleNamespace:
     rows = []
     for i, text in enumerate(TEXTS):
         wav = root / "wav" / f"utt{i:02d}.wav"
-        dur = _speak(text, wav)
+        dur = synthesize(text, wav, voice="en-us", speed=170, sample_rate=SR)
         rows.append({"key": f"utt{i:02d}", "audio": str(wav), "task": "asr", "text": text, "duration": dur})
     manifest = root / "train.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -204,6 +187,19 @@ def opd_context(cfg, student, proc, teacher):
                   collator=AudioPromptCollator(proc, cfg.data.prompt), cfg=cfg, teacher=LocalTeacher(teacher, proc),
                   suppress_ids=special_token_ids(proc), eos_ids=[tok.eos_token_id])
     return ctx, engine
+
+
+def opd_setup(smoke: bool):
+    """The OPD step both ``overhead`` and ``audio_opd_profile`` time: sizes, repeats, the model
+    pair, the config, the trainer's context and engine, and the rows of one batch."""
+    batch_size, n, max_new = (2, 2, 8) if smoke else (8, 4, 32)
+    repeat, warmup = (1, 1) if smoke else (9, 2)
+    student, proc, teacher = load_pair()
+    cfg = opd_config(batch_size=batch_size, n=n, max_new_tokens=max_new)
+    ctx, engine = opd_context(cfg, student, proc, teacher)
+    return SimpleNamespace(batch_size=batch_size, n=n, max_new=max_new, repeat=repeat, warmup=warmup,
+                           student=student, proc=proc, teacher=teacher, cfg=cfg, ctx=ctx, engine=engine,
+                           rows=rows_for(batch_size))
 
 
 def rows_for(batch_size: int) -> list[dict]:

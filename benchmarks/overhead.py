@@ -94,12 +94,9 @@ def _reference(ctx, engine, rows, seed, timer: B.Timer):
 
 
 def run_overhead(smoke: bool = False) -> dict:
-    batch_size, n, max_new = (2, 2, 8) if smoke else (8, 4, 32)
-    repeat, warmup = (1, 1) if smoke else (9, 2)
-    student, proc, teacher = B.load_pair()
-    cfg = B.opd_config(batch_size=batch_size, n=n, max_new_tokens=max_new)
-    ctx, engine = B.opd_context(cfg, student, proc, teacher)
-    rows = B.rows_for(batch_size)
+    S = B.opd_setup(smoke)
+    batch_size, n, max_new, repeat, warmup = S.batch_size, S.n, S.max_new, S.repeat, S.warmup
+    student, proc, teacher, cfg, ctx, engine, rows = S.student, S.proc, S.teacher, S.cfg, S.ctx, S.engine, S.rows
     ours_t, ref_parts, same, tokens = [], [], [], []
     for it in range(warmup + repeat):
         seed = 1000 + it

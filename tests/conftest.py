@@ -44,38 +44,19 @@ SR = 16000
 MAX_CLIP_SECONDS = 3.0
 
 
-def _speak(text: str, out: Path, tmp: Path) -> float:
-    """espeak-ng -> 16 kHz mono wav at ``out``; returns its duration in seconds."""
-    import numpy as np
-    import soundfile as sf
-    import soxr
-
-    raw = tmp / (out.stem + ".raw.wav")
-    subprocess.run(["espeak-ng", "-v", "en-us", "-s", "170", "-w", str(raw), text],
-                   check=True, capture_output=True)
-    x, sr = sf.read(str(raw), dtype="float32", always_2d=True)
-    raw.unlink()
-    x = x.mean(axis=1)
-    if sr != SR:
-        x = soxr.resample(x, sr, SR).astype(np.float32)
-    if len(x) == 0:
-        raise RuntimeError(f"espeak-ng produced no audio for {text!r}")
-    sf.write(str(out), x, SR, subtype="PCM_16")
-    return len(x) / SR
-
-
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     if shutil.which("espeak-ng") is None:
         pytest.fail("espeak-ng is needed to build the test corpus (bash run.sh setup installs it)")
     from core.models import build_tiny_qwen2_audio, train_tokenizer
+    from tools.synth.speech import synthesize
 
     root = tmp_path_factory.mktemp("tiny")
     wavs = root / "wav"
     wavs.mkdir()
     rows = []
     for i, text in enumerate(TEXTS):
-        dur = _speak(text, wavs / f"utt{i:02d}.wav", root)
+        dur = synthesize(text, wavs / f"utt{i:02d}.wav", voice="en-us", speed=170, sample_rate=SR)
         assert dur < MAX_CLIP_SECONDS, f"clip {i} is {dur:.2f} s long"
         rows.append({"key": f"utt{i:02d}", "audio": f"wav/utt{i:02d}.wav", "task": "asr", "text": text})
     manifest = root / "train.jsonl"
