@@ -5,6 +5,12 @@
 ``engine.save_state(dir)`` / ``load_state(dir)`` for checkpoints, ``engine.export(dir, processor)``
 for a ``save_pretrained`` folder loadable by plain transformers.
 
+LoRA (a peft model): checkpoints hold the trainable parameters only (adapters and their
+optimizer state; the frozen base is reloaded from ``model.path`` on resume), and the export
+merges the adapters into a fresh full-precision base from ``base_loader`` (``save_merged_lora``),
+so it works the same for a 4-bit base and for weights partitioned by ZeRO-3 (the adapters are
+gathered first).
+
 - ``TorchEngine``: one process, or several under torchrun/the DeepSpeed launcher with gradients
   averaged by ``all_reduce`` before clipping (every rank holds the whole model).
 - ``DeepSpeedEngine``: ``deepspeed.initialize`` with the recipe's JSON (ZeRO-2 or ZeRO-3); the
@@ -25,6 +31,22 @@ from core.utils import dist
 
 def _clean_state_dict(sd: dict) -> dict:
     return {k: v.detach().clone() for k, v in sd.items()}
+
+
+def _is_peft(model) -> bool:
+    from core.models import is_peft_model
+    return is_peft_model(model)
+
+
+def _trainable_names(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _export_lora(adapters: dict, module, out_dir: Path, processor, base_loader) -> None:
+    from core.models import save_merged_lora
+    if base_loader is None:
+        raise ValueError("exporting a LoRA model needs base_loader (a function returning the base model)")
+    save_merged_lora(adapters, module.peft_config[module.active_adapter], base_loader, processor, out_dir)
 
 
 class TorchEngine:
@@ -67,22 +89,35 @@ class TorchEngine:
 
     def save_state(self, d: Path) -> None:
         if dist.is_main():
-            torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+            sd = self.module.state_dict()
+            if _is_peft(self.module):  # the adapters only; the frozen base comes from model.path
+                keep = _trainable_names(self.module)
+                sd = {k: v for k, v in sd.items() if k in keep}
+            torch.save({"model": sd, "optimizer": self.optimizer.state_dict(),
                         "scheduler": self.scheduler.state_dict()}, Path(d) / "engine.pt")
 
     def load_state(self, d: Path) -> None:
         s = torch.load(Path(d) / "engine.pt", weights_only=False, map_location="cpu")
-        self.module.load_state_dict(s["model"])
+        if _is_peft(self.module):
+            res = self.module.load_state_dict(s["model"], strict=False)
+            lacking = _trainable_names(self.module) - set(s["model"])
+            if res.unexpected_keys or lacking:
+                raise RuntimeError(f"{d}: the checkpoint's trainable parameters do not match this LoRA model "
+                                   f"(unexpected {list(res.unexpected_keys)[:5]}, missing {sorted(lacking)[:5]}); "
+                                   "was it written with another model.lora?")
+        else:
+            self.module.load_state_dict(s["model"])
         self.optimizer.load_state_dict(s["optimizer"])
         self.scheduler.load_state_dict(s["scheduler"])
 
-    def export(self, out_dir: Path, processor) -> None:
+    def export(self, out_dir: Path, processor, base_loader=None) -> None:
+        """A plain model folder; a LoRA model's adapters merged into ``base_loader()``'s weights."""
         if dist.is_main():
-            from core.models import save_model
-            m = self.module
-            if hasattr(m, "merge_and_unload"):  # LoRA: export merged weights
-                m = m.merge_and_unload()
-            save_model(m, processor, out_dir)
+            from core.models import adapter_state_dict, save_model
+            if _is_peft(self.module):
+                _export_lora(adapter_state_dict(self.module), self.module, out_dir, processor, base_loader)
+            else:
+                save_model(self.module, processor, out_dir)
         dist.barrier()
 
 
@@ -134,16 +169,33 @@ class DeepSpeedEngine:
         return float(self.engine.get_lr()[0])
 
     def save_state(self, d: Path) -> None:
-        self.engine.save_checkpoint(str(d), tag="deepspeed", save_latest=False)
+        # LoRA: the frozen base is not written (it is reloaded from model.path on resume)
+        self.engine.save_checkpoint(str(d), tag="deepspeed", save_latest=False,
+                                    exclude_frozen_parameters=_is_peft(self.module))
 
     def load_state(self, d: Path) -> None:
         path, _ = self.engine.load_checkpoint(str(d), tag="deepspeed", load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+                                              load_lr_scheduler_states=True,
+                                              load_module_strict=not _is_peft(self.module))
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {d}")
 
-    def export(self, out_dir: Path, processor) -> None:
-        from core.models import save_model
+    def export(self, out_dir: Path, processor, base_loader=None) -> None:
+        """A plain model folder: ZeRO-3 weights gathered; LoRA adapters (gathered under ZeRO-3)
+        merged into ``base_loader()``'s full-precision weights on the main process."""
+        from core.models import adapter_state_dict, save_model
+        if _is_peft(self.module):
+            if self.zero3:
+                import deepspeed
+                params = [p for p in self.module.parameters() if p.requires_grad]
+                with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                    adapters = adapter_state_dict(self.module)
+            else:
+                adapters = adapter_state_dict(self.module)
+            if dist.is_main():
+                _export_lora(adapters, self.module, out_dir, processor, base_loader)
+            dist.barrier()
+            return
         if self.zero3:
             sd = self.engine._zero3_consolidated_16bit_state_dict()
         else:

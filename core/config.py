@@ -33,7 +33,16 @@ class ModelConfig:
     path: str = _f("", "local model directory (config.json + weights + processor)")
     dtype: str = _f("float32", "float32 | bfloat16 | float16")
     trust_remote_code: bool = _f(False, "allow custom modelling code from the model directory")
-    lora: dict = _f({}, "peft LoraConfig kwargs (r, lora_alpha, target_modules, ...); empty = full fine-tuning")
+    lora: dict = _f({}, "peft LoraConfig kwargs (r, lora_alpha, lora_dropout, target_modules, ...); empty = full "
+                        "fine-tuning. Without target_modules: every linear layer of the language model's decoder "
+                        "(attention q/k/v/o and MLP gate/up/down projections), never the audio/vision encoder, as a "
+                        "regex built from the model's module names (e.g. 'model\\.language_model\\..*\\.(q_proj|...)'"
+                        " for Qwen2-Audio, 'model\\..*\\.(q_proj|...)' for a causal LM). The export merges the "
+                        "adapters into the base weights (a plain model folder)")
+    load_in_4bit: bool = _f(False, "load the base model quantised to 4 bits (bitsandbytes; QLoRA: needs model.lora, "
+                                   "a CUDA GPU and backend torch); the export merges into a full-precision base")
+    bnb_4bit_compute_dtype: str = _f("bfloat16", "4-bit: compute dtype (float32 | bfloat16 | float16)")
+    bnb_4bit_quant_type: str = _f("nf4", "4-bit: nf4 | fp4")
 
 
 @dataclass
@@ -96,6 +105,21 @@ class GRPOConfig:
 
 
 @dataclass
+class RestConfig:
+    rounds: int = _f(2, "grow/improve rounds; each round starts from the previous round's model")
+    samples: int = _f(4, "grow: completions sampled per training prompt (K); top_p, top_k and max_new_tokens "
+                         "come from rollout, prompts per generate call from train.batch_size")
+    temperature: float = _f(1.0, "grow: sampling temperature")
+    rewards: dict = _f({}, "reward name -> weight (from core/rewards.py); a sample's score is the weighted sum")
+    keep_min_reward: float = _f(1.0, "keep a sample whose total reward is >= this")
+    max_per_prompt: int = _f(0, "keep at most this many distinct completions per prompt, highest reward first "
+                                "(0 = all that pass)")
+    lrs: list = _f([], "improve: SFT learning rate of each round, one per round (len must equal rest.rounds)")
+    steps_per_round: int = _f(0, "improve: SFT optimizer steps per round (the schedule's length); 0 = one pass "
+                                 "over the kept samples, ceil(kept / (train.batch_size * optim.grad_accum * world))")
+
+
+@dataclass
 class OptimConfig:
     lr: float = _f(1e-3, "peak learning rate")
     weight_decay: float = _f(0.0, "AdamW weight decay")
@@ -131,7 +155,7 @@ class BackendConfig:
 
 @dataclass
 class TrainConfig:
-    method: str = _f("sft", "sft | opd | grpo | calibrate")
+    method: str = _f("sft", "sft | opd | grpo | rest | calibrate")
     output_dir: str = _f("exp/run", "where checkpoints, metrics and the exported model go")
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -139,12 +163,13 @@ class TrainConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     opd: OPDConfig = field(default_factory=OPDConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    rest: RestConfig = field(default_factory=RestConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
 
 
-METHODS = ("sft", "opd", "grpo", "calibrate")
+METHODS = ("sft", "opd", "grpo", "rest", "calibrate")
 
 
 def _build(cls, data: Any, path: str):
@@ -205,6 +230,37 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         bad("data.dev", "required for calibrate")
     if cfg.method == "grpo" and not cfg.grpo.rewards:
         bad("grpo.rewards", "at least one reward is required")
+    if cfg.method == "rest":
+        r = cfg.rest
+        if r.rounds < 1:
+            bad("rest.rounds", "must be >= 1")
+        if r.samples < 1:
+            bad("rest.samples", "must be >= 1")
+        if not r.rewards:
+            bad("rest.rewards", "at least one reward is required")
+        if r.max_per_prompt < 0:
+            bad("rest.max_per_prompt", "must be >= 0 (0 = all)")
+        if r.steps_per_round < 0:
+            bad("rest.steps_per_round", "must be >= 0 (0 = one pass over the kept samples)")
+        try:  # YAML reads 1e-4 (no dot) as a string
+            lrs = [float(x) for x in r.lrs if not isinstance(x, bool)]
+        except (TypeError, ValueError):
+            lrs = []
+        if len(lrs) != r.rounds or len(r.lrs) != r.rounds:
+            bad("rest.lrs", f"needs one learning rate per round (rest.rounds={r.rounds}), got {r.lrs!r}")
+        r.lrs = lrs
+    m = cfg.model
+    if m.lora and not isinstance(m.lora.get("target_modules", []), (str, list)):
+        bad("model.lora.target_modules", "a list of module names or a regex string")
+    if m.load_in_4bit:
+        if not m.lora:
+            bad("model.lora", "model.load_in_4bit trains adapters only (QLoRA): set model.lora (e.g. {r: 16})")
+        if cfg.backend.name != "torch":
+            bad("model.load_in_4bit", "needs backend torch (DeepSpeed does not train a 4-bit base here)")
+    if m.bnb_4bit_quant_type not in ("nf4", "fp4"):
+        bad("model.bnb_4bit_quant_type", f"'{m.bnb_4bit_quant_type}' is not one of nf4, fp4")
+    if m.bnb_4bit_compute_dtype not in ("float32", "bfloat16", "float16"):
+        bad("model.bnb_4bit_compute_dtype", f"'{m.bnb_4bit_compute_dtype}' is not one of float32, bfloat16, float16")
     if cfg.data.modality not in ("auto", "audio", "text"):
         bad("data.modality", f"'{cfg.data.modality}' is not one of auto, audio, text")
     if cfg.backend.name not in ("torch", "deepspeed"):

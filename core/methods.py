@@ -190,7 +190,7 @@ class GRPO:
         if t.get("ref_logp") is not None:
             kl = L.agg_loss(L.kl_penalty(logp, t["ref_logp"], kind=g.kl_kind), mask, mode=g.agg)
             loss = loss + g.kl_beta * kl
-            m["kl_ref"] = float(kl)
+            m["kl_ref"] = float(kl.detach())
         m["loss"] = float(loss.detach())
         return loss, m
 

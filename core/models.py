@@ -15,9 +15,15 @@ What it does:
 - ``build_tiny_causal_lm``: a text-only ``Qwen2ForCausalLM`` built from sizes (the text-model
   path: any ``AutoModelForCausalLM`` trains through the same loop with text prompts).
 - ``check_vocab_match``: teacher and student must share a vocabulary; fail at start-up.
+- LoRA through ``peft``: ``apply_lora`` wraps a model (default targets from
+  ``lora_target_modules``: the language model's linear layers, never an encoder; QLoRA's
+  ``prepare_model_for_kbit_training`` on a 4-bit base), ``save_merged_lora`` merges trained
+  adapters into a freshly loaded full-precision base and saves a plain model folder.
+- 4-bit loading (``load_in_4bit``): bitsandbytes through ``BitsAndBytesConfig``; refused with a
+  message naming ``model.load_in_4bit`` where there is no CUDA GPU or no bitsandbytes.
 
-What it leaves out: LoRA wrapping (``peft`` at the trainer), the Omni thinker builder (its own
-recipe), chat rendering of prompts (``core/data/collate.py``).
+What it leaves out: when to wrap (the trainer decides from the config), the Omni thinker builder
+(its own recipe), chat rendering of prompts (``core/data/collate.py``).
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -207,15 +214,43 @@ def model_type_of(path: str | os.PathLike) -> str:
     return json.loads(cfg.read_text()).get("model_type", "")
 
 
+def check_4bit_available(key: str = "model.load_in_4bit") -> None:
+    """Raise ``ConfigError`` naming ``key`` unless a CUDA GPU and bitsandbytes are both present."""
+    import importlib.util
+
+    from core.config import ConfigError
+
+    lacks = [what for what, ok in (("a CUDA GPU", torch.cuda.is_available()),
+                                   ("bitsandbytes", importlib.util.find_spec("bitsandbytes") is not None)) if not ok]
+    if lacks:
+        raise ConfigError(f"config key '{key}': 4-bit loading needs a CUDA GPU and bitsandbytes; this machine has "
+                          f"no {' and no '.join(lacks)}. Set {key}: false to train in model.dtype instead "
+                          "(nothing is loaded in full precision behind your back).")
+
+
 def load_model_and_processor(path: str | os.PathLike, *, dtype: str | torch.dtype = "float32",
-                             trust_remote_code: bool = False, device: str | None = None):
-    """Load ``(model, processor)`` from a local directory; the class comes from ``model_type``."""
+                             trust_remote_code: bool = False, device: str | None = None,
+                             load_in_4bit: bool = False, bnb_4bit_compute_dtype: str = "bfloat16",
+                             bnb_4bit_quant_type: str = "nf4"):
+    """Load ``(model, processor)`` from a local directory; the class comes from ``model_type``.
+
+    ``load_in_4bit``: quantise the weights with bitsandbytes (``bnb_4bit_*``: compute dtype, nf4 |
+    fp4, double quantisation) onto this process's GPU; refused without CUDA or bitsandbytes.
+    """
     from transformers import AutoProcessor, AutoTokenizer
 
     path = str(path)
     mtype = model_type_of(path)
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     kw: dict[str, Any] = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    if load_in_4bit:
+        check_4bit_available()
+        from transformers import BitsAndBytesConfig
+        compute = getattr(torch, bnb_4bit_compute_dtype)
+        kw.update(dtype=compute, device_map={"": torch.cuda.current_device()},
+                  quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute,
+                                                         bnb_4bit_quant_type=bnb_4bit_quant_type,
+                                                         bnb_4bit_use_double_quant=True))
     if mtype == "qwen2_audio":
         from transformers import Qwen2AudioForConditionalGeneration as cls
     elif mtype in ("qwen2_5_omni_thinker",):
@@ -248,6 +283,87 @@ def _refreeze_audio_positions(model) -> None:
     for name, mod in model.named_modules():
         if name.split(".")[-2:] == ["audio_tower", "embed_positions"] and isinstance(mod, torch.nn.Embedding):
             mod.weight.requires_grad_(False)
+
+
+# --------------------------------------------------------------------------- LoRA
+# modules holding an encoder: LoRA's default targets never reach into them
+_ENCODERS = ("audio_tower", "visual", "vision_tower", "vision_model", "audio_encoder", "multi_modal_projector")
+
+
+def is_peft_model(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def lora_target_modules(model) -> str:
+    """Default LoRA targets: a regex (peft full-matches it against module names) for every linear
+    layer of the language model's decoder (``get_decoder()``): attention and MLP projections.
+
+    Qwen2-Audio gives ``model\\.language_model\\..*\\.(down_proj|gate_proj|k_proj|o_proj|q_proj|up_proj|v_proj)``,
+    a Qwen2 causal LM the same under ``model\\.``; the LM head and any encoder are left out.
+    """
+    dec = model.get_decoder() if hasattr(model, "get_decoder") else None
+    prefix = next((n for n, m in model.named_modules() if m is dec), None) if dec is not None else None
+    names = [n for n, m in dec.named_modules() if isinstance(m, torch.nn.Linear)] if prefix is not None else []
+    if not names or any(p in _ENCODERS for n in names for p in n.split(".")):
+        raise ValueError(f"no default LoRA targets for {type(model).__name__} (its language model's decoder "
+                         "was not found apart from the encoders); set model.lora.target_modules")
+    leaves = "|".join(sorted({re.escape(n.rsplit(".", 1)[-1]) for n in names}))
+    return (re.escape(prefix) + r"\." if prefix else "") + rf".*\.({leaves})"
+
+
+def apply_lora(model, lora: dict, *, kbit: bool = False):
+    """Wrap ``model`` with peft LoRA adapters (``lora``: ``LoraConfig`` kwargs); the base is frozen.
+
+    ``target_modules`` defaults to ``lora_target_modules(model)``; ``kbit``: a 4-bit base first
+    goes through ``prepare_model_for_kbit_training`` (fp32 norms, gradient checkpointing).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    from core.config import ConfigError
+
+    kw = dict(lora)
+    try:
+        if not kw.get("target_modules"):
+            kw["target_modules"] = lora_target_modules(model)
+        lcfg = LoraConfig(**kw)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config key 'model.lora': {e}") from None
+    if kbit:
+        from peft import prepare_model_for_kbit_training
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, lcfg)
+    log.info("LoRA on %s: %d trainable of %d parameters", lcfg.target_modules,
+             sum(p.numel() for p in model.parameters() if p.requires_grad), count_parameters(model))
+    return model
+
+
+def adapter_state_dict(peft_model) -> dict:
+    """The trained adapter weights (and ``modules_to_save``), detached CPU copies."""
+    from peft import get_peft_model_state_dict
+    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+
+
+def save_merged_lora(adapters: dict, peft_config, base_loader, processor, out_dir) -> None:
+    """Merge ``adapters`` into a fresh base and save a plain ``save_pretrained`` folder.
+
+    ``base_loader()`` returns the base model in full precision on the CPU (never the training
+    copy, which may be quantised or partitioned by ZeRO-3); the adapters are loaded into a peft
+    wrapper of it, merged (``merge_and_unload``) and the result saved with ``save_model``: it
+    loads as the original class, without peft.
+    """
+    import copy
+
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    with torch.random.fork_rng(devices=[]):  # the wrapper's init draws random numbers
+        pm = get_peft_model(base_loader(), copy.deepcopy(peft_config))
+    res = set_peft_model_state_dict(pm, adapters)
+    missing = [k for k in res.missing_keys if "lora_" in k or "modules_to_save" in k]
+    if res.unexpected_keys or missing:
+        raise RuntimeError(f"LoRA export: adapter weights do not fit the base model (unexpected "
+                           f"{list(res.unexpected_keys)[:5]}, missing {missing[:5]})")
+    save_model(pm.merge_and_unload(), processor, out_dir)
 
 
 def tokenizer_of(processor):

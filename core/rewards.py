@@ -8,6 +8,11 @@ What is here
   weights, keeping each component for logging.
 - Generic rewards: ``wer`` (1 - min(1, WER)) and ``cer`` (1 - min(1, CER)) against the sample's
   ``text`` field, after a simple normaliser (lowercase, punctuation removed, spaces collapsed).
+- Multiple-choice rewards on ``<think>...</think><answer>...</answer>`` completions:
+  ``extract_answer`` (the text a completion answers with), ``format`` (1 for exactly a think
+  block then a non-empty answer block), ``mcq_accuracy`` (MMAU's official ``string_match`` rule
+  against the ``answer`` and ``choices`` fields, plus bare option letters) and ``exact_alnum``
+  (equality after keeping only lowercase letters and digits).
 
 A reward follows TRL's convention: ``fn(completions: list[str], **kwargs) -> list[float]``, where
 ``kwargs`` carry the per-sample fields of the batch as lists aligned with ``completions`` (e.g.
@@ -16,8 +21,9 @@ A reward follows TRL's convention: ``fn(completions: list[str], **kwargs) -> lis
 
 What is left out
 ----------------
-Task-specific scoring (multiple-choice answer parsing, caption metrics, ...): recipes register
-their own rewards from their ``local/`` code with ``register_reward``. No model-based rewards.
+Task-specific scoring (caption metrics, benchmark-specific answer rules such as MMSU's letter
+parsing, ...): recipes register their own rewards from their ``local/`` code with
+``register_reward``. No model-based rewards (LLM judges), no partial credit for MCQs.
 """
 
 from __future__ import annotations
@@ -38,6 +44,11 @@ __all__ = [
     "normalize_text",
     "wer_reward",
     "cer_reward",
+    "extract_answer",
+    "format_reward",
+    "string_match",
+    "mcq_accuracy_reward",
+    "exact_alnum_reward",
 ]
 
 RewardFn = Callable[..., List[float]]
@@ -175,3 +186,130 @@ def wer_reward(completions: Sequence[str], text=None, **kwargs) -> List[float]:
 def cer_reward(completions: Sequence[str], text=None, **kwargs) -> List[float]:
     """``1 - min(1, CER(text_i, completion_i))`` per sample (for unsegmented scripts), as ``wer``."""
     return _error_rate_reward(completions, _references("text", text, len(completions)), jiwer.cer)
+
+
+# --------------------------------------------------------------------------------------------
+# Multiple-choice rewards
+# --------------------------------------------------------------------------------------------
+
+_ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.IGNORECASE | re.DOTALL)
+_ANSWER_OPEN = re.compile(r"<answer>", re.IGNORECASE)
+_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.IGNORECASE | re.DOTALL)
+_THINK_OPEN = re.compile(r"<think>.*", re.IGNORECASE | re.DOTALL)
+_THINK_CLOSE = re.compile(r"</think>", re.IGNORECASE)
+_FORMAT = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)
+_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+_LETTER = re.compile(r"\(?([A-E])[.)]?")
+
+
+def extract_answer(text: str) -> str:
+    """The answer a completion gives, stripped.
+
+    - the content of the LAST ``<answer>...</answer>`` block (tags case-insensitive, spanning lines);
+    - else, after an opening ``<answer>`` that is never closed (a truncated completion), the text
+      after the last opening tag;
+    - else (no answer tag at all) the whole text with reasoning removed: every
+      ``<think>...</think>`` block, an unclosed ``<think>`` and all after it, and everything up to
+      a stray ``</think>`` (chat templates that open the think block in the prompt).
+    """
+    blocks = _ANSWER_BLOCK.findall(text)
+    if blocks:
+        return blocks[-1].strip()
+    opens = list(_ANSWER_OPEN.finditer(text))
+    if opens:
+        return text[opens[-1].end():].strip()
+    text = _THINK_OPEN.sub("", _THINK_BLOCK.sub(" ", text))
+    return _THINK_CLOSE.split(text)[-1].strip()
+
+
+def _field(name: str, values, n: int) -> list:
+    if values is None:
+        raise ValueError(f"this reward needs the per-sample field {name!r}")
+    if isinstance(values, str) or not isinstance(values, Sequence) or len(values) != n:
+        raise ValueError(f"field {name!r} must be a list with one entry per completion ({n})")
+    for i, v in enumerate(values):
+        if v is None:
+            raise ValueError(f"field {name!r} is missing (None) for sample {i}")
+    return list(values)
+
+
+@register_reward("format")
+def format_reward(completions: Sequence[str], **kwargs) -> List[float]:
+    """1.0 for a completion that is exactly ``<think>...</think>`` then ``<answer>...</answer>``.
+
+    Whitespace is allowed around and between the blocks, nothing else; tags are lowercase, each
+    appears once, and the answer is non-empty (the reasoning may be empty). Else 0.0.
+    """
+    out = []
+    for c in completions:
+        m = _FORMAT.fullmatch(c)
+        ok = (m is not None and m.group(2).strip() != ""
+              and not any(t in m.group(1) or t in m.group(2) for t in _TAGS))
+        out.append(1.0 if ok else 0.0)
+    return out
+
+
+def _tokens(text: str) -> set:
+    return set(re.findall(r"\b\w+\b", text.lower()))
+
+
+def string_match(answer: str, prediction: str, choices: Sequence[str]) -> bool:
+    """MMAU's official rule (``string_match`` in github.com/Sakshi113/MMAU ``evaluation.py``).
+
+    Texts are sets of lowercase word tokens (``\\b\\w+\\b``). An empty prediction is wrong. The
+    "incorrect tokens" are those of every choice whose token set differs from the answer's, minus
+    the answer's tokens. Correct iff the prediction holds every answer token and no incorrect
+    token. So "the woman speaks" is wrong for the answer "the man speaks" (``woman`` belongs only
+    to a wrong choice), "3" is not "13" nor "three", and naming two choices is wrong.
+    """
+    pred = _tokens(prediction)
+    if not pred:
+        return False
+    ans = _tokens(answer)
+    incorrect = set()
+    for choice in choices:
+        toks = _tokens(choice)
+        if toks != ans:
+            incorrect |= toks - ans
+    return ans <= pred and pred.isdisjoint(incorrect)
+
+
+@register_reward("mcq_accuracy")
+def mcq_accuracy_reward(completions: Sequence[str], answer=None, choices=None, letters: bool = True,
+                        **kwargs) -> List[float]:
+    """1.0 when ``extract_answer(completion)`` picks ``answer`` by MMAU's ``string_match`` rule.
+
+    Fields: ``answer`` (str) and ``choices`` (list of str) per sample; a missing field raises
+    ValueError naming it. Our addition to MMAU's rule (``letters=True``, the default): a
+    prediction that is only an option letter ``A``-``E`` (uppercase, optionally ``A.``, ``A)`` or
+    ``(A)``) is replaced by the text of that choice first (``A`` = ``choices[0]``); a letter past
+    the last choice is left as is (and is then wrong unless it matches by the rule).
+    """
+    n = len(completions)
+    answers, choice_lists = _field("answer", answer, n), _field("choices", choices, n)
+    out = []
+    for i, (c, a, ch) in enumerate(zip(completions, answers, choice_lists)):
+        if isinstance(ch, str) or not isinstance(ch, Sequence):
+            raise ValueError(f"field 'choices' must hold a list of strings per sample (sample {i})")
+        pred = extract_answer(c)
+        m = _LETTER.fullmatch(pred) if letters else None
+        if m and ord(m.group(1)) - ord("A") < len(ch):
+            pred = ch[ord(m.group(1)) - ord("A")]
+        out.append(1.0 if string_match(str(a), pred, [str(x) for x in ch]) else 0.0)
+    return out
+
+
+def _alnum(text: str) -> str:
+    return re.sub(r"[^0-9a-z]", "", text.lower())
+
+
+@register_reward("exact_alnum")
+def exact_alnum_reward(completions: Sequence[str], answer=None, **kwargs) -> List[float]:
+    """1.0 when ``extract_answer(completion)`` equals ``answer`` after keeping only ``[0-9a-z]``
+    of the lowercased texts (so ``"(B)."`` matches ``"b"``); an empty prediction is wrong."""
+    answers = _field("answer", answer, len(completions))
+    out = []
+    for c, a in zip(completions, answers):
+        pred = _alnum(extract_answer(c))
+        out.append(1.0 if pred and pred == _alnum(str(a)) else 0.0)
+    return out

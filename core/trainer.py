@@ -9,6 +9,11 @@ skipped non-finite steps, periodic dev evaluation, checkpoints (``resume: auto``
 
 ``calibrate`` runs rollout + teacher scoring on the dev set without updates and reports the
 student/teacher per-token KL gap.
+
+``model.lora`` wraps the model with peft adapters (any method; only the adapters train, their
+checkpoints hold the adapters only, the export merges them into the base); GRPO's KL reference
+is then the same model with its adapters disabled, not a copy. ``rest`` runs in ``core/rest.py``
+(rounds of sampling and of this loop's SFT).
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ from core.backends import DeepSpeedEngine, TorchEngine, fill_ds_config
 from core.data.collate import AudioPromptCollator, TextPromptCollator
 from core.data.manifest import read_manifest
 from core.methods import METHODS, Context, Experience
-from core.models import check_vocab_match, load_model_and_processor, special_token_ids
+from core.models import apply_lora, check_vocab_match, is_peft_model, load_model_and_processor, special_token_ids
 from core.rewards import compute_rewards
 from core.rollout import completion_logits, generate_completions, token_logp
 from core.teacher import LocalTeacher
@@ -106,6 +111,43 @@ def _read_rows(path: str, cfg: C.TrainConfig, require=(), require_media: bool = 
     return read_manifest(path, require=tuple(require), skip_bad=cfg.data.skip_bad, require_media=require_media)
 
 
+def model_kwargs(m: C.ModelConfig) -> dict:
+    """``load_model_and_processor`` keyword arguments of a ``model:`` section."""
+    return dict(dtype=m.dtype, trust_remote_code=m.trust_remote_code, load_in_4bit=m.load_in_4bit,
+                bnb_4bit_compute_dtype=m.bnb_4bit_compute_dtype, bnb_4bit_quant_type=m.bnb_4bit_quant_type)
+
+
+def base_loader(m: C.ModelConfig):
+    """A function loading ``m.path`` in full precision on the CPU (a LoRA export merges into it)."""
+    dtype = m.bnb_4bit_compute_dtype if m.load_in_4bit else m.dtype
+    return lambda: load_model_and_processor(m.path, dtype=dtype, trust_remote_code=m.trust_remote_code)[0]
+
+
+class AdapterDisabled:
+    """A peft model seen with its adapters disabled, in eval mode: the frozen base model, used as
+    GRPO's KL reference without a copy of the weights. Callable like the model; ``forward`` and
+    ``get_base_model`` are the peft model's (``completion_logits`` inspects them)."""
+
+    def __init__(self, peft_model):
+        self.peft = peft_model
+
+    @property
+    def forward(self):
+        return self.peft.forward
+
+    def get_base_model(self):
+        return self.peft.get_base_model()
+
+    def __call__(self, *args, **kwargs):
+        was_training = self.peft.training
+        self.peft.eval()
+        try:
+            with self.peft.disable_adapter():
+                return self.peft(*args, **kwargs)
+        finally:
+            self.peft.train(was_training)
+
+
 def has_audio_encoder(model) -> bool:
     """True when the model has an audio tower (Qwen2-Audio, the Omni thinker); False for a text LM."""
     return any(name.split(".")[-1] == "audio_tower" for name, _ in model.named_modules())
@@ -144,6 +186,8 @@ def _any_media(path: str) -> bool:
 class Trainer:
     def __init__(self, cfg: C.TrainConfig):
         setup_console()
+        if cfg.method == "rest":
+            raise TrainingError("method rest runs in core.rest.run (rounds of sampling and SFT), not in Trainer")
         self.cfg = cfg
         use_ds = cfg.backend.name == "deepspeed"
         dist.init(cfg.backend.dist_backend, use_deepspeed=use_ds)
@@ -153,11 +197,9 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             C.dump_config(cfg, self.out / "config.yaml")
         seed_all(cfg.train.seed)
-        model, processor = load_model_and_processor(cfg.model.path, dtype=cfg.model.dtype,
-                                                    trust_remote_code=cfg.model.trust_remote_code)
+        model, processor = load_model_and_processor(cfg.model.path, **model_kwargs(cfg.model))
         if cfg.model.lora:
-            from peft import LoraConfig, get_peft_model
-            model = get_peft_model(model, LoraConfig(**cfg.model.lora))
+            model = apply_lora(model, cfg.model.lora, kbit=cfg.model.load_in_4bit)
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.modality = resolve_modality(cfg, model)
@@ -170,7 +212,9 @@ class Trainer:
         self.collator = collator_cls(processor, cfg.data.prompt, system=cfg.data.system or None)
         teacher = _load_teacher(cfg, processor, model) if cfg.method in ("opd", "calibrate") else None
         ref = None
-        if cfg.method == "grpo" and cfg.grpo.kl_beta > 0:
+        if cfg.method == "grpo" and cfg.grpo.kl_beta > 0 and is_peft_model(model):
+            ref = AdapterDisabled(model)
+        elif cfg.method == "grpo" and cfg.grpo.kl_beta > 0:
             ref = copy.deepcopy(model).eval()
             for p in ref.parameters():
                 p.requires_grad_(False)
@@ -397,7 +441,7 @@ class Trainer:
         if not interrupted:
             final_eval = self.evaluate()
             summary.update(final_eval)
-            self.engine.export(self.out / "final", self.processor)
+            self.engine.export(self.out / "final", self.processor, base_loader=base_loader(cfg.model))
             summary["final_model"] = str(self.out / "final")
         if dist.is_main():
             (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2))

@@ -1,10 +1,11 @@
 """Train with one YAML config: ``python -m core.bin.train --config conf/opd.yaml [key=value ...]``.
 
-The method (sft | opd | grpo | calibrate), model, teacher, data, rollout, losses, optimiser,
+The method (sft | opd | grpo | rest | calibrate), model, teacher, data, rollout, losses, optimiser,
 backend (torch | deepspeed) and checkpointing all come from the config; ``key=value`` arguments
 override it (``optim.lr=1e-4 train.max_steps=50``). ``--print-config-keys`` lists every key.
 Multi-process: ``torchrun --nproc_per_node 2 -m core.bin.train ...`` or the DeepSpeed launcher
-(``deepspeed --hostfile hostfile -m core.bin.train ...``).
+(``deepspeed --hostfile hostfile -m core.bin.train ...``). ``method: rest`` runs ``core.rest``
+(rounds of sampling, filtering by reward and SFT through the same trainer).
 """
 from __future__ import annotations
 
@@ -29,8 +30,15 @@ def main(argv=None) -> int:
     except (C.ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from core.trainer import run
-    run(cfg)
+    if cfg.method == "rest":
+        from core.rest import run
+    else:
+        from core.trainer import run
+    try:
+        run(cfg)
+    except C.ConfigError as e:  # found at start-up (e.g. model.load_in_4bit without a GPU)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -19,11 +19,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT))
 
+from tools.report import update_readme  # noqa: E402
+
 SYSTEMS = {"teacher": "teacher", "student_before": "student_sft", "student_after": "opd"}
 BASELINES = {"sft_more": "more SFT on the student's labelled set",
              "seqkd": "sequence-level KD (SFT on the teacher's greedy transcripts)",
              "td_opd": "sequence-level KD, then OPD (half the budget each)"}
-START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def load_json(p: Path):
@@ -71,18 +72,6 @@ def fmt_table(results: dict, unit: str) -> str:
         lines.append(f"| {name} | {100 * r['wer']:.2f} | {r['errors']} / {r['ref_tokens']} | "
                      f"{secs} | {steps} | {what} |")
     return "\n".join(lines)
-
-
-def update_readme(readme: Path, text: str) -> None:
-    if not readme.is_file():
-        return
-    s = readme.read_text()
-    if START in s and END in s:
-        a, b = s.index(START) + len(START), s.index(END)
-        s = s[:a] + "\n" + text + "\n" + s[b:]
-    else:
-        s += f"\n{START}\n{text}\n{END}\n"
-    readme.write_text(s)
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""Last stage of the audio_qa recipe: greedy-decode the test questions with every trained model,
+score them (MMAU's rule, or MMSU's with ``--rule mmsu``), and report.
+
+Writes, under ``<exp>``: ``decode/<system>/hyp.jsonl``, ``score.json`` (accuracy overall and by
+category, task and difficulty, format rate, most frequent answers) and ``mmau_predictions.json``
+(the input of MMAU's official ``evaluation.py``); ``results.json``; training-reward curves in
+``plots/``. Prints the table and writes it into the README between the ``results`` markers.
+
+Systems: ``base`` (the SFT-warmed policy), ``grpo``, ``rest``, ``opd`` (each trained from the
+base), the baseline ``sft_answers`` (plain SFT on the answers, same base, same wall-clock) and the
+teacher before and after its GRPO. A system whose model is missing is skipped with a note, except
+``base``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tools.report import update_readme  # noqa: E402
+
+SYSTEMS = {"base": ("base_sft", "SFT warm-up: describe every clip + labelled questions"),
+           "grpo": ("grpo", "GRPO from base (format + MMAU-rule accuracy rewards)"),
+           "rest": ("rest", "ReST from base (sample, keep the correct, SFT; rounds)"),
+           "opd": ("opd", "OPD from base, teacher = teacher_grpo")}
+BASELINES = {"sft_answers": ("sft_answers", "plain SFT on the answers, from base, GRPO's wall-clock")}
+TEACHERS = {"teacher_sft": ("teacher_sft", "bigger teacher after its SFT warm-up"),
+            "teacher_grpo": ("teacher_grpo", "the teacher after GRPO (OPD's teacher)")}
+
+
+def load_json(p: Path):
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def decode_and_score(name: str, model_dir: Path, test: Path, exp: Path, rule: str, max_new_tokens: int) -> dict:
+    from core.bin.decode import decode
+    from core.data.manifest import read_manifest
+    from score import mmau_items, read_hyps, score
+    out = exp / "decode" / name
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    info = decode(str(model_dir), str(test), str(out / "hyp.jsonl"), prompt="{prompt}", max_new_tokens=max_new_tokens)
+    rows = read_manifest(test, check_media=False)
+    hyps = read_hyps(out / "hyp.jsonl")
+    res = score(rows, hyps, rule=rule)
+    (out / "score.json").write_text(json.dumps(res, indent=2, ensure_ascii=False))
+    (out / "mmau_predictions.json").write_text(json.dumps(mmau_items(rows, hyps), indent=1, ensure_ascii=False))
+    res["decode_seconds"] = round(time.time() - t0, 2)
+    res["empty_outputs"] = info["empty"]
+    res["model"] = str(model_dir)
+    return res
+
+
+def fmt_table(results: dict, training: dict) -> str:
+    cats = sorted(results["base"]["by_category"])
+    lines = ["| system | acc (%) | " + " | ".join(cats) + " | format (%) | train s | steps | what |",
+             "|---|---|" + "---|" * len(cats) + "---|---|---|---|"]
+    entries = [(k, results.get(k), SYSTEMS[k]) for k in SYSTEMS]
+    entries += [(k, results["baselines"].get(k), BASELINES[k]) for k in BASELINES]
+    entries += [(k, results.get(k), TEACHERS[k]) for k in TEACHERS]
+    for name, r, (d, what) in entries:
+        if not r:
+            continue
+        t = training.get(d) or {}
+        per = " | ".join(f"{100 * r['by_category'].get(c, {}).get('acc', 0):.1f}" for c in cats)
+        lines.append(f"| {name} | {100 * r['acc']:.1f} | {per} | {100 * r['format_rate']:.0f} | "
+                     f"{t.get('train_seconds', '')} | {t.get('steps', '')} | {what} |")
+    return "\n".join(lines)
+
+
+def task_table(results: dict) -> str:
+    names = [k for k in ("base", "grpo", "rest", "opd") if results.get(k)] + list(results["baselines"])
+    get = lambda k: results.get(k) or results["baselines"].get(k)  # noqa: E731
+    tasks = sorted(results["base"]["by_task"])
+    lines = ["| task | n | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for t in tasks:
+        n = results["base"]["by_task"][t]["n"]
+        lines.append(f"| {t} | {n} | " + " | ".join(f"{100 * get(k)['by_task'][t]['acc']:.1f}" for k in names) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="folder with test.jsonl")
+    ap.add_argument("--exp", required=True)
+    ap.add_argument("--rule", default="mmau", choices=("mmau", "mmsu"))
+    ap.add_argument("--readme", default="", help="README to write the table into")
+    ap.add_argument("--corpus", default="synthetic")
+    ap.add_argument("--budget", default="")
+    ap.add_argument("--max_new_tokens", type=int, default=32)
+    ap.add_argument("--smoke", default="false")
+    args = ap.parse_args(argv)
+    data, exp = Path(args.data), Path(args.exp)
+    test = data / "test.jsonl"
+    from core.utils.logging import setup_console
+    setup_console()
+
+    def run(name, d):
+        m = exp / d / "final"
+        if not (m / "config.json").is_file():
+            if name == "base":
+                raise SystemExit(f"{m} is missing: run stage 1 first")
+            print(f"note: {name}: no model at {m}, skipped", file=sys.stderr)
+            return None
+        return decode_and_score(name, m, test, exp, args.rule, args.max_new_tokens)
+
+    results: dict = {k: run(k, d) for k, (d, _) in SYSTEMS.items()}
+    results["baselines"] = {k: r for k, (d, _) in BASELINES.items() if (r := run(k, d))}
+    results.update({k: run(k, d) for k, (d, _) in TEACHERS.items()})
+    base = results["base"]["acc"]
+    results["delta_vs_base"] = {k: round(results[k]["acc"] - base, 4) for k in ("grpo", "rest", "opd") if results.get(k)}
+    results["delta_vs_base"].update({k: round(v["acc"] - base, 4) for k, v in results["baselines"].items()})
+    dirs = [d for d, _ in list(SYSTEMS.values()) + list(BASELINES.values()) + list(TEACHERS.values())]
+    training = {d: load_json(exp / d / "train_summary.json") for d in dirs if (exp / d / "train_summary.json").is_file()}
+    if (exp / "rest" / "rest_summary.json").is_file():
+        training["rest_rounds"] = load_json(exp / "rest" / "rest_summary.json")
+    results["training"] = training
+    results["settings"] = {"corpus": args.corpus, "rule": args.rule, "budget_seconds": args.budget,
+                           "smoke": args.smoke == "true", "decoding": "greedy",
+                           "models": load_json(exp / "models.json"), "data": load_json(data / "stats.json")}
+    results["stage_seconds"] = load_json(exp / "stage_seconds.json") or {}
+    (exp / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
+
+    summary = fmt_table(results, training) + "\n\nAccuracy (%) by task:\n\n" + task_table(results)
+    deltas = ", ".join(f"{k} {100 * v:+.1f}" for k, v in results["delta_vs_base"].items())
+    summary += f"\n\nChange vs base (accuracy points): {deltas}."
+    print(summary)
+    if args.readme and args.smoke != "true":
+        update_readme(Path(args.readme), summary + f"\n\n(measured by `run.sh` on {time.strftime('%Y-%m-%d')}, "
+                                                   f"corpus {args.corpus}, {args.budget} s per method, greedy decoding)")
+    try:
+        from tools.plot_metrics import plot
+        runs = [(d, exp / d / "metrics.jsonl") for d in ("grpo", "teacher_grpo", "opd", "sft_answers", "rest")]
+        runs = [(d, p) for d, p in runs if p.is_file()]
+        if runs:
+            plot([p for _, p in runs], keys=["reward", "reward/mcq_accuracy", "reward/format", "zero_std_frac",
+                                            "dev/mcq_accuracy_reward", "completion_len", "kl_sampled",
+                                            "rest/kept_share"],
+                 out_dir=exp / "plots", labels=[d for d, _ in runs], smooth=5)
+    except Exception as e:  # noqa: BLE001  plots are a convenience; the numbers are in results.json
+        print(f"warning: plots not drawn: {e}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# Audio question answering (MMAU-style multiple choice): GRPO, ReST and on-policy distillation,
+# wenet-style stages.
+#
+#   bash run.sh                                   # stages 0-6 on the embedded default (synthetic)
+#   bash run.sh --stage 2 --stop_stage 2          # only GRPO
+#   bash run.sh --corpus mmau --train_json /data/avqa_mmau_format.json \
+#               --test_json /data/mmau/mmau-test-mini.json   # real data (MMAU layout)
+#   bash run.sh --corpus mmsu --train_json ... --mmsu_dir /data/MMSU    # MMSU test, its own rule
+#   bash run.sh --lora true                       # every training stage through peft LoRA
+#
+# Stage 0: data. Stage 1: tokenizer + models; SFT warm-up of the base policy and of the bigger
+# teacher. Stage 2: GRPO of the base policy and of the teacher. Stage 3: ReST from the base.
+# Stage 4: OPD of the base from the GRPO-trained teacher. Stage 5: the fair baseline, plain SFT
+# on the answers for GRPO's wall-clock. Stage 6: greedy decoding of the test set, accuracy by
+# category / task / difficulty, MMAU-format predictions, results.json, README table, plots.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+stage=0
+stop_stage=6
+corpus=synthetic      # synthetic | mmau | mmsu
+train_json=""         # real training questions in MMAU's JSON layout (mmau | mmsu)
+test_json=""          # MMAU test JSON (corpus mmau)
+mmsu_dir=""           # local copy of the MMSU dataset (corpus mmsu)
+data=data             # manifests
+exp=exp               # models, logs, results
+budget=150            # seconds of training for GRPO, ReST, OPD and the SFT baseline (equal wall-clock)
+teacher_budget=200    # seconds of GRPO for the teacher
+baselines=true        # also train the fair baseline (sft_answers)
+lora=false            # true: LoRA (peft) adapters for every training stage, merged at export
+backend=torch         # torch | deepspeed (conf/ds_zero2.json; conf/ds_zero3.json for big models)
+smoke=false           # tiny corpus and few steps, for tests
+seed=0
+help_message="Usage: bash run.sh [--stage N] [--stop_stage N] [--corpus synthetic|mmau|mmsu] [--train_json F] [--test_json F] [--mmsu_dir D] [--budget S] [--lora true] [--backend torch|deepspeed] [--smoke true]"
+. tools/parse_options.sh
+ROOT="$(cd ../.. && pwd)"
+
+if [ -x "${ROOT}/.venv/bin/python" ]; then
+  PY="${ROOT}/.venv/bin/python"
+else
+  echo "The project's environment is missing: run 'bash run.sh setup' in ${ROOT} first." >&2
+  exit 1
+fi
+export PYTHONPATH="${ROOT}${PYTHONPATH:+:${PYTHONPATH}}"
+export TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+
+log() { echo "$(date '+%Y-%m-%d %H:%M:%S') [audio_qa] $*"; }
+mkdir -p "${exp}"
+TIMES="${exp}/stage_seconds.json"
+record_time() {  # name seconds
+  "${PY}" - "$TIMES" "$1" "$2" <<'PY'
+import json, sys, os
+p, k, v = sys.argv[1], sys.argv[2], float(sys.argv[3])
+d = json.load(open(p)) if os.path.exists(p) else {}
+d[k] = round(v, 1)
+json.dump(d, open(p, "w"), indent=2)
+PY
+}
+train() {  # config [overrides...]
+  local conf=$1; shift
+  if [ "${backend}" = "deepspeed" ]; then set -- backend.name=deepspeed "$@"; fi
+  if [ "${lora}" = "true" ]; then set -- "model.lora={r: 16, lora_alpha: 32, lora_dropout: 0.0}" "$@"; fi
+  "${PY}" -m core.bin.train --config "${conf}" train.seed=${seed} train.resume=never "$@"
+}
+summary_seconds() { "${PY}" -c "import json;print(json.load(open('$1'))['train_seconds'])"; }
+
+synth_args=(); base_over=(); teacher_over=()
+if [ "${smoke}" = "true" ]; then
+  synth_args=(--smoke)
+  base_over=(train.max_steps=15); teacher_over=(train.max_steps=15)
+  budget=5; teacher_budget=5
+fi
+quick=(); [ "${smoke}" = "true" ] && quick=(train.eval_every=0 data.dev_max_samples=8)
+rule=mmau; [ "${corpus}" = "mmsu" ] && rule=mmsu
+
+if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
+  t0=$(date +%s)
+  log "stage 0: data (${corpus})"
+  case "${corpus}" in
+    synthetic)
+      "${PY}" local/make_synthetic.py --out_dir "${data}" --seed ${seed} "${synth_args[@]}" ;;
+    mmau|mmsu)
+      [ -n "${train_json}" ] || { echo "--train_json (training questions in MMAU's JSON layout) is required for ${corpus}" >&2; exit 1; }
+      mkdir -p "${data}"
+      "${PY}" local/prepare_mmau.py --json "${train_json}" --out "${data}/train_all_raw.jsonl"
+      if [ "${corpus}" = "mmau" ]; then
+        [ -n "${test_json}" ] || { echo "--test_json is required for corpus mmau" >&2; exit 1; }
+        "${PY}" local/prepare_mmau.py --json "${test_json}" --out "${data}/test_raw.jsonl"
+      else
+        [ -n "${mmsu_dir}" ] || { echo "--mmsu_dir is required for corpus mmsu" >&2; exit 1; }
+        "${PY}" local/prepare_mmsu.py --data "${mmsu_dir}" --out "${data}/test_raw.jsonl"
+      fi
+      "${PY}" local/prompt.py "${data}/train_all_raw.jsonl" "${data}/train_all.jsonl"
+      "${PY}" local/prompt.py "${data}/test_raw.jsonl" "${data}/test.jsonl"
+      # dev: the last 200 training questions; the base's labelled warm-up set: the first 800
+      n=$(wc -l < "${data}/train_all.jsonl")
+      head -n $(( n > 400 ? n - 200 : n )) "${data}/train_all.jsonl" > "${data}/train.jsonl"
+      tail -n $(( n > 400 ? 200 : 0 )) "${data}/train_all.jsonl" > "${data}/dev.jsonl"
+      [ -s "${data}/dev.jsonl" ] || head -n 50 "${data}/train_all.jsonl" > "${data}/dev.jsonl"
+      head -n 800 "${data}/train.jsonl" > "${data}/base_sft.jsonl"
+      "${PY}" -c "import json,sys;[print(json.loads(l)[k]) for l in open('${data}/train_all.jsonl') for k in ('prompt','target')]" \
+        > "${data}/text_corpus.txt" ;;
+    *) echo "unknown corpus '${corpus}'" >&2; exit 1 ;;
+  esac
+  record_time data $(( $(date +%s) - t0 ))
+fi
+
+if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
+  t0=$(date +%s)
+  log "stage 1: tokenizer and models"
+  "${PY}" local/build_models.py --conf conf/models.yaml --text "${data}/text_corpus.txt" --exp "${exp}" --seed ${seed}
+  log "stage 1: SFT warm-up of the base policy"
+  train conf/base_sft.yaml model.path=${exp}/student_init output_dir=${exp}/base_sft \
+    data.train=${data}/base_sft.jsonl data.dev=${data}/dev.jsonl "${base_over[@]}" "${quick[@]}"
+  log "stage 1: SFT warm-up of the teacher"
+  train conf/teacher_sft.yaml model.path=${exp}/teacher_init output_dir=${exp}/teacher_sft \
+    data.train=${data}/base_sft.jsonl data.dev=${data}/dev.jsonl "${teacher_over[@]}" "${quick[@]}"
+  record_time models $(( $(date +%s) - t0 ))
+fi
+
+paths=(data.train=${data}/train.jsonl data.dev=${data}/dev.jsonl)
+
+if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
+  t0=$(date +%s)
+  log "stage 2: GRPO of the base policy, ${budget} s"
+  train conf/grpo.yaml model.path=${exp}/base_sft/final output_dir=${exp}/grpo "${paths[@]}" \
+    train.max_seconds=${budget} "${quick[@]}"
+  record_time grpo $(( $(date +%s) - t0 ))
+  t0=$(date +%s)
+  log "stage 2: GRPO of the teacher, ${teacher_budget} s"
+  train conf/grpo.yaml model.path=${exp}/teacher_sft/final output_dir=${exp}/teacher_grpo "${paths[@]}" \
+    train.max_seconds=${teacher_budget} "${quick[@]}"
+  record_time teacher_grpo $(( $(date +%s) - t0 ))
+fi
+
+# the other methods get the wall-clock GRPO actually trained for
+spent=${budget}
+[ -f "${exp}/grpo/train_summary.json" ] && spent=$(summary_seconds "${exp}/grpo/train_summary.json")
+
+if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
+  t0=$(date +%s)
+  log "stage 3: ReST from the base, ${spent} s in all (sampling included)"
+  train conf/rest.yaml model.path=${exp}/base_sft/final output_dir=${exp}/rest "${paths[@]}" \
+    train.max_seconds=${spent} "${quick[@]}"
+  record_time rest $(( $(date +%s) - t0 ))
+fi
+
+if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
+  t0=$(date +%s)
+  log "stage 4: OPD of the base from the GRPO-trained teacher, ${spent} s"
+  train conf/opd.yaml model.path=${exp}/base_sft/final teacher.path=${exp}/teacher_grpo/final \
+    output_dir=${exp}/opd "${paths[@]}" train.max_seconds=${spent} "${quick[@]}"
+  record_time opd $(( $(date +%s) - t0 ))
+fi
+
+if [ ${stage} -le 5 ] && [ ${stop_stage} -ge 5 ] && [ "${baselines}" = "true" ]; then
+  t0=$(date +%s)
+  log "stage 5: baseline, plain SFT on the answers, ${spent} s"
+  train conf/sft_answers.yaml model.path=${exp}/base_sft/final output_dir=${exp}/sft_answers "${paths[@]}" \
+    train.max_seconds=${spent} "${quick[@]}"
+  record_time sft_answers $(( $(date +%s) - t0 ))
+fi
+
+if [ ${stage} -le 6 ] && [ ${stop_stage} -ge 6 ]; then
+  t0=$(date +%s)
+  log "stage 6: decode the test set and score (${rule} rule)"
+  "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --rule ${rule} --readme README.md \
+    --corpus ${corpus} --budget ${budget} --smoke ${smoke}
+  record_time decode_score $(( $(date +%s) - t0 ))
+fi

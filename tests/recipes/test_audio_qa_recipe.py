@@ -1,0 +1,73 @@
+"""The audio_qa recipe end to end on its smoke configuration, in a temporary folder: data, both
+warm-ups, GRPO of policy and teacher, ReST, OPD from the GRPO teacher, the SFT baseline, scoring."""
+import json
+import math
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("audio_qa")
+    data, exp = tmp / "data", tmp / "exp"
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    proc = subprocess.run(["bash", str(ROOT / "recipes/audio_qa/run.sh"), "--smoke", "true",
+                           "--data", str(data), "--exp", str(exp)],
+                          capture_output=True, text=True, env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return data, exp, proc
+
+
+def test_results_json_has_every_system(smoke_run):
+    data, exp, _ = smoke_run
+    res = json.loads((exp / "results.json").read_text())
+    n_test = sum(1 for line in (data / "test.jsonl").read_text().splitlines() if line.strip())
+    for name in ("base", "grpo", "rest", "opd", "teacher_sft", "teacher_grpo"):
+        r = res[name]
+        assert 0.0 <= r["acc"] <= 1.0 and math.isfinite(r["acc"]), name
+        assert r["n"] == n_test
+        # breakdowns sum up to the overall count
+        for group in ("by_category", "by_task", "by_difficulty"):
+            assert sum(v["n"] for v in r[group].values()) == n_test, (name, group)
+        assert set(r["by_category"]) <= {"speech", "sound", "music"}
+    assert set(res["baselines"]) == {"sft_answers"}
+    for k in ("grpo", "rest", "opd", "sft_answers"):
+        assert k in res["delta_vs_base"]
+    for stage in ("data", "models", "grpo", "teacher_grpo", "rest", "opd", "sft_answers"):
+        assert stage in res["stage_seconds"], stage
+
+
+def test_methods_trained_from_the_base_and_wrote_their_models(smoke_run):
+    _, exp, _ = smoke_run
+    for run in ("base_sft", "teacher_sft", "grpo", "teacher_grpo", "rest", "opd", "sft_answers"):
+        assert (exp / run / "final" / "config.json").is_file(), run
+    for run in ("grpo", "opd", "sft_answers"):
+        cfg = (exp / run / "config.yaml").read_text()
+        assert str(exp / "base_sft" / "final") in cfg, run
+    assert str(exp / "teacher_grpo" / "final") in (exp / "opd" / "config.yaml").read_text()
+    # GRPO logged every reward component on its own
+    lines = [json.loads(x) for x in (exp / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert lines and all("reward/format" in x and "reward/mcq_accuracy" in x for x in lines)
+    rest = json.loads((exp / "rest" / "rest_summary.json").read_text())
+    assert rest
+
+
+def test_mmau_predictions_are_in_the_official_input_format(smoke_run):
+    data, exp, _ = smoke_run
+    items = json.loads((exp / "decode" / "grpo" / "mmau_predictions.json").read_text())
+    rows = [json.loads(x) for x in (data / "test.jsonl").read_text().splitlines() if x.strip()]
+    assert len(items) == len(rows)
+    for it, row in zip(items, rows):
+        assert {"id", "question", "choices", "answer", "model_output", "category", "difficulty"} <= set(it)
+        assert it["answer"] == row["answer"] and it["choices"] == row["choices"]
+        assert isinstance(it["model_output"], str)
+
+
+def test_reward_curves_are_drawn(smoke_run):
+    _, exp, _ = smoke_run
+    assert (exp / "plots" / "reward.png").is_file()
