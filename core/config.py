@@ -49,9 +49,17 @@ class ModelConfig:
 class TeacherConfig:
     kind: str = _f("local", "local (in-process model) | remote (HTTP server)")
     path: str = _f("", "teacher model directory (local)")
-    url: str = _f("", "teacher server base URL (remote)")
-    api_key: str = _f("", "bearer token for the remote teacher")
+    url: str = _f("", "teacher server base URL (remote), e.g. http://host:8000 (a trailing /v1 is accepted)")
+    api_key: str = _f("", "bearer token for the remote teacher (empty: $TEACHER_API_KEY when set, else none)")
     dtype: str = _f("float32", "teacher dtype")
+    model: str = _f("", "remote: served model name sent in requests (empty: the first model of GET /v1/models)")
+    timeout: float = _f(60.0, "remote: seconds one scoring request may take before it is retried")
+    max_retries: int = _f(3, "remote: retries of a request after a connection error, timeout, 5xx, 408 or 429 "
+                             "(exponential backoff), then the run stops with an error naming the URL")
+    retry_backoff: float = _f(1.0, "remote: first retry delay in seconds, doubled each retry (at most 30 s)")
+    concurrency: int = _f(8, "remote: requests in flight at once (one per sample)")
+    top_k_cap: int = _f(20, "remote: largest top-k asked for; vLLM refuses more than its --max-logprobs (20 by "
+                            "default). opd.top_k above it is an error at start-up")
 
 
 @dataclass

@@ -96,12 +96,28 @@ def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
 def _load_teacher(cfg: C.TrainConfig, processor, model):
     t = cfg.teacher
     if t.kind == "remote":
-        from core import teacher as T
-        if not hasattr(T, "RemoteTeacher"):
-            raise TrainingError("teacher.kind: remote is not available in this version (no RemoteTeacher in "
-                                "core/teacher.py); use teacher.kind: local")
-        RemoteTeacher = T.RemoteTeacher
-        return RemoteTeacher(t.url, processor=processor, api_key=t.api_key or None)
+        from core.teacher import RemoteTeacher
+        o = cfg.opd
+        if cfg.method == "calibrate":
+            raise C.ConfigError("config key 'teacher.kind': calibrate needs the teacher's full logits, which a "
+                                "remote teacher does not give; use teacher.kind: local for calibrate")
+        if o.form == "distribution" and o.support != "teacher_topk":
+            raise C.ConfigError(f"config key 'opd.support': a remote teacher gives top-k log-probs only, not the "
+                                f"full logits that support {o.support!r} needs; use opd.support: teacher_topk "
+                                f"(with opd.top_k) or opd.form: sampled_token")
+        if o.form == "distribution" and o.top_k > t.top_k_cap:
+            raise C.ConfigError(f"config key 'opd.top_k': {o.top_k} is more than teacher.top_k_cap {t.top_k_cap}; "
+                                "raise both the server's --max-logprobs and teacher.top_k_cap, or lower opd.top_k")
+        for key, lo in (("timeout", 1e-3), ("concurrency", 1), ("top_k_cap", 1), ("max_retries", 0),
+                        ("retry_backoff", 0)):
+            if getattr(t, key) < lo:
+                raise C.ConfigError(f"config key 'teacher.{key}': must be >= {lo}, got {getattr(t, key)!r}")
+        modality = resolve_modality(cfg, model)
+        collator_cls = TextPromptCollator if modality == "text" else AudioPromptCollator
+        collator = collator_cls(processor, cfg.data.prompt, system=cfg.data.system or None)
+        return RemoteTeacher(t.url, processor, collator=collator, api_key=t.api_key or None, model=t.model or None,
+                             timeout=t.timeout, max_retries=t.max_retries, backoff=t.retry_backoff,
+                             concurrency=t.concurrency, top_k_cap=t.top_k_cap, student_model=model)
     tm, tp = load_model_and_processor(t.path, dtype=t.dtype, trust_remote_code=cfg.model.trust_remote_code)
     check_vocab_match(processor, tp, student_model=model, teacher_model=tm)
     return LocalTeacher(tm, tp)
@@ -362,7 +378,9 @@ class Trainer:
         bar = tqdm(total=round(tc.max_seconds) if by_time else tc.max_steps,
                    initial=round(train_seconds) if by_time else step, unit="s" if by_time else "step",
                    desc=cfg.method, disable=not dist.is_main(), dynamic_ncols=True,
-                   mininterval=0.1 if sys.stderr.isatty() else 10.0)
+                   mininterval=0.1 if sys.stderr.isatty() else 10.0,
+                   bar_format=("{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]"
+                               if by_time else None))
         interrupted = False
         last_eval = {}
         while step < tc.max_steps:

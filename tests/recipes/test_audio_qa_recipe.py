@@ -71,3 +71,26 @@ def test_mmau_predictions_are_in_the_official_input_format(smoke_run):
 def test_reward_curves_are_drawn(smoke_run):
     _, exp, _ = smoke_run
     assert (exp / "plots" / "reward.png").is_file()
+
+
+def test_lora_switch_trains_every_stage(smoke_run, tmp_path):
+    """``--lora true``: GRPO, ReST, OPD and the SFT baseline train peft adapters from the same warm
+    bases, and every exported model is a plain, merged checkpoint."""
+    import shutil
+    data, exp, _ = smoke_run
+    exp2 = tmp_path / "exp_lora"
+    for d in ("base_sft", "teacher_sft"):
+        shutil.copytree(exp / d / "final", exp2 / d / "final")
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    proc = subprocess.run(["bash", str(ROOT / "recipes/audio_qa/run.sh"), "--smoke", "true", "--lora", "true",
+                           "--stage", "2", "--stop_stage", "5", "--data", str(data), "--exp", str(exp2)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    from core.models import load_model_and_processor
+    for run in ("grpo", "teacher_grpo", "rest", "opd", "sft_answers"):
+        final = exp2 / run / "final"
+        assert (final / "model.safetensors").is_file() and not (final / "adapter_config.json").exists(), run
+        cfg = (exp2 / run / "config.yaml").read_text()
+        assert "lora_alpha: 32" in cfg, run
+    model, _ = load_model_and_processor(exp2 / "grpo" / "final")
+    assert type(model).__name__ == "Qwen2AudioForConditionalGeneration"
