@@ -17,6 +17,7 @@ setup_system() {
   command -v ffmpeg >/dev/null 2>&1 || missing+=(ffmpeg)
   command -v sox >/dev/null 2>&1 || missing+=(sox)
   ldconfig -p 2>/dev/null | grep -q libsndfile.so.1 || missing+=(libsndfile1)
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)   # headless browser test of the teacher server page
   if [ ${#missing[@]} -gt 0 ]; then
     log "installing system packages: ${missing[*]}"
     local SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

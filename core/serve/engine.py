@@ -151,6 +151,12 @@ class TeacherEngine:
             raise BadInput("the prompt is empty")
         return inputs
 
+    def _to_model(self, t: torch.Tensor) -> torch.Tensor:
+        """To the model's device; floating inputs (audio features) also to its dtype."""
+        if t.is_floating_point():
+            return t.to(self.device, self.model.dtype)
+        return t.to(self.device)
+
     def decoded(self, token_id: int) -> str:
         s = self._decoded.get(token_id)
         if s is None:
@@ -191,7 +197,7 @@ class TeacherEngine:
             attn[b, : lens[b]] = 1
         extra = {}
         for key in sorted({k for it in items for k in it.inputs if k not in ("input_ids", "attention_mask")}):
-            extra[key] = _pad_cat([it.inputs[key] for it in items if key in it.inputs]).to(self.device)
+            extra[key] = self._to_model(_pad_cat([it.inputs[key] for it in items if key in it.inputs]))
         kw = dict(input_ids=ids.to(self.device), attention_mask=attn.to(self.device), use_cache=False, **extra)
         self.forward_calls += 1
         self.scored += B
@@ -295,7 +301,7 @@ class TeacherEngine:
             idx = [i for i, it in enumerate(items) if it.temperature == temp]
             rows = [{"key": f"upload{i}", "audio": items[i].path, "prompt": items[i].prompt} for i in idx]
             batch = self._collator.prompts(rows)
-            batch = PromptBatch({k: v.to(self.device) for k, v in batch.inputs.items()}, batch.rows, batch.texts,
+            batch = PromptBatch({k: self._to_model(v) for k, v in batch.inputs.items()}, batch.rows, batch.texts,
                                 batch.audios)
             _, comp = generate_completions(self.model, batch, self.tokenizer, do_sample=temp > 0,
                                            temperature=temp if temp > 0 else 1.0, max_new_tokens=self.max_new_tokens,

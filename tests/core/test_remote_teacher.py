@@ -258,6 +258,27 @@ def test_reference_completions_with_eos_align(server, student, tiny, local_score
     assert torch.allclose(rs.logp[m], ls.logp[m], atol=1e-5)
 
 
+def test_text_model_remote_equals_local(tiny, tmp_path):
+    """A text-only causal LM served and scored the same way (string content, no audio)."""
+    from core.data.collate import TextPromptCollator, tokenize_targets
+    from core.models import build_tiny_causal_lm
+
+    build_tiny_causal_lm(tiny.tokenizer, hidden=32, layers=1, heads=2, seed=3, out_dir=tmp_path / "lm")
+    model, tok = load_model_and_processor(tmp_path / "lm")
+    col = TextPromptCollator(tok, "{question}")
+    batch = col.prompts([{"key": "a", "question": "hello world"}, {"key": "b", "question": "the cat sat"}])
+    ids, mask = tokenize_targets(tok, ["one two", "red green and blue"])
+    comp = Completions(ids, mask, None, ["one two", "red green and blue"])
+    ls = LocalTeacher(model, tok).score(batch, comp, top_k=K)
+    with ServerThread(create_app(tmp_path / "lm", device="cpu")) as s:
+        with RemoteTeacher(s.url, tok, collator=col, student_model=model, **FAST) as t:
+            rs = t.score(batch, comp, top_k=K)
+    assert rs.valid.all()
+    m = mask.bool()
+    assert torch.allclose(rs.logp[m], ls.logp[m], atol=1e-5)
+    assert torch.allclose(rs.topk_logp[m], ls.topk_logp[m], atol=1e-5)
+
+
 def test_request_body(server, student, rollout):
     rep, comp = rollout
     with remote(server, student) as t:

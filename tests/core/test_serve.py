@@ -48,8 +48,8 @@ def engine(tiny, one_thread):
 
 @pytest.fixture(scope="module")
 def server(engine):
-    """Open server (no key), batches of up to 8 collected for 150 ms."""
-    s = ServerThread(create_app(engine=engine, max_batch=8, batch_wait_ms=150)).start()
+    """Open server (no key)."""
+    s = ServerThread(create_app(engine=engine, batch_wait_ms=2)).start()
     yield s
     s.stop()
 
@@ -339,10 +339,12 @@ def test_concurrent_requests_are_batched_with_unbatched_results(server, engine, 
                 "hello", "open the door please<|im_end|>"]
     bodies = [chat_body(tiny, i, p, k=4) for i, p in enumerate(prefills)]
     alone = [post(server, "/v1/chat/completions", json=b).json() for b in bodies]
-    before = engine.forward_calls
-    with ThreadPoolExecutor(len(bodies)) as pool:
-        together = [r.json() for r in pool.map(lambda b: post(server, "/v1/chat/completions", json=b), bodies)]
-    calls = engine.forward_calls - before
+    # a server whose first request waits up to 300 ms for others (batches of up to 8)
+    with ServerThread(create_app(engine=engine, max_batch=8, batch_wait_ms=300)) as batching:
+        before = engine.forward_calls
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            together = [r.json() for r in pool.map(lambda b: post(batching, "/v1/chat/completions", json=b), bodies)]
+        calls = engine.forward_calls - before
     assert 1 <= calls < len(bodies), calls
     for a, t in zip(alone, together):
         assert a["prompt_token_ids"] == t["prompt_token_ids"]

@@ -263,6 +263,31 @@ def test_mmsu_skip_bad_and_cli(tmp_path):
     assert rc == 1
 
 
+# ----------------------------------------------------------------------------- both
+
+def test_bad_out_and_nothing_left(mmau_dir, tmp_path, capsys):
+    """--bad_out names the side file; when every item is bad it is still written, then the run fails."""
+    items = _items(mmau_dir)
+    for it in items:
+        it["answer"] = "Dog"
+    _write_items(mmau_dir, items)
+    out, side = tmp_path / "mmau.jsonl", tmp_path / "side" / "mmau_bad.jsonl"
+    rc = mmau.main(["--json", str(mmau_dir / "mmau-test-mini.json"), "--out", str(out), "--skip_bad",
+                    "--bad_out", str(side)])
+    assert rc == 1 and not out.exists() and len(_jsonl(side)) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("error: 4 problem(s):") and err.rstrip().endswith("no valid item left")
+
+    recs = _mmsu_records(2)
+    for r in recs:
+        r["answer_gt"] = "perhaps"
+    _to_parquet(recs, tmp_path / "MMSU" / "test.parquet")
+    with pytest.raises(mmsu.PrepError, match="no valid record left") as e:
+        mmsu.prepare(tmp_path / "MMSU", tmp_path / "mmsu.jsonl", skip_bad=True, bad_out=str(side))
+    assert len(e.value.problems) == 3 and [b["id"] for b in _jsonl(side)] == ["mmsu_000", "mmsu_001"]
+    assert not (tmp_path / "mmsu.jsonl").exists()
+
+
 @pytest.mark.parametrize("script", ["prepare_mmau.py", "prepare_mmsu.py", "score.py"])
 def test_cli_help(script):
     res = subprocess.run([sys.executable, str(LOCAL / script), "--help"], capture_output=True, text=True,

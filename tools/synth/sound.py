@@ -22,12 +22,16 @@ import os
 import shutil
 import subprocess
 import tempfile
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import soundfile as sf
+
+try:
+    from tools.synth.pool import run_pool
+except ImportError:  # run as a script from its own folder
+    from pool import run_pool  # type: ignore[no-redef]
 
 SAMPLE_RATE = 16000
 WAVES = ("sine", "square", "triangle", "sawtooth", "pluck")
@@ -94,30 +98,5 @@ def render_many(jobs: Sequence[tuple[Sequence[Segment], str | os.PathLike]], wor
     if not jobs:
         return []
     _sox()
-    out: list[float | None] = [None] * len(jobs)
-    errors: list[tuple[int, str]] = []
-    bar = None
-    if progress:
-        import sys
-
-        from tqdm import tqdm
-        bar = tqdm(total=len(jobs), desc=desc, unit="clip", mininterval=0.1 if sys.stderr.isatty() else 10.0)
-    try:
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            futs = {pool.submit(render, segs, path): i for i, (segs, path) in enumerate(jobs)}
-            for f in as_completed(futs):
-                i = futs[f]
-                try:
-                    out[i] = f.result()
-                except Exception as e:  # collected and raised together below
-                    errors.append((i, f"{type(e).__name__}: {e}"))
-                if bar is not None:
-                    bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-    if errors:
-        errors.sort()
-        shown = "\n  ".join(f"job {i} ({jobs[i][1]}): {m}" for i, m in errors[:5])
-        raise SoundError(f"{len(errors)} of {len(jobs)} sox jobs failed:\n  {shown}")
-    return [float(d) for d in out]  # type: ignore[arg-type]
+    return [float(d) for d in run_pool(lambda i: render(*jobs[i]), len(jobs), lambda i: str(jobs[i][1]), workers,
+                                       progress, desc, SoundError)]

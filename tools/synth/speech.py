@@ -30,13 +30,17 @@ import os
 import shutil
 import subprocess
 import tempfile
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import soundfile as sf
 import soxr
+
+try:
+    from tools.synth.pool import run_pool
+except ImportError:  # run as a script from its own folder
+    from pool import run_pool  # type: ignore[no-redef]
 
 __all__ = [
     "DEFAULT_VARIANTS",
@@ -276,43 +280,14 @@ def synthesize_many(
     # warm the caches once, outside the threads
     list_variants()
     _all_voice_ids()
-    durations: list[float | None] = [None] * len(jobs_)
-    errors: list[tuple[int, str]] = []
 
     def run(i: int) -> float:
         j = jobs_[i]
         return synthesize(j.text, j.out_wav, voice=j.voice, speed=j.speed, pitch=j.pitch,
                           amplitude=j.amplitude, sample_rate=j.sample_rate, variant=j.variant)
 
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        import sys
-
-        interactive = sys.stderr.isatty()
-        bar = tqdm(total=len(jobs_), desc=desc, unit="clip", dynamic_ncols=True,
-                   mininterval=0.1 if interactive else 10.0)
-    try:
-        with ThreadPoolExecutor(max_workers=max(1, int(workers))) as pool:
-            futures = {pool.submit(run, i): i for i in range(len(jobs_))}
-            for fut in as_completed(futures):
-                i = futures[fut]
-                try:
-                    durations[i] = fut.result()
-                except Exception as e:  # collected and raised together below
-                    errors.append((i, f"{type(e).__name__}: {e}"))
-                if bar is not None:
-                    bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-    if errors:
-        errors.sort()
-        shown = "\n  ".join(f"job {i} ({jobs_[i].out_wav}): {m}" for i, m in errors[:5])
-        more = f"\n  ... and {len(errors) - 5} more" if len(errors) > 5 else ""
-        raise SynthesisError(f"{len(errors)} of {len(jobs_)} synthesis jobs failed:\n  {shown}{more}")
-    return [float(d) for d in durations]  # type: ignore[arg-type]
+    return [float(d) for d in run_pool(run, len(jobs_), lambda i: str(jobs_[i].out_wav), workers, progress,
+                                       desc, SynthesisError)]
 
 
 def _main(argv: Sequence[str] | None = None) -> None:
