@@ -159,6 +159,7 @@ def round_config(cfg: C.TrainConfig, i: int, kept_path: Path, model_path: str, s
     rc.data.train, rc.data.target_field = str(kept_path), "completion"
     rc.data.max_target_tokens = max(cfg.data.max_target_tokens, cfg.rollout.max_new_tokens + 1)
     rc.optim.lr = float(cfg.rest.lrs[i])
+    rc.optim.warmup_steps = min(cfg.optim.warmup_steps, steps // 10)
     rc.train.max_steps, rc.train.max_seconds = steps, max_seconds
     rc.train.seed = cfg.train.seed + i
     rc.train.resume = "never" if cfg.train.resume == "never" else "auto"
@@ -187,11 +188,23 @@ def run(cfg: C.TrainConfig) -> dict:
     if main:
         out.mkdir(parents=True, exist_ok=True)
         C.dump_config(cfg, out / "config.yaml")
+    if cfg.train.resume == "never" and main:  # a fresh run: nothing of an earlier one is reused
+        for old in out.glob("round_*"):
+            shutil.rmtree(old, ignore_errors=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(out / "final", ignore_errors=True)
+    dist.barrier()
     logger = MetricsLogger(out, enabled=main, filename="metrics.jsonl")
     t_start, prior = time.time(), 0.0
+    # the budget counts what the other methods' train_seconds count: sampling (grow) and SFT
+    # steps, not model loading, export or dev evaluation between rounds
+    budget_used, grow_started = 0.0, None
 
     def time_left() -> float:
-        return cfg.train.max_seconds - (prior + time.time() - t_start) if cfg.train.max_seconds else math.inf
+        if not cfg.train.max_seconds:
+            return math.inf
+        running = time.time() - grow_started if grow_started is not None else 0.0
+        return cfg.train.max_seconds - budget_used - running
 
     model_path, stats = str(cfg.model.path), []
     summary = {"method": "rest", "rounds": stats, "rounds_done": 0, "empty_rounds": 0,
@@ -199,7 +212,7 @@ def run(cfg: C.TrainConfig) -> dict:
 
     def write_summary():
         summary.update(rounds_done=len(stats), empty_rounds=sum(not s["trained"] for s in stats),
-                       seconds=round(prior + time.time() - t_start, 2))
+                       seconds=round(prior + time.time() - t_start, 2), budget_seconds=round(budget_used, 2))
         if main:
             (out / "rest_summary.json").write_text(json.dumps(summary, indent=2))
 
@@ -210,6 +223,7 @@ def run(cfg: C.TrainConfig) -> dict:
             st = json.loads(done.read_text())
             stats.append(st)
             prior += st["seconds"]
+            budget_used += st.get("budget_seconds", st["seconds"])
             model_path = st["final_model"]
             log.info("round %d: already done, continuing from %s", i, model_path)
             continue
@@ -224,9 +238,12 @@ def run(cfg: C.TrainConfig) -> dict:
             st = json.loads(grow_path.read_text())
             reused = st["grow_seconds"]
             prior += reused
+            budget_used += reused
             log.info("round %d: reusing the grow step in %s", i, kept_path)
         else:
+            grow_started = time.time()
             samples, totals, parts, rows, complete = grow(cfg, model_path, i, time_left)
+            grow_started = None
             if not complete:
                 summary["stopped_by_budget"] = True
                 log.info("wall-clock budget of %.0f s spent while sampling round %d; round dropped",
@@ -238,6 +255,7 @@ def run(cfg: C.TrainConfig) -> dict:
                   "prompts_with_kept": len({s["key"] for s in kept}), "reward": _mean(totals),
                   **{f"reward/{k}": _mean(v) for k, v in parts.items()},
                   "kept_reward": _mean([s["reward"] for s in kept]), "grow_seconds": time.time() - t0}
+            budget_used += st["grow_seconds"]
             if main:
                 write_manifest(rdir / "samples.jsonl",
                                [dict(s, reward=t, **{f"reward/{k}": v[j] for k, v in parts.items()})
@@ -270,10 +288,12 @@ def run(cfg: C.TrainConfig) -> dict:
                 summary["interrupted"] = True
                 break
             model_path = res["final_model"]
+            budget_used += res["train_seconds"]
             st.update(trained=True, sft_steps=res["steps"], sft_seconds=time.time() - t1,
                       sft_train_seconds=res["train_seconds"],
                       **{k: v for k, v in res.items() if k.startswith("dev/")})
         st["final_model"] = model_path
+        st["budget_seconds"] = st["grow_seconds"] + st.get("sft_train_seconds", 0.0)
         st["seconds"] = reused + time.time() - t0
         st["elapsed_seconds"] = prior + time.time() - t_start
         stats.append(st)

@@ -3,6 +3,8 @@
 #   log MSG...                    timestamped line tagged with the recipe's name
 #   record_time NAME SECONDS      stores a stage's seconds in ${exp}/stage_seconds.json
 #   summary_seconds FILE          train_seconds of a run's train_summary.json
+#   abspath PATH                  PATH made absolute against the caller's folder (caller_pwd, set
+#                                 by run.sh before it changes to the recipe folder)
 # Needs: recipe (name for the log) and exp (the experiment folder).
 ROOT="$(cd ../.. && pwd)"
 if [ -x "${ROOT}/.venv/bin/python" ]; then
@@ -15,10 +17,9 @@ export PYTHONPATH="${ROOT}${PYTHONPATH:+:${PYTHONPATH}}"
 export TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 
 log() { echo "$(date '+%Y-%m-%d %H:%M:%S') [${recipe}] $*"; }
-mkdir -p "${exp}"
-TIMES="${exp}/stage_seconds.json"
 record_time() {
-  "${PY}" - "$TIMES" "$1" "$2" <<'PY'
+  mkdir -p "${exp}"
+  "${PY}" - "${exp}/stage_seconds.json" "$1" "$2" <<'PY'
 import json, sys, os
 p, k, v = sys.argv[1], sys.argv[2], float(sys.argv[3])
 d = json.load(open(p)) if os.path.exists(p) else {}
@@ -26,4 +27,5 @@ d[k] = round(v, 1)
 json.dump(d, open(p, "w"), indent=2)
 PY
 }
+abspath() { case "$1" in ""|/*) echo "$1" ;; *) echo "${caller_pwd:-$PWD}/$1" ;; esac; }
 summary_seconds() { "${PY}" -c "import json,sys;print(json.load(open(sys.argv[1]))['train_seconds'])" "$1"; }

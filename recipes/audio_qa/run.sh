@@ -15,6 +15,7 @@
 # on the answers for GRPO's wall-clock. Stage 6: greedy decoding of the test set, accuracy by
 # category / task / difficulty, MMAU-format predictions, results.json, README table, plots.
 set -euo pipefail
+caller_pwd=$PWD
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 stage=0
@@ -34,36 +35,19 @@ smoke=false           # tiny corpus and few steps, for tests
 seed=0
 help_message="Usage: bash run.sh [--stage N] [--stop_stage N] [--corpus synthetic|mmau|mmsu] [--train_json F] [--test_json F] [--mmsu_dir D] [--budget S] [--lora true] [--backend torch|deepspeed] [--smoke true]"
 . tools/parse_options.sh
-ROOT="$(cd ../.. && pwd)"
-
-if [ -x "${ROOT}/.venv/bin/python" ]; then
-  PY="${ROOT}/.venv/bin/python"
-else
-  echo "The project's environment is missing: run 'bash run.sh setup' in ${ROOT} first." >&2
-  exit 1
-fi
-export PYTHONPATH="${ROOT}${PYTHONPATH:+:${PYTHONPATH}}"
-export TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
-
-log() { echo "$(date '+%Y-%m-%d %H:%M:%S') [audio_qa] $*"; }
+recipe=audio_qa
+. tools/recipe_common.sh   # PY, PYTHONPATH, log, record_time, summary_seconds, abspath
+# paths given on the command line are relative to where run.sh was called from
+train_json=$(abspath "${train_json}"); test_json=$(abspath "${test_json}"); mmsu_dir=$(abspath "${mmsu_dir}")
+[ "${data}" = data ] || data=$(abspath "${data}"); [ "${exp}" = exp ] || exp=$(abspath "${exp}")
 mkdir -p "${exp}"
-TIMES="${exp}/stage_seconds.json"
-record_time() {  # name seconds
-  "${PY}" - "$TIMES" "$1" "$2" <<'PY'
-import json, sys, os
-p, k, v = sys.argv[1], sys.argv[2], float(sys.argv[3])
-d = json.load(open(p)) if os.path.exists(p) else {}
-d[k] = round(v, 1)
-json.dump(d, open(p, "w"), indent=2)
-PY
-}
 train() {  # config [overrides...]
   local conf=$1; shift
   if [ "${backend}" = "deepspeed" ]; then set -- backend.name=deepspeed "$@"; fi
   if [ "${lora}" = "true" ]; then set -- "model.lora={r: 16, lora_alpha: 32, lora_dropout: 0.0}" "$@"; fi
   "${PY}" -m core.bin.train --config "${conf}" train.seed=${seed} train.resume=never "$@"
 }
-summary_seconds() { "${PY}" -c "import json;print(json.load(open('$1'))['train_seconds'])"; }
+fresh() { rm -rf "$@"; }   # a stage that runs again starts from nothing: no stale rounds, curves or models
 
 synth_args=(); base_over=(); teacher_over=()
 if [ "${smoke}" = "true" ]; then
@@ -72,7 +56,7 @@ if [ "${smoke}" = "true" ]; then
   budget=5; teacher_budget=5
 fi
 quick=(); [ "${smoke}" = "true" ] && quick=(train.eval_every=0 data.dev_max_samples=8)
-rule=mmau; [ "${corpus}" = "mmsu" ] && rule=mmsu
+rule=mmau; letters=(); [ "${corpus}" = "mmsu" ] && { rule=mmsu; letters=(--letters); }   # MMSU's scorer reads a letter
 
 if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
   t0=$(date +%s)
@@ -82,7 +66,7 @@ if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
       "${PY}" local/make_synthetic.py --out_dir "${data}" --seed ${seed} "${synth_args[@]}" ;;
     mmau|mmsu)
       [ -n "${train_json}" ] || { echo "--train_json (training questions in MMAU's JSON layout) is required for ${corpus}" >&2; exit 1; }
-      mkdir -p "${data}"
+      mkdir -p "${data}"; rm -f "${data}/stats.json"
       "${PY}" local/prepare_mmau.py --json "${train_json}" --out "${data}/train_all_raw.jsonl"
       if [ "${corpus}" = "mmau" ]; then
         [ -n "${test_json}" ] || { echo "--test_json is required for corpus mmau" >&2; exit 1; }
@@ -91,16 +75,26 @@ if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
         [ -n "${mmsu_dir}" ] || { echo "--mmsu_dir is required for corpus mmsu" >&2; exit 1; }
         "${PY}" local/prepare_mmsu.py --data "${mmsu_dir}" --out "${data}/test_raw.jsonl"
       fi
-      "${PY}" local/prompt.py "${data}/train_all_raw.jsonl" "${data}/train_all.jsonl"
-      "${PY}" local/prompt.py "${data}/test_raw.jsonl" "${data}/test.jsonl"
-      # dev: the last 200 training questions; the base's labelled warm-up set: the first 800
-      n=$(wc -l < "${data}/train_all.jsonl")
-      head -n $(( n > 400 ? n - 200 : n )) "${data}/train_all.jsonl" > "${data}/train.jsonl"
-      tail -n $(( n > 400 ? 200 : 0 )) "${data}/train_all.jsonl" > "${data}/dev.jsonl"
-      [ -s "${data}/dev.jsonl" ] || head -n 50 "${data}/train_all.jsonl" > "${data}/dev.jsonl"
-      head -n 800 "${data}/train.jsonl" > "${data}/base_sft.jsonl"
-      "${PY}" -c "import json,sys;[print(json.loads(l)[k]) for l in open('${data}/train_all.jsonl') for k in ('prompt','target')]" \
-        > "${data}/text_corpus.txt" ;;
+      "${PY}" local/prompt.py "${data}/train_all_raw.jsonl" "${data}/train_all.jsonl" "${letters[@]}"
+      "${PY}" local/prompt.py "${data}/test_raw.jsonl" "${data}/test.jsonl" "${letters[@]}"
+      # dev: the last min(200, n/5) training questions; the base's labelled warm-up: the first 800
+      "${PY}" - "${data}" "${train_json}" <<'PY'
+import json, sys
+data, src = sys.argv[1], sys.argv[2]
+rows = [json.loads(line) for line in open(f"{data}/train_all.jsonl", encoding="utf-8") if line.strip()]
+if any(not r.get("answer") for r in rows):
+    sys.exit(f"{src}: training questions need answers ({sum(not r.get('answer') for r in rows)} have none)")
+n_dev = min(200, len(rows) // 5)
+if n_dev < 1 or len(rows) - n_dev < 1:
+    sys.exit(f"{src}: {len(rows)} questions are too few to hold out a dev set")
+splits = {"train": rows[:-n_dev], "dev": rows[-n_dev:], "base_sft": rows[:-n_dev][:800]}
+for name, part in splits.items():
+    with open(f"{data}/{name}.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in part)
+with open(f"{data}/text_corpus.txt", "w", encoding="utf-8") as f:
+    f.writelines(f"{r['prompt']}\n{r['target']}\n" for r in rows)
+PY
+      ;;
     *) echo "unknown corpus '${corpus}'" >&2; exit 1 ;;
   esac
   record_time data $(( $(date +%s) - t0 ))
@@ -111,6 +105,7 @@ if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
   log "stage 1: tokenizer and models"
   "${PY}" local/build_models.py --conf conf/models.yaml --text "${data}/text_corpus.txt" --exp "${exp}" --seed ${seed}
   log "stage 1: SFT warm-up of the base policy"
+  fresh "${exp}/base_sft" "${exp}/teacher_sft"
   train conf/base_sft.yaml model.path=${exp}/student_init output_dir=${exp}/base_sft \
     data.train=${data}/base_sft.jsonl data.dev=${data}/dev.jsonl "${base_over[@]}" "${quick[@]}"
   log "stage 1: SFT warm-up of the teacher"
@@ -124,6 +119,7 @@ paths=(data.train=${data}/train.jsonl data.dev=${data}/dev.jsonl)
 if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
   t0=$(date +%s)
   log "stage 2: GRPO of the base policy, ${budget} s"
+  fresh "${exp}/grpo" "${exp}/teacher_grpo"
   train conf/grpo.yaml model.path=${exp}/base_sft/final output_dir=${exp}/grpo "${paths[@]}" \
     train.max_seconds=${budget} "${quick[@]}"
   record_time grpo $(( $(date +%s) - t0 ))
@@ -140,7 +136,8 @@ spent=${budget}
 
 if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
   t0=$(date +%s)
-  log "stage 3: ReST from the base, ${spent} s in all (sampling included)"
+  log "stage 3: ReST from the base, ${spent} s of sampling and training"
+  fresh "${exp}/rest"
   train conf/rest.yaml model.path=${exp}/base_sft/final output_dir=${exp}/rest "${paths[@]}" \
     train.max_seconds=${spent} "${quick[@]}"
   record_time rest $(( $(date +%s) - t0 ))
@@ -149,6 +146,7 @@ fi
 if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
   t0=$(date +%s)
   log "stage 4: OPD of the base from the GRPO-trained teacher, ${spent} s"
+  fresh "${exp}/opd"
   train conf/opd.yaml model.path=${exp}/base_sft/final teacher.path=${exp}/teacher_grpo/final \
     output_dir=${exp}/opd "${paths[@]}" train.max_seconds=${spent} "${quick[@]}"
   record_time opd $(( $(date +%s) - t0 ))
@@ -157,6 +155,7 @@ fi
 if [ ${stage} -le 5 ] && [ ${stop_stage} -ge 5 ] && [ "${baselines}" = "true" ]; then
   t0=$(date +%s)
   log "stage 5: baseline, plain SFT on the answers, ${spent} s"
+  fresh "${exp}/sft_answers"
   train conf/sft_answers.yaml model.path=${exp}/base_sft/final output_dir=${exp}/sft_answers "${paths[@]}" \
     train.max_seconds=${spent} "${quick[@]}"
   record_time sft_answers $(( $(date +%s) - t0 ))
@@ -166,6 +165,6 @@ if [ ${stage} -le 6 ] && [ ${stop_stage} -ge 6 ]; then
   t0=$(date +%s)
   log "stage 6: decode the test set and score (${rule} rule)"
   "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --rule ${rule} --readme README.md \
-    --corpus ${corpus} --budget ${budget} --smoke ${smoke}
+    --corpus ${corpus} --budget ${spent} --smoke ${smoke}
   record_time decode_score $(( $(date +%s) - t0 ))
 fi

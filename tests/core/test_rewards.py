@@ -254,3 +254,12 @@ def test_compute_rewards_format_plus_mcq():
                                    answer=["2"] * 4, choices=[["1", "2", "3"]] * 4, key=list("abcd"))
     assert parts == {"format": [1.0, 1.0, 0.0, 0.0], "mcq_accuracy": [1.0, 0.0, 1.0, 1.0]}
     assert total == pytest.approx([1.5, 0.5, 1.0, 1.0])
+
+
+def test_mcq_letter_mapping_leaves_letter_choices_alone():
+    # choices that are themselves letters: "B" is the choice "B", not choices[1]
+    f = get_reward("mcq_accuracy")
+    assert f(["<answer>B</answer>"], answer=["B"], choices=[["B", "A"]]) == [1.0]
+    assert f(["<answer>A</answer>"], answer=["B"], choices=[["B", "A"]]) == [0.0]
+    # otherwise a bare letter still names a choice by position
+    assert f(["<answer>B</answer>"], answer=["dog"], choices=[["cat", "dog"]]) == [1.0]

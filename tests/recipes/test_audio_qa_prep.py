@@ -293,3 +293,61 @@ def test_cli_help(script):
     res = subprocess.run([sys.executable, str(LOCAL / script), "--help"], capture_output=True, text=True,
                          cwd=ROOT, timeout=120)
     assert res.returncode == 0 and "--out" in res.stdout
+
+
+# ----------------------------------------------------------------------------- run.sh stage 0, real corpora
+
+def _mmau_train_json(tmp_path, n=10) -> Path:
+    """An MMAU-layout training JSON of ``n`` items over the fixture's clips, in another folder."""
+    items = json.loads((MMAU_FIXTURE / "mmau-test-mini.json").read_text())
+    d = tmp_path / "train_json"
+    shutil.copytree(MMAU_FIXTURE / "test-mini-audios", d / "test-mini-audios")
+    out = [dict(items[i % len(items)], id=f"train_{i}") for i in range(n)]
+    (d / "train.json").write_text(json.dumps(out))
+    return d / "train.json"
+
+
+def _stage0(args, cwd):
+    return subprocess.run(["bash", str(ROOT / "recipes/audio_qa/run.sh"), "--stage", "0", "--stop_stage", "0", *args],
+                          capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.mark.parametrize("corpus", ["mmau", "mmsu"])
+def test_run_sh_stage0_real_corpora(tmp_path, corpus):
+    train_json = _mmau_train_json(tmp_path)
+    args = ["--corpus", corpus, "--train_json", str(train_json.relative_to(tmp_path)), "--data", "qa_data",
+            "--exp", "qa_exp"]
+    if corpus == "mmau":
+        args += ["--test_json", str(MMAU_FIXTURE / "mmau-test-mini.json")]
+    else:
+        _to_parquet(_mmsu_records(), tmp_path / "MMSU" / "test.parquet")
+        args += ["--mmsu_dir", "MMSU"]
+    # relative paths are taken from the caller's folder, not the recipe's
+    proc = _stage0(args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    data = tmp_path / "qa_data"
+    rows = {n: read_manifest(data / f"{n}.jsonl") for n in ("train", "dev", "test", "base_sft")}
+    assert len(rows["train"]) == 8 and len(rows["dev"]) == 2 and len(rows["base_sft"]) == 8
+    for name, rs in rows.items():
+        for r in rs:
+            assert r["prompt"].startswith(r["question"]) and "target" in r, name
+            assert Path(r["audio"]).is_file(), (name, r["audio"])  # audio paths still resolve
+    lines = (data / "text_corpus.txt").read_text().splitlines()
+    assert sum(line.startswith("<think>") for line in lines) == 10  # every training target
+    if corpus == "mmsu":  # MMSU's scorer reads a letter: lettered choices, letter answers
+        r = rows["test"][0]
+        assert "A. yes | B. no" in r["prompt"] and r["target"].endswith("<answer>A</answer>")
+    assert not (data / "stats.json").exists()
+
+
+def test_run_sh_stage0_refuses_training_questions_without_answers(tmp_path):
+    train_json = _mmau_train_json(tmp_path)
+    items = json.loads(train_json.read_text())
+    for it in items:
+        it.pop("answer")
+    train_json.write_text(json.dumps(items))
+    proc = _stage0(["--corpus", "mmau", "--train_json", str(train_json), "--test_json",
+                    str(MMAU_FIXTURE / "mmau-test-mini.json"), "--data", str(tmp_path / "data"),
+                    "--exp", str(tmp_path / "exp")], cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "need answers" in proc.stderr and str(train_json) in proc.stderr

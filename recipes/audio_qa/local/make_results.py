@@ -40,6 +40,8 @@ def load_json(p: Path):
 
 
 def decode_and_score(name: str, model_dir: Path, test: Path, exp: Path, rule: str, max_new_tokens: int) -> dict:
+    """Decode ``test`` with ``model_dir``, write the MMAU-format predictions, then score them
+    (only the predictions when the test set's answers are withheld)."""
     from core.bin.decode import decode
     from core.data.manifest import read_manifest
     from score import mmau_items, read_hyps, score
@@ -49,9 +51,12 @@ def decode_and_score(name: str, model_dir: Path, test: Path, exp: Path, rule: st
     info = decode(str(model_dir), str(test), str(out / "hyp.jsonl"), prompt="{prompt}", max_new_tokens=max_new_tokens)
     rows = read_manifest(test, check_media=False)
     hyps = read_hyps(out / "hyp.jsonl")
-    res = score(rows, hyps, rule=rule)
-    (out / "score.json").write_text(json.dumps(res, indent=2, ensure_ascii=False))
     (out / "mmau_predictions.json").write_text(json.dumps(mmau_items(rows, hyps), indent=1, ensure_ascii=False))
+    if any(not r.get("answer") for r in rows):
+        res = {"acc": None, "n": len(rows), "note": "answers withheld: submit mmau_predictions.json"}
+    else:
+        res = score(rows, hyps, rule=rule)
+        (out / "score.json").write_text(json.dumps(res, indent=2, ensure_ascii=False))
     res["decode_seconds"] = round(time.time() - t0, 2)
     res["empty_outputs"] = info["empty"]
     res["model"] = str(model_dir)
@@ -114,13 +119,19 @@ def main(argv=None) -> int:
     results: dict = {k: run(k, d) for k, (d, _) in SYSTEMS.items()}
     results["baselines"] = {k: r for k, (d, _) in BASELINES.items() if (r := run(k, d))}
     results.update({k: run(k, d) for k, (d, _) in TEACHERS.items()})
+    if results["base"]["acc"] is None:  # a test split without answers: predictions only
+        (exp / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
+        print(f"{test} has no answers: wrote exp/decode/<system>/mmau_predictions.json for the official scorer")
+        return 0
     base = results["base"]["acc"]
     results["delta_vs_base"] = {k: round(results[k]["acc"] - base, 4) for k in ("grpo", "rest", "opd") if results.get(k)}
     results["delta_vs_base"].update({k: round(v["acc"] - base, 4) for k, v in results["baselines"].items()})
     dirs = [d for d, _ in list(SYSTEMS.values()) + list(BASELINES.values()) + list(TEACHERS.values())]
     training = {d: load_json(exp / d / "train_summary.json") for d in dirs if (exp / d / "train_summary.json").is_file()}
-    if (exp / "rest" / "rest_summary.json").is_file():
-        training["rest_rounds"] = load_json(exp / "rest" / "rest_summary.json")
+    rest = load_json(exp / "rest" / "rest_summary.json")
+    if rest:  # ReST: sampling + SFT steps of every round
+        training["rest"] = {"train_seconds": rest.get("budget_seconds", rest.get("seconds")),
+                            "steps": sum(r.get("sft_steps", 0) for r in rest["rounds"]), "rounds": rest["rounds"]}
     results["training"] = training
     results["settings"] = {"corpus": args.corpus, "rule": args.rule, "budget_seconds": args.budget,
                            "smoke": args.smoke == "true", "decoding": "greedy",
@@ -134,7 +145,7 @@ def main(argv=None) -> int:
     print(summary)
     if args.readme and args.smoke != "true":
         update_readme(Path(args.readme), summary + f"\n\n(measured by `run.sh` on {time.strftime('%Y-%m-%d')}, "
-                                                   f"corpus {args.corpus}, {args.budget} s per method, greedy decoding)")
+                                                   f"corpus {args.corpus}, {args.budget} s of training per method, greedy decoding)")
     try:
         from tools.plot_metrics import plot
         runs = [(d, exp / d / "metrics.jsonl") for d in ("grpo", "teacher_grpo", "opd", "sft_answers", "rest")]

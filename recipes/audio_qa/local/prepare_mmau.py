@@ -32,32 +32,17 @@ the headers), and prompts (``local/prompt.py`` adds them).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from pathlib import Path
 
-try:
-    from core.data.manifest import write_manifest
-except ImportError:  # run from a checkout without the package installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-    from core.data.manifest import write_manifest
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from prep_common import (PrepError, add_bad, add_bad_args, make_parser, nonempty_str,  # noqa: E402
+                         run_cli, skipped_note, write_outputs)
 
 MAPPED = ("id", "audio_id", "question", "choices", "answer", "category", "sub-category",
           "difficulty", "dataset", "task", "split")
-
-
-class PrepError(ValueError):
-    """Problems of a corpus copy; the message lists all of them, ``.problems`` holds them."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        super().__init__(f"{len(problems)} problem(s):\n" + "\n".join(problems))
-
-
-def _nonempty_str(v) -> bool:
-    return isinstance(v, str) and bool(v.strip())
 
 
 def load_items(json_path: str | os.PathLike) -> list:
@@ -88,21 +73,21 @@ def convert_item(item, audio_base: str, with_answer: bool) -> tuple[dict | None,
         return None, [("item", f"expected a JSON object, got {type(item).__name__}")]
     errs = []
     for name in ("id", "audio_id", "question"):
-        if not _nonempty_str(item.get(name)):
+        if not nonempty_str(item.get(name)):
             errs.append((name, "missing" if item.get(name) is None else f"must be a non-empty string, "
                                                                         f"got {item.get(name)!r}"))
     choices, answer = item.get("choices"), item.get("answer")
-    if not (isinstance(choices, list) and len(choices) >= 2 and all(_nonempty_str(c) for c in choices)):
+    if not (isinstance(choices, list) and len(choices) >= 2 and all(nonempty_str(c) for c in choices)):
         errs.append(("choices", "missing" if choices is None else
                      f"must be a list of >= 2 non-empty strings, got {choices!r}"))
     elif with_answer:
-        if not _nonempty_str(answer):
+        if not nonempty_str(answer):
             errs.append(("answer", "missing" if answer is None else f"must be a non-empty string, "
                                                                     f"got {answer!r}"))
         elif answer not in choices:
             errs.append(("answer", f"{answer!r} is not one of the choices {choices!r}"))
     audio = None
-    if _nonempty_str(item.get("audio_id")):
+    if nonempty_str(item.get("audio_id")):
         audio = os.path.normpath(os.path.join(audio_base, os.path.expanduser(item["audio_id"])))
         if not os.path.isfile(audio):
             errs.append(("audio_id", f"no such audio file {audio}"))
@@ -136,56 +121,41 @@ def prepare(json_path: str | os.PathLike, out: str | os.PathLike, *, audio_dir: 
     if not items:
         raise PrepError([f"{json_path}: no items"])
     audio_base = os.path.abspath(audio_dir or os.path.dirname(os.path.abspath(json_path)))
-    with_answer = any(isinstance(it, dict) and _nonempty_str(it.get("answer")) for it in items)
+    with_answer = any(isinstance(it, dict) and nonempty_str(it.get("answer")) for it in items)
     rows, problems, bad, seen = [], [], [], {}
     for i, item in enumerate(items):
         row, errs = convert_item(item, audio_base, with_answer)
         ident = item.get("id") if isinstance(item, dict) else None
-        if _nonempty_str(ident):
+        if nonempty_str(ident):
             if ident in seen:
                 row, errs = None, errs + [("id", f"duplicate id (first at item {seen[ident]})")]
             seen.setdefault(ident, i)
         if errs:
-            problems += [f"{json_path}: item {i} (id {ident}): {f}: {m}" for f, m in errs]
-            bad.append({"index": i, "id": ident, "reasons": [f"{f}: {m}" for f, m in errs], "item": item})
+            add_bad(problems, bad, json_path, i, ident, errs, item)
         else:
             rows.append(row)
-    if problems and not skip_bad:
-        raise PrepError(problems)
-    bad_file = None
-    if bad:
-        bad_file = bad_out or out + ".bad.jsonl"
-        write_manifest(bad_file, bad)
-    if not rows:
-        raise PrepError(problems + [f"{json_path}: no valid item left"])
-    write_manifest(out, rows)
+    bad_file = write_outputs(out, rows, problems, bad, skip_bad=skip_bad, bad_out=bad_out,
+                             none_left=f"{json_path}: no valid item left")
     return {"manifest": out, "rows": len(rows), "bad": len(bad), "bad_file": bad_file,
             "answers": with_answer}
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = make_parser(__doc__)
     ap.add_argument("--json", required=True, help="MMAU JSON list, e.g. DIR/mmau-test-mini.json")
     ap.add_argument("--out", required=True, help="output manifest (JSONL), e.g. data/mmau_test.jsonl")
     ap.add_argument("--audio_dir", help="folder that audio_id paths are relative to (default: the JSON's folder)")
-    ap.add_argument("--skip_bad", action="store_true",
-                    help="write bad items with reasons to a side file instead of failing")
-    ap.add_argument("--bad_out", help="side file for --skip_bad (default: <out>.bad.jsonl)")
+    add_bad_args(ap, "items")
     args = ap.parse_args(argv)
-    try:
-        st = prepare(args.json, args.out, audio_dir=args.audio_dir, skip_bad=args.skip_bad,
-                     bad_out=args.bad_out)
-    except PrepError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    line = f"mmau: {st['rows']} rows -> {st['manifest']}"
-    if st["bad"]:
-        line += f" | skipped {st['bad']} bad item(s), listed with reasons in {st['bad_file']}"
-    if not st["answers"]:
-        line += " | no answers in this split (rows marked answer_missing)"
-    print(line)
-    return 0
+
+    def summary(st: dict) -> str:
+        line = f"mmau: {st['rows']} rows -> {st['manifest']}" + skipped_note(st, "item")
+        if not st["answers"]:
+            line += " | no answers in this split (rows marked answer_missing)"
+        return line
+
+    return run_cli(lambda: prepare(args.json, args.out, audio_dir=args.audio_dir,
+                                   skip_bad=args.skip_bad, bad_out=args.bad_out), summary)
 
 
 if __name__ == "__main__":

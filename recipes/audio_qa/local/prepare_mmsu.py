@@ -33,7 +33,6 @@ Left out: downloading from the hub, resampling (the loader resamples at read tim
 """
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import re
@@ -44,26 +43,12 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-try:
-    from core.data.manifest import write_manifest
-except ImportError:  # run from a checkout without the package installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-    from core.data.manifest import write_manifest
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from prep_common import (PrepError, add_bad, add_bad_args, make_parser, nonempty_str,  # noqa: E402
+                         run_cli, skipped_note, write_outputs)
 
 CHOICES = ("choice_a", "choice_b", "choice_c", "choice_d")
 MAPPED = ("id", "audio", "question", *CHOICES, "answer_gt", "category", "sub-category")
-
-
-class PrepError(ValueError):
-    """Problems of a corpus copy; the message lists all of them, ``.problems`` holds them."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        super().__init__(f"{len(problems)} problem(s):\n" + "\n".join(problems))
-
-
-def _nonempty_str(v) -> bool:
-    return isinstance(v, str) and bool(v.strip())
 
 
 # ----------------------------------------------------------------------------- loading
@@ -129,7 +114,7 @@ def _audio(audio, base: str) -> tuple[str | None, tuple | None, str | None]:
                 return None, None, f"array without a valid sampling_rate (got {sr!r})"
             return (None, (x, sr), None) if x.size else (None, None, "empty audio array")
         audio = audio.get("path")
-    if not _nonempty_str(audio):
+    if not nonempty_str(audio):
         return None, None, "missing (no path, bytes or array)"
     path = os.path.normpath(os.path.join(base, os.path.expanduser(audio)))
     return (path, None, None) if os.path.isfile(path) else (None, None, f"no such audio file {path}")
@@ -141,20 +126,20 @@ def convert_record(rec: dict, base: str) -> tuple[dict | None, tuple | None, lis
     key = rec.get("id")
     if isinstance(key, int) and not isinstance(key, bool):
         key = str(key)
-    if not _nonempty_str(key):
+    if not nonempty_str(key):
         errs.append(("id", "missing" if key is None else f"must be a non-empty string, got {key!r}"))
-    if not _nonempty_str(rec.get("question")):
+    if not nonempty_str(rec.get("question")):
         errs.append(("question", "missing or empty"))
     raw = [rec.get(c) for c in CHOICES]
-    n = max((i + 1 for i, c in enumerate(raw) if _nonempty_str(c)), default=0)
-    gaps = [CHOICES[i] for i in range(n) if not _nonempty_str(raw[i])]
+    n = max((i + 1 for i, c in enumerate(raw) if nonempty_str(c)), default=0)
+    gaps = [CHOICES[i] for i in range(n) if not nonempty_str(raw[i])]
     choices = raw[:n]
     if gaps:
         errs.append((gaps[0], f"empty while a later choice is set ({[c for c in raw]!r})"))
     elif n < 2:
         errs.append(("choice_b", f"needs at least choice_a and choice_b, got {raw!r}"))
     answer = rec.get("answer_gt")
-    if not _nonempty_str(answer):
+    if not nonempty_str(answer):
         errs.append(("answer_gt", "missing or empty"))
     elif not gaps and n >= 2 and answer not in choices:
         errs.append(("answer_gt", f"{answer!r} is not one of the choices {choices!r}"))
@@ -202,9 +187,7 @@ def prepare(data: str | os.PathLike, out: str | os.PathLike, *, split: str | Non
                 row, errs = None, errs + [("id", f"duplicate id (first at item {seen[ident]})")]
             seen.setdefault(ident, i)
             if errs:
-                problems += [f"{data}: item {i} (id {rec.get('id')}): {f}: {m}" for f, m in errs]
-                bad.append({"index": i, "id": rec.get("id"), "reasons": [f"{f}: {m}" for f, m in errs],
-                            "item": _printable(rec)})
+                add_bad(problems, bad, data, i, rec.get("id"), errs, _printable(rec))
                 continue
             if wav is not None and not (problems and not skip_bad):  # the run fails: stop writing
                 name = re.sub(r"[^\w.-]", "_", row["key"])
@@ -219,42 +202,30 @@ def prepare(data: str | os.PathLike, out: str | os.PathLike, *, split: str | Non
     if problems and not skip_bad:
         for path in written:  # a failing run leaves no audio behind
             os.unlink(path)
-        raise PrepError(problems)
-    bad_file = None
-    if bad:
-        bad_file = bad_out or out + ".bad.jsonl"
-        write_manifest(bad_file, bad)
-    if not rows:
-        raise PrepError(problems + [f"{data}: no valid record left"])
-    write_manifest(out, rows)
+    bad_file = write_outputs(out, rows, problems, bad, skip_bad=skip_bad, bad_out=bad_out,
+                             none_left=f"{data}: no valid record left")
     return {"manifest": out, "rows": len(rows), "bad": len(bad), "bad_file": bad_file,
             "written_audio": len(written)}
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = make_parser(__doc__)
     ap.add_argument("--data", required=True,
                     help="local MMSU copy: a save_to_disk folder, a folder of parquet/jsonl/json files, or a file")
     ap.add_argument("--out", required=True, help="output manifest (JSONL), e.g. data/mmsu_test.jsonl")
     ap.add_argument("--split", help="split of a saved DatasetDict (default: its only split)")
     ap.add_argument("--audio_dir", help="folder that relative audio paths resolve against (default: --data's folder)")
     ap.add_argument("--audio_out", help="where decoded audio is written as wav (default: <out folder>/<out stem>_audio)")
-    ap.add_argument("--skip_bad", action="store_true",
-                    help="write bad records with reasons to a side file instead of failing")
-    ap.add_argument("--bad_out", help="side file for --skip_bad (default: <out>.bad.jsonl)")
+    add_bad_args(ap, "records")
     args = ap.parse_args(argv)
-    try:
-        st = prepare(args.data, args.out, split=args.split, audio_dir=args.audio_dir,
-                     audio_out=args.audio_out, skip_bad=args.skip_bad, bad_out=args.bad_out)
-    except PrepError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    line = f"mmsu: {st['rows']} rows -> {st['manifest']} ({st['written_audio']} wav files written)"
-    if st["bad"]:
-        line += f" | skipped {st['bad']} bad record(s), listed with reasons in {st['bad_file']}"
-    print(line)
-    return 0
+
+    def summary(st: dict) -> str:
+        return (f"mmsu: {st['rows']} rows -> {st['manifest']} ({st['written_audio']} wav files written)"
+                + skipped_note(st, "record"))
+
+    return run_cli(lambda: prepare(args.data, args.out, split=args.split, audio_dir=args.audio_dir,
+                                   audio_out=args.audio_out, skip_bad=args.skip_bad,
+                                   bad_out=args.bad_out), summary)
 
 
 if __name__ == "__main__":

@@ -1,48 +1,65 @@
 """How the audio_qa recipe asks a question and what a reference answer looks like.
 
-``render_prompt(row)``: the question, its choices (in the row's order) and the output format;
-``render_target(row)``: ``<think>{reasoning}</think><answer>{answer}</answer>``, where the
-reasoning is the row's ``description`` (what is heard) when it has one. ``add_prompts`` fills the
-``prompt`` and ``target`` fields of manifest rows; ``python local/prompt.py in.jsonl out.jsonl``
-does it for a whole manifest (used for real corpora after their prep).
+``render_prompt(row, letters=False)``: the question, its choices (in the row's order; with
+``letters`` as "A. x | B. y") and the output format; ``render_target(row, letters=False)``:
+``<think>{reasoning}</think><answer>{answer}</answer>``, where the reasoning is the row's
+``description`` (what is heard) when it has one and the answer is the choice's text, or its
+letter with ``letters`` (MMSU's scorer reads a letter). ``add_prompts`` fills the ``prompt`` and
+``target`` fields of manifest rows.
+
+``python local/prompt.py IN.jsonl OUT.jsonl [--letters]`` does it for a whole manifest (real
+corpora after their prep); relative audio paths are rewritten to stay valid from OUT's folder.
 """
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import sys
 
 INSTRUCTION = "Think first, then answer as <think>...</think><answer>...</answer>."
 DESCRIBE = "Describe the audio."
+LETTERS = "ABCDEFGHIJ"
 
 
-def render_prompt(row: dict) -> str:
-    choices = " | ".join(str(c) for c in row["choices"])
-    return f"{row['question']}\nChoices: {choices}\n{INSTRUCTION}"
+def render_prompt(row: dict, letters: bool = False) -> str:
+    ch = [f"{LETTERS[i]}. {c}" if letters else str(c) for i, c in enumerate(row["choices"])]
+    return f"{row['question']}\nChoices: {' | '.join(ch)}\n{INSTRUCTION}"
 
 
-def render_target(row: dict) -> str:
-    return f"<think>{row.get('description') or 'I listen to the audio.'}</think><answer>{row['answer']}</answer>"
+def render_target(row: dict, letters: bool = False) -> str:
+    answer = row["answer"]
+    if letters:
+        answer = LETTERS[[str(c) for c in row["choices"]].index(str(answer))]
+    return f"<think>{row.get('description') or 'I listen to the audio.'}</think><answer>{answer}</answer>"
 
 
-def add_prompts(rows: list[dict]) -> list[dict]:
+def add_prompts(rows: list[dict], letters: bool = False) -> list[dict]:
     out = []
     for r in rows:
-        r = dict(r, prompt=render_prompt(r))
+        r = dict(r, prompt=render_prompt(r, letters))
         if r.get("answer") is not None:
-            r["target"] = render_target(r)
+            r["target"] = render_target(r, letters)
         out.append(r)
     return out
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2 or argv[0] in ("-h", "--help"):
-        print("usage: python local/prompt.py IN.jsonl OUT.jsonl  (adds 'prompt' and 'target' fields)")
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    with open(argv[0], encoding="utf-8") as f:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("inp", help="manifest from a prep script (JSONL)")
+    ap.add_argument("out", help="the same rows with 'prompt' and 'target'")
+    ap.add_argument("--letters", action="store_true", help="label the choices A, B, ... and answer with the letter")
+    args = ap.parse_args(argv)
+    src, dst = os.path.dirname(os.path.abspath(args.inp)), os.path.dirname(os.path.abspath(args.out))
+    with open(args.inp, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    with open(argv[1], "w", encoding="utf-8") as f:
-        for r in add_prompts(rows):
+    for r in rows:
+        a = r.get("audio")
+        if isinstance(a, str) and a and not os.path.isabs(a):
+            r["audio"] = os.path.relpath(os.path.join(src, a), dst)
+    os.makedirs(dst, exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+        for r in add_prompts(rows, args.letters):
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     return 0
 
