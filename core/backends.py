@@ -93,11 +93,12 @@ class TorchEngine:
             if _is_peft(self.module):  # the adapters only; the frozen base comes from model.path
                 keep = _trainable_names(self.module)
                 sd = {k: v for k, v in sd.items() if k in keep}
-            torch.save({"model": sd, "optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict()}, Path(d) / "engine.pt")
+            from core.utils.checkpoint import write_torch
+            write_torch({"model": sd, "optimizer": self.optimizer.state_dict(),
+                         "scheduler": self.scheduler.state_dict()}, Path(d) / "engine.pt")
 
     def load_state(self, d: Path) -> None:
-        s = torch.load(Path(d) / "engine.pt", weights_only=False, map_location="cpu")
+        s = torch.load(Path(d) / "engine.pt", weights_only=True, map_location="cpu")
         if _is_peft(self.module):
             res = self.module.load_state_dict(s["model"], strict=False)
             lacking = _trainable_names(self.module) - set(s["model"])

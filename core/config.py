@@ -10,6 +10,7 @@ recipe's own YAML read by its ``local/`` scripts).
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -275,6 +276,18 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         bad("backend.name", "torch | deepspeed")
     if cfg.backend.name == "deepspeed" and not cfg.backend.ds_config:
         bad("backend.ds_config", "required with backend deepspeed")
+    if cfg.backend.name == "deepspeed":
+        ds = Path(cfg.backend.ds_config)
+        if not ds.is_file():
+            bad("backend.ds_config", f"{ds}: no such file")
+        try:
+            ds_cfg = json.loads(ds.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            bad("backend.ds_config", f"{ds}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})")
+        except (OSError, UnicodeDecodeError) as e:
+            bad("backend.ds_config", f"{ds}: cannot be read ({e})")
+        if not isinstance(ds_cfg, dict):
+            bad("backend.ds_config", f"{ds}: must hold a JSON object, got {type(ds_cfg).__name__}")
     if cfg.rollout.n < 1:
         bad("rollout.n", "must be >= 1")
     if cfg.train.batch_size < 1:

@@ -159,12 +159,14 @@ class RemoteTeacher:
         self.timeout, self.max_retries, self.backoff = float(timeout), int(max_retries), float(backoff)
         self.concurrency, self.top_k_cap = int(concurrency), int(top_k_cap)
         self.audio_subtype = audio_subtype
-        self.stats = {"requests": 0, "retries": 0, "unscored": 0}
+        # requests sent, retries, requests that needed a retry, requests that failed for good, unscored samples
+        self.stats = {"requests": 0, "retries": 0, "retried": 0, "failed": 0, "unscored": 0}
         self._client = httpx.Client(timeout=httpx.Timeout(self.timeout),
                                     limits=httpx.Limits(max_connections=self.concurrency,
                                                         max_keepalive_connections=self.concurrency))
         self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="remote-teacher")
         self._lock = threading.Lock()
+        self._jitter = random.Random()
         self._capped_warned = False
         self.model = model or None
         self._verify_decoding = False
@@ -223,15 +225,18 @@ class RemoteTeacher:
                                               + hint.get(r.status_code, ""))
             if attempt < self.max_retries:
                 delay = min(self.backoff * (2 ** attempt), 30.0)
-                delay += random.uniform(0, 0.1 * delay)
+                delay += self._jitter.uniform(0, 0.1 * delay)  # its own generator: the run's RNG states stay put
                 with self._lock:
                     self.stats["retries"] += 1
+                    self.stats["retried"] += attempt == 0
                 log.warning("teacher at %s: %s; retry %d/%d in %.2f s", url, last, attempt + 1,
                                  self.max_retries, delay)
                 if stop is not None:
                     stop.wait(delay)
                 else:
                     time.sleep(delay)
+        with self._lock:
+            self.stats["failed"] += 1
         raise TeacherUnavailable(
             f"teacher at {url} failed after {self.max_retries + 1} attempt(s): {last}. Is the server running "
             f"(python -m core.bin.serve_teacher, or vllm serve) and is teacher.url right? Retries and the "

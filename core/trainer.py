@@ -38,7 +38,7 @@ from core.methods import METHODS, Context, Experience
 from core.models import apply_lora, check_vocab_match, is_peft_model, load_model_and_processor, special_token_ids
 from core.rewards import compute_rewards
 from core.rollout import completion_logits, generate_completions, token_logp
-from core.teacher import LocalTeacher
+from core.teacher import LocalTeacher, TeacherRequestError, TeacherUnavailable
 from core.utils import checkpoint as ckpt
 from core.utils import dist
 from core.utils.logging import MetricsLogger, setup_console
@@ -118,13 +118,22 @@ def _load_teacher(cfg: C.TrainConfig, processor, model):
         return RemoteTeacher(t.url, processor, collator=collator, api_key=t.api_key or None, model=t.model or None,
                              timeout=t.timeout, max_retries=t.max_retries, backoff=t.retry_backoff,
                              concurrency=t.concurrency, top_k_cap=t.top_k_cap, student_model=model)
-    tm, tp = load_model_and_processor(t.path, dtype=t.dtype, trust_remote_code=cfg.model.trust_remote_code)
-    check_vocab_match(processor, tp, student_model=model, teacher_model=tm)
+    try:
+        tm, tp = load_model_and_processor(t.path, dtype=t.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    except FileNotFoundError as e:
+        raise C.ConfigError(f"config key 'teacher.path': {e}") from None
+    try:
+        check_vocab_match(processor, tp, student_model=model, teacher_model=tm)
+    except ValueError as e:
+        raise C.ConfigError(f"config keys 'teacher.path' ({t.path}) and 'model.path' ({cfg.model.path}): {e}") from None
     return LocalTeacher(tm, tp)
 
 
-def _read_rows(path: str, cfg: C.TrainConfig, require=(), require_media: bool = True):
-    return read_manifest(path, require=tuple(require), skip_bad=cfg.data.skip_bad, require_media=require_media)
+def _read_rows(path: str, cfg: C.TrainConfig, require=(), require_media: bool = True, key: str = "data.train"):
+    try:
+        return read_manifest(path, require=tuple(require), skip_bad=cfg.data.skip_bad, require_media=require_media)
+    except FileNotFoundError as e:
+        raise C.ConfigError(f"config key '{key}': {e}") from None
 
 
 def model_kwargs(m: C.ModelConfig) -> dict:
@@ -208,12 +217,12 @@ class Trainer:
         use_ds = cfg.backend.name == "deepspeed"
         dist.init(cfg.backend.dist_backend, use_deepspeed=use_ds)
         self.rank, self.world = dist.rank(), dist.world_size()
-        self.out = Path(cfg.output_dir)
-        if dist.is_main():
-            self.out.mkdir(parents=True, exist_ok=True)
-            C.dump_config(cfg, self.out / "config.yaml")
+        self.out = Path(cfg.output_dir)  # written only once every input has been checked
         seed_all(cfg.train.seed)
-        model, processor = load_model_and_processor(cfg.model.path, **model_kwargs(cfg.model))
+        try:
+            model, processor = load_model_and_processor(cfg.model.path, **model_kwargs(cfg.model))
+        except FileNotFoundError as e:
+            raise C.ConfigError(f"config key 'model.path': {e}") from None
         if cfg.model.lora:
             model = apply_lora(model, cfg.model.lora, kbit=cfg.model.load_in_4bit)
         self.processor = processor
@@ -238,7 +247,7 @@ class Trainer:
         require = (cfg.data.target_field,) if cfg.method == "sft" else ()
         media = self.modality == "audio"
         self.rows = _read_rows(cfg.data.train, cfg, require, media) if cfg.data.train else []
-        self.dev_rows = (_read_rows(cfg.data.dev, cfg, require_media=media)[: cfg.data.dev_max_samples]
+        self.dev_rows = (_read_rows(cfg.data.dev, cfg, require_media=media, key="data.dev")[: cfg.data.dev_max_samples]
                          if cfg.data.dev else [])
         self.model = model
         self.teacher, self.ref = teacher, ref
@@ -250,7 +259,13 @@ class Trainer:
                            collator=self.collator, cfg=cfg, teacher=teacher, ref_model=ref,
                            suppress_ids=special_token_ids(processor), eos_ids=[self.tokenizer.eos_token_id],
                            synced_gpus=bool(self.engine and self.engine.zero3 and self.world > 1))
+        if dist.is_main():
+            self.out.mkdir(parents=True, exist_ok=True)
+            C.dump_config(cfg, self.out / "config.yaml")
+        if cfg.train.resume == "never" and dist.is_main():  # a fresh run: no curves of an earlier one
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)
         self.logger = MetricsLogger(self.out, enabled=dist.is_main())
+        self._saved_step = None  # step of the checkpoint last written or resumed from in this output_dir
 
     def _build_engine(self):
         cfg, o = self.cfg, self.cfg.optim
@@ -371,6 +386,10 @@ class Trainer:
             skipped_total = st.get("skipped_steps", 0)
             order.load(st["data"])
             ckpt.set_rng_state(st["rng"])
+            if Path(resume_from).parent == ckdir:
+                self._saved_step = step
+            # rows of steps after the checkpoint are redone: drop them (and a line cut by a kill)
+            self.logger.truncate_after(step)
             log.info("resumed from %s at step %d", resume_from, step)
         global_k = tc.batch_size * accum * self.world
         # a wall-clock budget shows as seconds spent of the budget, otherwise steps of max_steps
@@ -388,23 +407,31 @@ class Trainer:
                 log.info("wall-clock budget of %.0f s reached at step %d", tc.max_seconds, step)
                 break
             t0 = time.time()
+            before = (order.state(), ckpt.rng_state(), dict(getattr(self.teacher, "stats", None) or {}))
             idx = order.next_global(global_k)
             self.ctx.forward_model.train()
             t_exp = time.time()
-            exps = [method.experience(self.ctx, self._micro_rows(idx, mi), step_seed(tc.seed, step, mi, self.rank))
-                    for mi in range(accum)]
+            try:
+                exps = [method.experience(self.ctx, self._micro_rows(idx, mi), step_seed(tc.seed, step, mi, self.rank))
+                        for mi in range(accum)]
+            except (TeacherUnavailable, TeacherRequestError) as e:
+                self._teacher_failed(e, ckdir, step, before, train_seconds, skipped_total, len(idx))
             t_exp = time.time() - t_exp
             metrics: dict = {}
             for e in exps:
                 for k, v in e.metrics.items():
                     metrics[k] = metrics.get(k, 0.0) + v / len(exps)
             loss_sum, n_loss, step_info, bad = 0.0, 0, {}, False
-            for ep in range(epochs):
+            # a step whose loss mask is empty everywhere (a teacher that scored no sample) has no signal:
+            # skipped and counted like a non-finite one, never trained on as a silent zero loss
+            unscored = dist.mean_across(float(bool(exps) and all(
+                e.tensors.get("mask") is not None and float(e.tensors["mask"].sum()) == 0 for e in exps))) == 1.0
+            for ep in range(epochs if not unscored else 0):
                 for mb in range(minibatches):
                     for e in exps:
                         sub = _minibatch(e, mb, minibatches)
                         loss, lm = method.loss(self.ctx, sub)
-                        if not torch.isfinite(loss):
+                        if dist.mean_across(float(not torch.isfinite(loss))) > 0:  # every rank skips together
                             bad = True
                             break
                         self.engine.backward(loss)
@@ -424,17 +451,24 @@ class Trainer:
             step += 1
             dt = time.time() - t0
             train_seconds += dt
-            if bad:
+            if bad or unscored:
                 bad_in_a_row += 1
                 skipped_total += 1
-                log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", step, bad_in_a_row)
+                why = ("the teacher scored none of its samples" if unscored else "non-finite loss or gradient")
+                log.warning("step %d: %s, step skipped (%d in a row)", step, why, bad_in_a_row)
+                if bad_in_a_row >= tc.max_bad_steps and unscored:
+                    raise TrainingError(f"{bad_in_a_row} consecutive steps skipped, the last because the teacher "
+                                        f"scored none of its samples (limit train.max_bad_steps={tc.max_bad_steps}); "
+                                        "stopping. Check that teacher and student share the tokenizer and the chat "
+                                        "template (the log names the samples that could not be aligned).")
                 if bad_in_a_row >= tc.max_bad_steps:
                     raise TrainingError(f"{bad_in_a_row} consecutive non-finite steps (limit train.max_bad_steps="
                                         f"{tc.max_bad_steps}); stopping. Lower the learning rate or check the data.")
             else:
                 bad_in_a_row = 0
             ntok = sum(float(e.comp.mask.sum()) for e in exps)
-            metrics.update({"loss": loss_sum / max(n_loss, 1), "lr": self.engine.lr(),
+            metrics.update(_teacher_deltas(before[2], getattr(self.teacher, "stats", None)))
+            metrics.update({"loss": loss_sum / n_loss if n_loss else float("nan"), "lr": self.engine.lr(),
                             "grad_norm": step_info.get("grad_norm", float("nan")), "skipped_steps": skipped_total,
                             "step_seconds": dt, "experience_seconds": t_exp, "tokens_per_s": ntok / max(dt, 1e-9),
                             "train_seconds": train_seconds, "epoch": order.epoch})
@@ -448,12 +482,12 @@ class Trainer:
                             **({"kl": f"{metrics['kl_sampled']:.3f}"} if "kl_sampled" in metrics else {}))
             bar.update(min(dt, max(0.0, bar.total - bar.n)) if by_time else 1)
             if tc.save_every and step % tc.save_every == 0:
-                self._save(ckdir, step, order, train_seconds, skipped_total)
+                self._save(ckdir, step, order.state(), train_seconds, skipped_total)
             if tc.stop_after_steps and step >= tc.stop_after_steps:
                 interrupted = True
                 break
         bar.close()
-        self._save(ckdir, step, order, train_seconds, skipped_total)
+        self._save(ckdir, step, order.state(), train_seconds, skipped_total)
         summary = {"method": cfg.method, "steps": step, "train_seconds": round(train_seconds, 2),
                    "skipped_steps": skipped_total, "interrupted": interrupted}
         if not interrupted:
@@ -467,14 +501,52 @@ class Trainer:
         self.logger.close()
         return summary
 
-    def _save(self, ckdir, step, order, train_seconds, skipped_total):
-        state = {"step": step, "data": order.state(), "rng": ckpt.rng_state(), "train_seconds": train_seconds,
-                 "skipped_steps": skipped_total, "config": C.to_dict(self.cfg)}
-        ckpt.save(ckdir, step, engine=self.engine, state=state, keep_last=self.cfg.train.keep_last)
+    def _save(self, ckdir, step, data_state, train_seconds, skipped_total, rng=None):
+        """Checkpoint ``step`` (skipped when this step's checkpoint is already there); refuses weights
+        that are not finite, so a checkpoint never holds NaN or inf."""
+        if step == self._saved_step:
+            return ckpt.latest_checkpoint(ckdir)
+        bad = [n for n, p in self.engine.module.named_parameters() if p.requires_grad and
+               not torch.isfinite(p.detach() if getattr(p, "ds_tensor", None) is None else p.ds_tensor).all()]
+        if dist.mean_across(float(len(bad))) > 0:
+            prev = ckpt.latest_checkpoint(ckdir)
+            raise TrainingError(f"step {step}: the weights hold NaN or inf ({', '.join(bad[:3]) or 'another rank'}"
+                                f"{' ...' if len(bad) > 3 else ''}); checkpoint step_{step} not written, "
+                                f"{prev if prev else 'no checkpoint'} stays the latest. Lower the learning rate "
+                                "or check the data.")
+        state = {"step": step, "data": data_state, "rng": rng if rng is not None else ckpt.rng_state(),
+                 "train_seconds": train_seconds, "skipped_steps": skipped_total, "config": C.to_dict(self.cfg)}
+        path = ckpt.save(ckdir, step, engine=self.engine, state=state, keep_last=self.cfg.train.keep_last)
+        self._saved_step = step
+        return path
+
+    def _teacher_failed(self, err, ckdir, step, before, train_seconds, skipped_total, prompts):
+        """The teacher failed for good during step ``step + 1``: checkpoint the state before that step,
+        record the failure in the metrics, and stop with an error saying how to continue."""
+        data_state, rng, stats0 = before
+        completions = prompts * self.cfg.rollout.n
+        path = self._save(ckdir, step, data_state, train_seconds, skipped_total, rng=rng) if step > 0 else None
+        row = {"event": "teacher_failure", **_teacher_deltas(stats0, getattr(self.teacher, "stats", None)),
+               "teacher/failed_samples": float(completions)}
+        self.logger.log(step + 1, row)
+        self.logger.close()
+        where = (f"checkpoint {path} holds the state before it" if path is not None
+                 else "no step was completed, so a rerun starts from the beginning")
+        raise TrainingError(f"step {step + 1}: the teacher failed: {err} -- the step's {prompts} prompt(s) "
+                            f"({completions} completion(s)) were not trained on; {where}. Fix the teacher and "
+                            f"rerun with train.resume: auto to continue from there (no sample is lost).") from err
 
 
 def _first(x):
     return x[0] if isinstance(x, list) else x
+
+
+def _teacher_deltas(before: dict, after: dict | None) -> dict:
+    """A remote teacher's counters over one step: retries, and requests (one per completion) retried."""
+    if not after:
+        return {}
+    return {"teacher/retries": float(after.get("retries", 0) - before.get("retries", 0)),
+            "teacher/retried_samples": float(after.get("retried", 0) - before.get("retried", 0))}
 
 
 def _minibatch(e: Experience, mb: int, n: int) -> Experience:

@@ -30,7 +30,9 @@ def main(argv=None) -> int:
                     help="how long the first queued request waits for others to batch with")
     ap.add_argument("--max-request-mb", type=float, default=64.0, help="largest request body (413 above it)")
     ap.add_argument("--max-new-tokens", type=int, default=128, help="transcription length limit")
-    ap.add_argument("--trust-remote-code", action="store_true")
+    ap.add_argument("--trust-remote-code", action="store_true", help="run custom modelling code from --model (off)")
+    ap.add_argument("--trust-request-chat-template", action="store_true",
+                    help="accept a 'chat_template' sent in a request (off: such requests get 400)")
     ap.add_argument("--log-level", default="info")
     args = ap.parse_args(argv)
 
@@ -43,7 +45,8 @@ def main(argv=None) -> int:
                      max_request_bytes=int(args.max_request_mb * (1 << 20)), max_batch=args.max_batch,
                      batch_wait_ms=args.batch_wait_ms, max_logprobs=args.max_logprobs,
                      served_model_name=args.served_model_name, dtype=args.dtype, device=args.device,
-                     trust_remote_code=args.trust_remote_code, max_new_tokens=args.max_new_tokens)
+                     trust_remote_code=args.trust_remote_code, max_new_tokens=args.max_new_tokens,
+                     trust_request_chat_template=args.trust_request_chat_template)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
     return 0
 

@@ -6,6 +6,11 @@ override it (``optim.lr=1e-4 train.max_steps=50``). ``--print-config-keys`` list
 Multi-process: ``torchrun --nproc_per_node 2 -m core.bin.train ...`` or the DeepSpeed launcher
 (``deepspeed --hostfile hostfile -m core.bin.train ...``). ``method: rest`` runs ``core.rest``
 (rounds of sampling, filtering by reward and SFT through the same trainer).
+
+Exit status: 0 done; 2 bad input found before training (config key, manifest ``file:line``, audio
+file, DeepSpeed JSON, vocabulary mismatch), with nothing written to ``output_dir``; 1 the run failed
+(non-finite steps, a checkpoint that cannot be written, a teacher that keeps failing), with the
+last checkpoint left for ``train.resume: auto``. Errors print as one ``error: ...`` line.
 """
 from __future__ import annotations
 
@@ -34,11 +39,21 @@ def main(argv=None) -> int:
         from core.rest import run
     else:
         from core.trainer import run
+    from core.data.audio import AudioError
+    from core.data.manifest import ManifestError
+    from core.teacher import TeacherRequestError, TeacherUnavailable, VocabularyMismatch
+    from core.trainer import TrainingError
+    from core.utils.checkpoint import CheckpointError
     try:
         run(cfg)
-    except C.ConfigError as e:  # found at start-up (e.g. model.load_in_4bit without a GPU)
+    except (C.ConfigError, ManifestError, AudioError, VocabularyMismatch) as e:
+        # bad input, found at start-up before anything is trained or written (exit 2)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (TrainingError, CheckpointError, TeacherUnavailable, TeacherRequestError) as e:
+        # the run failed: non-finite steps, a checkpoint that cannot be written, the teacher (exit 1)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -21,11 +21,14 @@ import numpy as np
 import soundfile as sf
 
 __all__ = ["AudioError", "AudioInfo", "audio_info", "audio_duration", "load_audio",
-           "SEGMENT_TOLERANCE_S"]
+           "SEGMENT_TOLERANCE_S", "MIN_SAMPLE_RATE", "MAX_SAMPLE_RATE"]
 
 # A segment may end this many seconds past the end of the file (rounding in
 # corpora's time stamps); the excess is clipped. Further past it is an error.
 SEGMENT_TOLERANCE_S = 0.05
+# Sample rates outside this range are a wrong header, not audio: resampling a file that claims
+# 1 Hz to 16 kHz would multiply its length by 16000.
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 768000
 
 
 class AudioError(ValueError):
@@ -58,8 +61,9 @@ def audio_info(path: str | os.PathLike) -> AudioInfo:
         info = sf.info(path)
     except Exception as e:  # libsndfile raises LibsndfileError/RuntimeError/TypeError
         raise AudioError(f"{path}: unreadable or corrupt audio ({_short(e)})") from e
-    if info.samplerate <= 0:
-        raise AudioError(f"{path}: invalid sample rate {info.samplerate}")
+    if not MIN_SAMPLE_RATE <= info.samplerate <= MAX_SAMPLE_RATE:
+        raise AudioError(f"{path}: implausible sample rate {info.samplerate} Hz in the header (expected "
+                         f"{MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE} Hz); the file is probably damaged")
     if info.frames <= 0:
         raise AudioError(f"{path}: empty audio (0 frames)")
     return AudioInfo(path=path, frames=int(info.frames), sample_rate=int(info.samplerate),

@@ -24,9 +24,11 @@ would reach reward functions as keyword arguments).
 
 With `check_media=True` (the default) every audio file is opened with
 soundfile's header reader (existence, readability, > 0 frames, segment inside
-the file); video files are only checked to exist and be non-empty, since
-decoding them is `video.py`'s job. Left out: decoding samples, tokenisation,
-filtering by duration, sharding, and any network paths or URLs.
+the file); video files are checked to exist and be non-empty and, for a row
+without its own `audio`, to have an audio track (opened with decord when it is
+installed), since the audio-visual input takes the video's sound. Left out:
+decoding samples, tokenisation, filtering by duration, sharding, and any
+network paths or URLs.
 """
 
 from __future__ import annotations
@@ -180,6 +182,7 @@ class _MediaChecker:
     def __init__(self):
         self._audio: dict[str, AudioInfo | AudioError] = {}
         self._video: dict[str, str | None] = {}
+        self._video_audio: dict[str, str | None] = {}
 
     def audio(self, path: str) -> AudioInfo:
         if path not in self._audio:
@@ -204,6 +207,23 @@ class _MediaChecker:
                 msg = None
             self._video[path] = msg
         return self._video[path]
+
+    def video_audio(self, path: str) -> str | None:
+        """A problem with the audio track of an existing video, or None (also when decord is absent)."""
+        if path not in self._video_audio:
+            try:
+                import decord
+            except ImportError:
+                return None
+            msg = None
+            try:
+                decord.AudioReader(path, ctx=decord.cpu(0), sample_rate=-1, mono=True)
+            except Exception as e:  # decord.DECORDError
+                text = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                msg = (f"{path}: the video has no audio track (give the row an 'audio' path, or a video with "
+                       "sound)" if "audio stream" in text.lower() else f"{path}: unreadable video ({text[:200]})")
+            self._video_audio[path] = msg
+        return self._video_audio[path]
 
 
 def _check_row(row: dict, base: str, require: tuple[str, ...], require_media: bool,
@@ -269,6 +289,8 @@ def _check_row(row: dict, base: str, require: tuple[str, ...], require_media: bo
                                              f"{info.path} (duration {dur:.3f} s)"))
         if "video" in resolved:
             msg = media.video(resolved["video"])
+            if not msg and "audio" not in resolved:
+                msg = media.video_audio(resolved["video"])
             if msg:
                 errs.append(("video", msg))
     return errs

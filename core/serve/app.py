@@ -20,8 +20,9 @@ Endpoints (``create_app``):
 Concurrent requests of one kind are batched (``MicroBatcher``: up to ``max_batch`` requests
 collected for ``batch_wait_ms``, one padded forward). With ``api_key`` set, every ``/v1/``
 route needs ``Authorization: Bearer <key>`` (401 otherwise; ``/health`` and the page stay open);
-request bodies over ``max_request_bytes`` get 413. Bad input gets a 4xx whose JSON names the
-field; an internal error a 500 with its message, and the server goes on serving. Errors use
+request bodies over ``max_request_bytes`` get 413; a ``chat_template`` sent in a request is refused
+unless ``trust_request_chat_template`` (vLLM's ``--trust-request-chat-template``). Bad input gets a
+4xx whose JSON names the field; an internal error a 500 with its message, and the server goes on serving. Errors use
 vLLM's shape ``{"error": {"message", "type", "param", "code"}}``.
 
 What it leaves out: text generation beyond one token, streaming, tools, images and video.
@@ -222,8 +223,20 @@ def parse_messages(messages, engine: TeacherEngine) -> tuple[list[dict], list]:
     return out, audios
 
 
-def parse_chat(body, engine: TeacherEngine, max_logprobs: int) -> dict:
-    """Validate a chat request; returns what scoring needs. ``APIError`` names the bad field."""
+# apply_chat_template's own arguments: a request's chat_template_kwargs may only add template variables
+_RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "chat_template", "tools", "documents", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs", "processor_kwargs", "images", "videos", "audio", "text",
+    "load_audio_from_video", "num_frames", "video_fps", "sampling_rate"})
+
+
+def parse_chat(body, engine: TeacherEngine, max_logprobs: int, trust_request_chat_template: bool = False) -> dict:
+    """Validate a chat request; returns what scoring needs. ``APIError`` names the bad field.
+
+    A ``chat_template`` in the request (a Jinja program the server would run) is refused unless
+    ``trust_request_chat_template``, as vLLM's ``--trust-request-chat-template``; ``chat_template_kwargs``
+    may add template variables but not set ``apply_chat_template``'s own arguments."""
     if not isinstance(body, dict):
         raise _bad("the request body must be a JSON object")
     model = body.get("model")
@@ -281,9 +294,16 @@ def parse_chat(body, engine: TeacherEngine, max_logprobs: int) -> dict:
     tmpl = body.get("chat_template")
     if tmpl is not None and not isinstance(tmpl, str):
         raise _bad("'chat_template' must be a string", "chat_template")
+    if tmpl is not None and not trust_request_chat_template:
+        raise _bad("'chat_template' in a request is refused: this server renders the model's own template (start it "
+                   "with --trust-request-chat-template to accept templates from clients)", "chat_template")
     tkw = body.get("chat_template_kwargs")
     if tkw is not None and not isinstance(tkw, dict):
         raise _bad("'chat_template_kwargs' must be an object", "chat_template_kwargs")
+    reserved = sorted(set(tkw or {}) & _RESERVED_TEMPLATE_KWARGS)
+    if reserved:
+        raise _bad(f"'chat_template_kwargs' may add template variables only; it may not set {reserved}",
+                   "chat_template_kwargs")
     return dict(messages=messages, audios=audios, k=k, logprobs=want_lp, top_logprobs=top_lp,
                 continue_final_message=cont, add_generation_prompt=gen, chat_template=tmpl,
                 chat_template_kwargs=tkw, return_token_ids=_opt_bool(body, "return_token_ids", False))
@@ -327,12 +347,13 @@ def create_app(model_dir: str | os.PathLike | None = None, api_key: str | None =
                engine: TeacherEngine | None = None, max_request_bytes: int = 64 << 20, max_batch: int = 8,
                batch_wait_ms: float = 5.0, max_logprobs: int = 20, served_model_name: str | None = None,
                dtype: str = "float32", device: str | None = None, trust_remote_code: bool = False,
-               max_new_tokens: int = 128) -> FastAPI:
+               max_new_tokens: int = 128, trust_request_chat_template: bool = False) -> FastAPI:
     """The teacher server's FastAPI app for the model in ``model_dir`` (or an already loaded ``engine``).
 
     ``max_logprobs``: the largest ``prompt_logprobs`` / ``top_logprobs`` accepted (vLLM's
     ``--max-logprobs``; -1 = the vocabulary size). ``max_batch`` / ``batch_wait_ms``: how many
     concurrent requests one forward takes and how long the first waits for company.
+    ``trust_request_chat_template``: accept a ``chat_template`` sent in a request (off: 400).
     """
     if engine is None:
         if model_dir is None:
@@ -392,6 +413,8 @@ def create_app(model_dir: str | os.PathLike | None = None, api_key: str | None =
             return json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
             raise _bad(f"the request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise _bad("the request body is nested too deeply") from None
 
     # ------------------------------------------------------------------ routes
     @app.get("/health")
@@ -419,7 +442,7 @@ def create_app(model_dir: str | os.PathLike | None = None, api_key: str | None =
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         async def body():
-            req = parse_chat(await read_json(request), engine, max_logprobs)
+            req = parse_chat(await read_json(request), engine, max_logprobs, trust_request_chat_template)
             text = engine.render(req["messages"], add_generation_prompt=req["add_generation_prompt"],
                                  continue_final_message=req["continue_final_message"],
                                  chat_template=req["chat_template"], chat_template_kwargs=req["chat_template_kwargs"])

@@ -57,12 +57,32 @@ def decode_base64(data: str, what: str = "data") -> bytes:
         raise BadAudio(f"{what}: not valid base64 ({e})") from None
 
 
-def decode_audio(raw: bytes, sample_rate: int | None = 16000, what: str = "audio") -> np.ndarray:
-    """Bytes of an audio file (WAV, FLAC, OGG: what libsndfile reads) -> float32 mono at ``sample_rate``."""
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 768000  # as core.data.audio
+MAX_AUDIO_SECONDS = 3600.0
+
+
+def decode_audio(raw: bytes, sample_rate: int | None = 16000, what: str = "audio",
+                 max_seconds: float = MAX_AUDIO_SECONDS) -> np.ndarray:
+    """Bytes of an audio file (WAV, FLAC, OGG: what libsndfile reads) -> float32 mono at ``sample_rate``.
+
+    The header is checked before anything is decoded: a sample rate outside 1 kHz..768 kHz or a
+    clip longer than ``max_seconds`` is refused (a small file claiming 1 Hz would otherwise grow
+    16000-fold when resampled)."""
     import soundfile as sf
 
     if not raw:
         raise BadAudio(f"{what}: empty audio file (0 bytes)")
+    try:
+        info = sf.info(io.BytesIO(raw))
+    except Exception as e:  # libsndfile: LibsndfileError / RuntimeError / TypeError
+        reason = getattr(e, "error_string", None) or str(e) or type(e).__name__
+        raise BadAudio(f"{what}: not a readable audio file (WAV, FLAC or OGG expected): {reason}") from None
+    if not MIN_SAMPLE_RATE <= info.samplerate <= MAX_SAMPLE_RATE:
+        raise BadAudio(f"{what}: implausible sample rate {info.samplerate} Hz (expected {MIN_SAMPLE_RATE} to "
+                       f"{MAX_SAMPLE_RATE} Hz)")
+    if info.frames > max_seconds * info.samplerate:
+        raise BadAudio(f"{what}: {info.frames / info.samplerate:.0f} s of audio is longer than the {max_seconds:g} s "
+                       "accepted")
     try:
         data, sr = sf.read(io.BytesIO(raw), dtype="float32", always_2d=True)
     except Exception as e:  # libsndfile: LibsndfileError / RuntimeError / TypeError

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -55,6 +56,25 @@ class MetricsLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
+    def truncate_after(self, step: int) -> None:
+        """Drop the rows of steps after ``step`` (a resumed run does them again; event rows such as a
+        teacher failure stay) and any line cut short by a kill; the file is replaced atomically."""
+        if not self.enabled or not self.path.is_file():
+            return
+        keep = []
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and ("event" in row or not isinstance(row.get("step"), int)
+                                          or row["step"] <= step):
+                keep.append(line + "\n")
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(keep), encoding="utf-8")
+        os.replace(tmp, self.path)
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
