@@ -73,8 +73,18 @@ class DataConfig:
     skip_bad: bool = _f(False, "skip bad manifest lines (written with reasons to <manifest>.bad.jsonl)")
     max_target_tokens: int = _f(64, "truncate reference completions to this many tokens")
     dev_max_samples: int = _f(200, "use at most this many dev samples in evaluation")
-    modality: str = _f("auto", "auto | audio | text: audio prompts (rows need 'audio') or text-only prompts "
-                               "(no media); auto = text when the model has no audio encoder or no row has audio")
+    modality: str = _f("auto", "auto | audio | av | text: audio prompts (rows need 'audio'), audio-visual prompts "
+                               "(rows need 'video'; its frames and, as a separate input, its sound track or the "
+                               "row's 'audio') or text-only prompts (no media); auto = av when the model has a "
+                               "vision encoder and a row has 'video', else audio when it has an audio encoder and "
+                               "a row has media, else text")
+    num_frames: int = _f(8, "av: video frames sampled uniformly over each clip (or its begin_time..end_time)")
+    missing_audio: str = _f("error", "av: a video without a sound track (and no 'audio' path in its row): error "
+                                     "(refused with the file named, before training) | silence (silent audio of "
+                                     "the clip's length)")
+    video_max_pixels: int = _f(64 * 64, "av: largest frame area in pixels given to the vision encoder (frames are "
+                                        "resized to multiples of 28 within it; 64*64 keeps a 64x64 frame at 56x56, 4 "
+                                        "tokens per 2 frames); raise it for real videos and models, e.g. 360*420")
 
 
 @dataclass
@@ -270,8 +280,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         bad("model.bnb_4bit_quant_type", f"'{m.bnb_4bit_quant_type}' is not one of nf4, fp4")
     if m.bnb_4bit_compute_dtype not in ("float32", "bfloat16", "float16"):
         bad("model.bnb_4bit_compute_dtype", f"'{m.bnb_4bit_compute_dtype}' is not one of float32, bfloat16, float16")
-    if cfg.data.modality not in ("auto", "audio", "text"):
-        bad("data.modality", f"'{cfg.data.modality}' is not one of auto, audio, text")
+    if cfg.data.modality not in ("auto", "audio", "av", "text"):
+        bad("data.modality", f"'{cfg.data.modality}' is not one of auto, audio, av, text")
+    if cfg.data.num_frames < 1:
+        bad("data.num_frames", f"must be >= 1, got {cfg.data.num_frames}")
+    if cfg.data.missing_audio not in ("error", "silence"):
+        bad("data.missing_audio", f"'{cfg.data.missing_audio}' is not one of error, silence")
+    if cfg.data.video_max_pixels < 28 * 28:
+        bad("data.video_max_pixels", f"must be >= {28 * 28} (one 28x28 merged patch), got {cfg.data.video_max_pixels}")
     if cfg.backend.name not in ("torch", "deepspeed"):
         bad("backend.name", "torch | deepspeed")
     if cfg.backend.name == "deepspeed" and not cfg.backend.ds_config:

@@ -12,6 +12,9 @@ What it does:
   frozen random table), a short feature chunk and an untied LM head (transformers 5 does not
   declare the composite model's tied weights, so tying by hand breaks ``save_pretrained``); saved with
   ``save_pretrained`` so the rest of the code loads it like a downloaded checkpoint.
+- ``build_tiny_omni_thinker``: a ``Qwen2_5OmniThinkerForConditionalGeneration`` (audio + vision
+  encoders, mrope text model) and its ``Qwen2_5OmniProcessor`` built from sizes, for the
+  audio-visual path; the tokenizer comes from ``train_tokenizer(..., omni=True)``.
 - ``build_tiny_causal_lm``: a text-only ``Qwen2ForCausalLM`` built from sizes (the text-model
   path: any ``AutoModelForCausalLM`` trains through the same loop with text prompts).
 - ``check_vocab_match``: teacher and student must share a vocabulary; fail at start-up.
@@ -22,8 +25,8 @@ What it does:
 - 4-bit loading (``load_in_4bit``): bitsandbytes through ``BitsAndBytesConfig``; refused with a
   message naming ``model.load_in_4bit`` where there is no CUDA GPU or no bitsandbytes.
 
-What it leaves out: when to wrap (the trainer decides from the config), the Omni thinker builder
-(its own recipe), chat rendering of prompts (``core/data/collate.py``).
+What it leaves out: when to wrap (the trainer decides from the config), the Omni talker (speech
+output), chat rendering of prompts (``core/data/collate.py``).
 """
 from __future__ import annotations
 
@@ -57,13 +60,45 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# the Qwen2.5-Omni thinker's placeholders, added by ``train_tokenizer(..., omni=True)``
+OMNI_SPECIAL_TOKENS = ["<|IMAGE|>", "<|VIDEO|>", "<|vision_bos|>", "<|vision_eos|>"]
+OMNI_EXTRA_SPECIALS = {
+    "image_token": "<|IMAGE|>", "video_token": "<|VIDEO|>", "audio_token": "<|AUDIO|>",
+    "vision_bos_token": "<|vision_bos|>", "vision_eos_token": "<|vision_eos|>",
+    "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>",
+}
+
+# Omni chat template: video / image / audio items become their bos + placeholder + eos triple, which
+# Qwen2_5OmniProcessor expands to one placeholder per encoder output position.
+OMNI_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'video' or 'video' in item %}"
+    "{{ '<|vision_bos|><|VIDEO|><|vision_eos|>' }}"
+    "{% elif item['type'] == 'image' or 'image' in item %}"
+    "{{ '<|vision_bos|><|IMAGE|><|vision_eos|>' }}"
+    "{% elif item['type'] == 'audio' or 'audio' in item or 'audio_url' in item %}"
+    "{{ '<|audio_bos|><|AUDIO|><|audio_eos|>' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
 
 # --------------------------------------------------------------------------- tokenizer
-def train_tokenizer(texts: list[str], vocab_size: int, out_dir: str | os.PathLike | None = None):
+def train_tokenizer(texts: list[str], vocab_size: int, out_dir: str | os.PathLike | None = None, *,
+                    omni: bool = False):
     """Train a byte-level BPE on ``texts`` and wrap it as a ``PreTrainedTokenizerFast``.
 
     The specials are those Qwen2-Audio's processor expects; ``<|im_end|>`` is the EOS (end of
-    an assistant turn) and ``<|endoftext|>`` the pad.
+    an assistant turn) and ``<|endoftext|>`` the pad. ``omni=True`` adds the Qwen2.5-Omni
+    thinker's (``<|IMAGE|>``, ``<|VIDEO|>``, ``<|vision_bos|>``, ``<|vision_eos|>``, after the
+    others, so the first six ids are the same) as named specials (``tok.video_token_id`` ...) and
+    uses a chat template that also renders video and image items.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -74,16 +109,17 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: str | os.PathLik
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=1,
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS + (OMNI_SPECIAL_TOKENS if omni else []),
+        min_frequency=1,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
         bos_token=None, unk_token=None,
-        extra_special_tokens={"audio_token": "<|AUDIO|>", "audio_bos_token": "<|audio_bos|>",
-                              "audio_eos_token": "<|audio_eos|>"},
+        extra_special_tokens=dict(OMNI_EXTRA_SPECIALS) if omni else {
+            "audio_token": "<|AUDIO|>", "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>"},
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = OMNI_CHAT_TEMPLATE if omni else CHAT_TEMPLATE
     fast.padding_side = "left"
     if out_dir is not None:
         fast.save_pretrained(out_dir)
@@ -145,6 +181,100 @@ def build_tiny_qwen2_audio(tokenizer, *, hidden: int = 64, layers: int = 2, head
     fe = WhisperFeatureExtractor(feature_size=num_mel_bins, sampling_rate=16000, hop_length=160,
                                  chunk_length=chunk_seconds, n_fft=400)
     processor = Qwen2AudioProcessor(feature_extractor=fe, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+    if out_dir is not None:
+        save_model(model, processor, out_dir)
+    return model, processor
+
+
+def mrope_section(head_dim: int) -> list[int]:
+    """Temporal / height / width split of the rotary half-dimension, in Qwen's 1:1.5:1.5 ratio
+    (``[16, 24, 24]`` for head_dim 128, ``[2, 3, 3]`` for 16); the parts sum to ``head_dim // 2``."""
+    half = head_dim // 2
+    hw = (3 * half) // 8
+    if head_dim % 2 or half - 2 * hw < 1:
+        raise ValueError(f"head_dim {head_dim} is too small for multimodal rotary positions (>= 4, even)")
+    return [half - 2 * hw, hw, hw]
+
+
+def build_tiny_omni_thinker(tokenizer, *, hidden: int = 64, layers: int = 2, heads: int = 4,
+                            kv_heads: int | None = None, intermediate: int | None = None,
+                            audio_hidden: int = 64, audio_layers: int = 2, audio_heads: int | None = None,
+                            vision_hidden: int = 32, vision_depth: int = 2, vision_heads: int = 2,
+                            num_mel_bins: int = 128, chunk_seconds: int = 4, n_window: int = 100,
+                            max_position_embeddings: int = 4096, video_max_pixels: int = 64 * 64,
+                            seed: int = 0, out_dir: str | os.PathLike | None = None):
+    """Build a ``Qwen2_5OmniThinkerForConditionalGeneration`` and its ``Qwen2_5OmniProcessor``.
+
+    ``tokenizer``: from ``train_tokenizer(..., omni=True)`` (the video/image/audio placeholders
+    and their bos/eos as named specials). Text model ``hidden`` x ``layers`` with multimodal
+    rotary positions (``mrope_section`` from the head size); audio encoder ``audio_hidden`` x
+    ``audio_layers`` whose ``max_source_positions`` matches the feature extractor's
+    ``chunk_seconds`` (100 mel frames a second, halved by the encoder's stride; its sinusoid
+    position table is a fixed buffer already); vision encoder ``vision_hidden`` x ``vision_depth``
+    (14-pixel patches, 2 x 2 merge, 2 frames per temporal patch). The LM head is untied, as in the
+    released thinker. The image and video processors cap frames at ``video_max_pixels`` (a
+    64 x 64 frame becomes 56 x 56: 4 tokens per pair of frames); callers pass the same cap with the
+    clip's real fps on every processor call (``videos_kwargs``), since the processor's own defaults
+    upscale small frames. Returns ``(model, processor)``; saves both when ``out_dir`` is given.
+    """
+    from transformers import (Qwen2_5OmniProcessor, Qwen2_5OmniThinkerConfig,
+                              Qwen2_5OmniThinkerForConditionalGeneration, Qwen2VLImageProcessor,
+                              Qwen2VLVideoProcessor, WhisperFeatureExtractor)
+
+    if int(chunk_seconds) != chunk_seconds or chunk_seconds < 1:
+        raise ValueError(f"chunk_seconds must be a whole number of seconds, got {chunk_seconds}")
+    chunk_seconds = int(chunk_seconds)
+    ids = {name: tokenizer.convert_tokens_to_ids(t) for name, t in OMNI_EXTRA_SPECIALS.items()}
+    missing = [OMNI_EXTRA_SPECIALS[n] for n, i in ids.items() if not isinstance(i, int) or i < 0
+               or i == tokenizer.unk_token_id]
+    if missing:
+        raise ValueError(f"the tokenizer lacks the Omni specials {missing}; "
+                         "build it with train_tokenizer(..., omni=True)")
+    head_dim = hidden // heads
+    max_source = chunk_seconds * 100 // 2
+    if max_source < n_window:
+        raise ValueError(f"chunk_seconds {chunk_seconds} gives {max_source} audio positions, "
+                         f"fewer than n_window {n_window}")
+    text_cfg = dict(
+        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads, intermediate_size=intermediate or 4 * hidden,
+        max_position_embeddings=max_position_embeddings, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": mrope_section(head_dim)},
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+    )
+    audio_cfg = dict(
+        d_model=audio_hidden, encoder_layers=audio_layers, encoder_attention_heads=audio_heads or heads,
+        encoder_ffn_dim=4 * audio_hidden, num_mel_bins=num_mel_bins, max_source_positions=max_source,
+        n_window=n_window, output_dim=hidden, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+    )
+    vision_cfg = dict(
+        depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_heads=vision_heads,
+        out_hidden_size=hidden, fullatt_block_indexes=[vision_depth - 1], patch_size=14, spatial_merge_size=2,
+        temporal_patch_size=2, window_size=112,
+    )
+    user = tokenizer("user", add_special_tokens=False)["input_ids"]
+    config = Qwen2_5OmniThinkerConfig(
+        text_config=text_cfg, audio_config=audio_cfg, vision_config=vision_cfg,
+        audio_token_index=ids["audio_token"], image_token_index=ids["image_token"],
+        video_token_index=ids["video_token"], audio_start_token_id=ids["audio_bos_token"],
+        audio_end_token_id=ids["audio_eos_token"], user_token_id=user[0] if len(user) == 1 else tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    # read by the multimodal position code though not a declared field of the config
+    config.vision_start_token_id = ids["vision_bos_token"]
+    config.vision_end_token_id = ids["vision_eos_token"]
+    torch.manual_seed(seed)
+    model = Qwen2_5OmniThinkerForConditionalGeneration(config)
+    if model.lm_head.weight is model.get_input_embeddings().weight:
+        raise RuntimeError("build_tiny_omni_thinker: the LM head came out tied to the input embeddings")
+    _set_generation_ids(model, tokenizer)
+    fe = WhisperFeatureExtractor(feature_size=num_mel_bins, sampling_rate=16000, hop_length=160,
+                                 chunk_length=chunk_seconds, n_fft=400)
+    size = {"shortest_edge": 56 * 56, "longest_edge": int(video_max_pixels)}
+    processor = Qwen2_5OmniProcessor(
+        image_processor=Qwen2VLImageProcessor(size=size, patch_size=14, temporal_patch_size=2, merge_size=2),
+        video_processor=Qwen2VLVideoProcessor(size=size, patch_size=14, temporal_patch_size=2, merge_size=2),
+        feature_extractor=fe, tokenizer=tokenizer, chat_template=OMNI_CHAT_TEMPLATE)
     if out_dir is not None:
         save_model(model, processor, out_dir)
     return model, processor

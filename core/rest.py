@@ -41,13 +41,13 @@ from pathlib import Path
 import torch
 
 from core import config as C
-from core.data.collate import AudioPromptCollator, TextPromptCollator
-from core.data.manifest import read_manifest, write_manifest
+from core.data.collate import make_collator
+from core.data.manifest import write_manifest
 from core.methods import reward_fields
 from core.models import load_model_and_processor, special_token_ids, tokenizer_of
 from core.rewards import compute_rewards
 from core.rollout import generate_completions
-from core.trainer import Trainer, model_kwargs, resolve_modality, step_seed
+from core.trainer import Trainer, model_kwargs, read_rows, resolve_modality, step_seed
 from core.utils import dist
 from core.utils.logging import MetricsLogger, setup_console
 
@@ -108,9 +108,8 @@ def grow(cfg: C.TrainConfig, model_path: str, round_i: int, time_left) -> tuple[
     model, processor = load_model_and_processor(model_path, **model_kwargs(cfg.model))
     tok = tokenizer_of(processor)
     modality = resolve_modality(cfg, model)
-    rows = read_manifest(cfg.data.train, skip_bad=cfg.data.skip_bad, require_media=modality == "audio")
-    collator = (TextPromptCollator if modality == "text" else AudioPromptCollator)(
-        processor, cfg.data.prompt, system=cfg.data.system or None)
+    rows = read_rows(cfg.data.train, cfg, modality)
+    collator = make_collator(modality, processor, cfg.data)
     suppress = special_token_ids(processor)
     mine = rows[dist.rank()::dist.world_size()]
     samples, totals, parts, complete = [], [], defaultdict(list), True

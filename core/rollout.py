@@ -7,7 +7,10 @@
   quantity ``completion_logits`` recomputes for training. Deterministic under a seed.
 - ``completion_logits``: one forward of prompt + completion returning the logits that predict
   each completion token, ``[B, T, V]``. Position ids follow the attention mask, as in
-  ``generate``, so left-padded prompts score exactly as they were sampled. The LM head runs on
+  ``generate``, so left-padded prompts score exactly as they were sampled; a model with
+  multimodal rotary positions (``get_rope_index``: Qwen2-VL, the Qwen2.5-Omni thinker) gets none
+  and builds its own from the attention mask and the video grids over the whole prompt +
+  completion, which continues the prompt's positions as its ``generate`` does. The LM head runs on
   the completion positions only (``logits_to_keep`` where the model takes it; the head's input
   sliced by a forward pre-hook for Qwen2-Audio and the Qwen2.5-Omni thinker).
 
@@ -145,13 +148,21 @@ _SLICE_HEAD_CLASSES = ("Qwen2AudioForConditionalGeneration", "Qwen2_5OmniThinker
 
 def _sliceable_head(model):
     """The LM head module of a ``_SLICE_HEAD_CLASSES`` model (through a peft wrapper), else None."""
-    base = _unwrap(model)
-    if hasattr(base, "get_base_model"):
-        base = base.get_base_model()
+    base = _base_model(model)
     if type(base).__name__ not in _SLICE_HEAD_CLASSES:
         return None
     head = getattr(base, "lm_head", None)
     return head if isinstance(head, torch.nn.Module) else None
+
+
+def _base_model(model):
+    base = _unwrap(model)
+    return base.get_base_model() if hasattr(base, "get_base_model") else base
+
+
+def uses_mrope(model) -> bool:
+    """Whether the model places tokens with multimodal (3-D) rotary positions of its own."""
+    return callable(getattr(_base_model(model), "get_rope_index", None))
 
 
 def completion_logits(model, batch: PromptBatch, comp_ids: torch.Tensor, comp_mask: torch.Tensor,
@@ -163,8 +174,9 @@ def completion_logits(model, batch: PromptBatch, comp_ids: torch.Tensor, comp_ma
     dev = p_ids.device
     input_ids = torch.cat([p_ids, comp_ids.to(dev)], dim=1)
     attn = torch.cat([p_mask, comp_mask.to(dev).to(p_mask.dtype)], dim=1)
-    pos = (attn.long().cumsum(-1) - 1).clamp(min=0)
-    kw = dict(input_ids=input_ids, attention_mask=attn, position_ids=pos, use_cache=False, **_media_kwargs(inputs))
+    kw = dict(input_ids=input_ids, attention_mask=attn, use_cache=False, **_media_kwargs(inputs))
+    if not uses_mrope(model):
+        kw["position_ids"] = (attn.long().cumsum(-1) - 1).clamp(min=0)
     m = _unwrap(model)
     head = None if _supports(m, "logits_to_keep") else _sliceable_head(model)
     if _supports(m, "logits_to_keep"):

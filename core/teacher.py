@@ -29,7 +29,7 @@ import httpx
 import torch
 
 from core.data.audio import load_audio
-from core.data.collate import AudioPromptCollator, PromptBatch, TextPromptCollator
+from core.data.collate import PromptBatch, make_collator
 from core.rollout import Completions, completion_logits
 from core.serve.protocol import error_message, vocab_fingerprint, wav_base64
 
@@ -104,9 +104,11 @@ class RemoteTeacher:
     ``continue_final_message: true, add_generation_prompt: false``), ``prompt_logprobs: k`` and
     ``max_tokens: 1``. The teacher's positions are aligned with the completion by token ids: the
     completion's ids must be the last ids of the teacher's prompt (``prompt_token_ids``, or the
-    actual token of each ``prompt_logprobs`` entry). A sample whose text re-tokenises differently
-    (the server tokenises the text again) gets ``valid=False``, is logged with its key and left out
-    of the loss by the caller; it never becomes a zero.
+    actual token of each ``prompt_logprobs`` entry). The request also carries the completion's ids
+    as ``prefill_token_ids``: our server scores exactly those tokens; vLLM ignores the field and
+    tokenises the text again, and a sample whose text re-tokenises differently there gets
+    ``valid=False``, is logged with its key and left out of the loss by the caller; it never
+    becomes a zero.
 
     Requests run ``concurrency`` at a time (a thread pool over one ``httpx.Client``), each with
     ``timeout`` seconds; connection errors, timeouts, 5xx, 408 and 429 are retried ``max_retries``
@@ -139,8 +141,7 @@ class RemoteTeacher:
             raise ValueError("RemoteTeacher needs the student's processor (or a collator)")
         if collator is None:
             audio = getattr(processor, "feature_extractor", None) is not None
-            cls = AudioPromptCollator if audio else TextPromptCollator
-            collator = cls(processor, prompt, system=system)
+            collator = make_collator("audio" if audio else "text", processor, prompt=prompt, system=system)
         for name, v, lo in (("timeout", timeout, 1e-9), ("concurrency", concurrency, 1), ("top_k_cap", top_k_cap, 1)):
             if v is None or v < lo:
                 raise ValueError(f"RemoteTeacher: {name} must be >= {lo}, got {v!r}")
@@ -316,7 +317,7 @@ class RemoteTeacher:
         msgs.append({"role": "assistant", "content": prefill})
         return {"model": self.model, "messages": msgs, "add_generation_prompt": False,
                 "continue_final_message": True, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": int(k),
-                "return_token_ids": True}
+                "return_token_ids": True, "prefill_token_ids": [int(t) for t in comp_ids]}
 
     @staticmethod
     def _actual_ids(plp: list, k: int) -> list:

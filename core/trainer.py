@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 
 from core import config as C
 from core.backends import DeepSpeedEngine, TorchEngine, fill_ds_config
-from core.data.collate import AudioPromptCollator, TextPromptCollator
-from core.data.manifest import read_manifest
+from core.data.collate import make_collator
+from core.data.manifest import ManifestError, Problem, read_manifest
 from core.methods import METHODS, Context, Experience
 from core.models import apply_lora, check_vocab_match, is_peft_model, load_model_and_processor, special_token_ids
 from core.rewards import compute_rewards
@@ -112,9 +112,7 @@ def _load_teacher(cfg: C.TrainConfig, processor, model):
                         ("retry_backoff", 0)):
             if getattr(t, key) < lo:
                 raise C.ConfigError(f"config key 'teacher.{key}': must be >= {lo}, got {getattr(t, key)!r}")
-        modality = resolve_modality(cfg, model)
-        collator_cls = TextPromptCollator if modality == "text" else AudioPromptCollator
-        collator = collator_cls(processor, cfg.data.prompt, system=cfg.data.system or None)
+        collator = make_collator(resolve_modality(cfg, model), processor, cfg.data)
         return RemoteTeacher(t.url, processor, collator=collator, api_key=t.api_key or None, model=t.model or None,
                              timeout=t.timeout, max_retries=t.max_retries, backoff=t.retry_backoff,
                              concurrency=t.concurrency, top_k_cap=t.top_k_cap, student_model=model)
@@ -134,6 +132,48 @@ def _read_rows(path: str, cfg: C.TrainConfig, require=(), require_media: bool = 
         return read_manifest(path, require=tuple(require), skip_bad=cfg.data.skip_bad, require_media=require_media)
     except FileNotFoundError as e:
         raise C.ConfigError(f"config key '{key}': {e}") from None
+
+
+def _no_sound_track(p: Problem) -> bool:
+    return p.field == "video" and "has no audio track" in p.message
+
+
+def read_rows(path: str, cfg: C.TrainConfig, modality: str, require=(), key: str = "data.train") -> list[dict]:
+    """The rows of manifest ``path`` for ``modality``, every problem found before training starts.
+
+    Media prompts need an ``audio`` or ``video`` path in every row, audio-visual ones a ``video``.
+    The manifest check refuses a video without a sound track (and no ``audio`` path); with
+    ``data.missing_audio: silence`` that one problem is accepted (the collator gives the clip
+    silence), every other problem still stops the run. With ``data.skip_bad`` and other bad
+    lines in the file, the file is read the ordinary way: the videos without sound are then
+    skipped too, written with their reason to the side file, and a warning says so.
+    """
+    require = tuple(require) + (("video",) if modality == "av" else ())
+    media = modality != "text"
+    if not (modality == "av" and cfg.data.missing_audio == "silence"):
+        try:
+            return _read_rows(path, cfg, require, media, key)
+        except ManifestError as e:
+            if modality != "av" or not any(_no_sound_track(p) for p in e.problems):
+                raise
+            raise ManifestError(e.path, e.problems, note="(data.missing_audio: silence gives a video without a "
+                                                         "sound track silent audio of its length)") from None
+    try:
+        return read_manifest(path, require=require, skip_bad=False, require_media=media)
+    except FileNotFoundError as e:
+        raise C.ConfigError(f"config key '{key}': {e}") from None
+    except ManifestError as e:
+        if any(not _no_sound_track(p) for p in e.problems):
+            if not cfg.data.skip_bad:
+                raise ManifestError(e.path, [p for p in e.problems if not _no_sound_track(p)]) from None
+            bad_lines = {p.line for p in e.problems if not _no_sound_track(p)}
+            if any(p.line not in bad_lines for p in e.problems):
+                log.warning("%s: data.skip_bad with data.missing_audio silence: the file has other bad lines, so "
+                            "the rows of videos without sound are skipped too (see the side file); fix the other "
+                            "lines to keep them", path)
+            return _read_rows(path, cfg, require, media, key)
+    # every problem was a video without sound: read again without opening the media (already checked)
+    return read_manifest(path, require=require, check_media=False, skip_bad=False, require_media=media)
 
 
 def model_kwargs(m: C.ModelConfig) -> dict:
@@ -178,34 +218,52 @@ def has_audio_encoder(model) -> bool:
     return any(name.split(".")[-1] == "audio_tower" for name, _ in model.named_modules())
 
 
-def resolve_modality(cfg: C.TrainConfig, model) -> str:
-    """``data.modality`` made concrete: ``audio`` or ``text``.
+def has_vision_encoder(model) -> bool:
+    """True when the model has a vision encoder (the Omni thinker's ``visual``, a ``vision_tower``)."""
+    return any(name.split(".")[-1] in ("visual", "vision_tower") for name, _ in model.named_modules())
 
-    ``auto``: text for a model without an audio encoder; for an audio model, text when no row
-    of the training manifest has an ``audio``/``video`` path, else audio.
+
+def resolve_modality(cfg: C.TrainConfig, model) -> str:
+    """``data.modality`` made concrete: ``av``, ``audio`` or ``text``.
+
+    ``auto``: text for a model without an audio encoder; av for a model with a vision encoder
+    when a row of the training manifest has a ``video`` path; else, for an audio model, text
+    when no row has an ``audio``/``video`` path, else audio. Without a readable training
+    manifest (calibrate on dev only) a media model gets audio, or av when it has a vision encoder
+    and the dev manifest has videos.
     """
     m = cfg.data.modality
     if m != "auto":
         return m
     if not has_audio_encoder(model):
         return "text"
-    if cfg.data.train and Path(cfg.data.train).is_file() and not _any_media(cfg.data.train):
-        return "text"
+    kinds = None
+    if cfg.data.train and Path(cfg.data.train).is_file():
+        kinds = _media_kinds(cfg.data.train)
+        if not kinds:
+            return "text"
+    elif cfg.data.dev and Path(cfg.data.dev).is_file():
+        kinds = _media_kinds(cfg.data.dev)
+    if "video" in (kinds or ()) and has_vision_encoder(model):
+        return "av"
     return "audio"
 
 
-def _any_media(path: str) -> bool:
-    """Whether any parseable line of a JSONL manifest names an ``audio`` or ``video`` path
+def _media_kinds(path: str) -> set[str]:
+    """Which media fields (``audio``, ``video``) any parseable line of a JSONL manifest names
     (validation proper, with errors naming file:line, is ``read_manifest``'s job)."""
+    kinds: set[str] = set()
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
                 row = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(row, dict) and (row.get("audio") is not None or row.get("video") is not None):
-                return True
-    return False
+            if isinstance(row, dict):
+                kinds.update(k for k in ("audio", "video") if row.get(k) is not None)
+                if len(kinds) == 2:
+                    break
+    return kinds
 
 
 class Trainer:
@@ -230,11 +288,14 @@ class Trainer:
         self.modality = resolve_modality(cfg, model)
         if cfg.data.modality == "auto":
             log.info("data.modality auto -> %s (%s)", self.modality,
-                     "the model has an audio encoder and the manifest has media" if self.modality == "audio"
+                     "the model has audio and vision encoders and the manifest has videos" if self.modality == "av"
+                     else "the model has an audio encoder and the manifest has media" if self.modality == "audio"
                      else "no audio encoder in the model" if not has_audio_encoder(model)
                      else "no row of the training manifest has audio or video")
-        collator_cls = TextPromptCollator if self.modality == "text" else AudioPromptCollator
-        self.collator = collator_cls(processor, cfg.data.prompt, system=cfg.data.system or None)
+        if self.modality == "av" and not has_vision_encoder(model):
+            raise C.ConfigError(f"config key 'data.modality': av needs a model with a vision encoder; "
+                                f"{type(model).__name__} has none")
+        self.collator = make_collator(self.modality, processor, cfg.data)
         teacher = _load_teacher(cfg, processor, model) if cfg.method in ("opd", "calibrate") else None
         ref = None
         if cfg.method == "grpo" and cfg.grpo.kl_beta > 0 and is_peft_model(model):
@@ -245,9 +306,8 @@ class Trainer:
                 p.requires_grad_(False)
         # data: every problem found before training starts
         require = (cfg.data.target_field,) if cfg.method == "sft" else ()
-        media = self.modality == "audio"
-        self.rows = _read_rows(cfg.data.train, cfg, require, media) if cfg.data.train else []
-        self.dev_rows = (_read_rows(cfg.data.dev, cfg, require_media=media, key="data.dev")[: cfg.data.dev_max_samples]
+        self.rows = read_rows(cfg.data.train, cfg, self.modality, require) if cfg.data.train else []
+        self.dev_rows = (read_rows(cfg.data.dev, cfg, self.modality, key="data.dev")[: cfg.data.dev_max_samples]
                          if cfg.data.dev else [])
         self.model = model
         self.teacher, self.ref = teacher, ref

@@ -3,6 +3,19 @@
 Writes one JSON line per sample (``key``, ``text``: the hypothesis, plus ``ref`` when the
 manifest has the target field); ``--as_manifest`` writes the input rows with the hypothesis in
 the target field instead, ready for SFT (sequence-level knowledge distillation).
+
+Audio-in models (Qwen2-Audio, the Omni thinker) read each row's ``audio`` with ``--prompt`` as the
+text of the user turn (``AudioPromptCollator``); the Omni thinker with a manifest of ``video`` rows
+reads ``--num_frames`` frames and the sound track of each video (``AVPromptCollator``, modality
+``av``; ``--missing_audio silence`` for videos without sound). Text-only causal LMs (any
+``AutoModelForCausalLM``) get ``TextPromptCollator``: the prompt is ``--prompt`` formatted with the
+row's fields when it names one (``"{question}"``), else the row's own ``prompt`` field (then
+``question``), so a text manifest needs no ``--prompt``. ``--modality auto`` (the default) picks
+as the trainer does for ``data.modality: auto``: text for a model without an audio encoder, or
+for an audio model when no row of the manifest has an ``audio``/``video`` path; av for a model
+with a vision encoder and rows with ``video``; else audio.
+
+What it leaves out: beam search, and scoring (``tools/compute_wer.py`` and the recipes' ``local/`` scorers do that).
 """
 from __future__ import annotations
 
@@ -15,31 +28,52 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+MODALITIES = ("auto", "audio", "text", "av")
+
+
+def decode_modality(model, manifest: str, modality: str = "auto") -> str:
+    """``audio``, ``av`` or ``text`` for decoding ``manifest`` with ``model``: the trainer's
+    ``resolve_modality`` rule (``data.modality``), so decoding formats prompts as training did."""
+    from core import config as C
+    from core.trainer import has_audio_encoder, resolve_modality
+
+    if modality not in MODALITIES:
+        raise ValueError(f"--modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
+    if modality == "audio" and not has_audio_encoder(model):
+        raise ValueError(f"--modality audio: the model ({type(model).__name__}) has no audio encoder; "
+                         "use --modality text (or auto)")
+    return resolve_modality(C.TrainConfig(data=C.DataConfig(train=str(manifest), modality=modality)), model)
+
 
 def decode(model_dir: str, manifest: str, out: str, *, prompt: str = "Transcribe the audio.", batch_size: int = 32,
            max_new_tokens: int = 32, target_field: str = "text", as_manifest: bool = False,
-           temperature: float = 0.0, seed: int = 0) -> dict:
-    from core.data.collate import AudioPromptCollator
-    from core.data.manifest import read_manifest, write_manifest
+           temperature: float = 0.0, seed: int = 0, modality: str = "auto", num_frames: int = 8,
+           missing_audio: str = "error") -> dict:
+    from core import config as C
+    from core.data.collate import make_collator
+    from core.data.manifest import write_manifest
+    from core.trainer import read_rows
     from core.models import load_model_and_processor, special_token_ids
     from core.rollout import generate_completions
     from core.utils.logging import setup_console
 
     setup_console()
-    torch.set_grad_enabled(False)
     model, proc = load_model_and_processor(model_dir)
     model.eval()
     tok = getattr(proc, "tokenizer", proc)
-    rows = read_manifest(manifest)
-    col = AudioPromptCollator(proc, prompt)
+    mode = decode_modality(model, manifest, modality)
+    data = C.DataConfig(train=str(manifest), prompt=prompt, num_frames=num_frames, missing_audio=missing_audio)
+    rows = read_rows(str(manifest), C.TrainConfig(data=data), mode, key="--manifest")
+    col = make_collator(mode, proc, data)
     hyps = []
     t0 = time.time()
     for i in tqdm(range(0, len(rows), batch_size), desc=f"decode {Path(manifest).name}", leave=False):
         chunk = rows[i: i + batch_size]
-        _, comp = generate_completions(model, col.prompts(chunk), tok, do_sample=temperature > 0,
-                                       temperature=temperature or 1.0, max_new_tokens=max_new_tokens,
-                                       suppress_ids=special_token_ids(proc), eos_ids=[tok.eos_token_id],
-                                       seed=seed + i, return_logp=False)
+        with torch.no_grad():  # not set_grad_enabled(False): a caller may train in this process afterwards
+            _, comp = generate_completions(model, col.prompts(chunk), tok, do_sample=temperature > 0,
+                                           temperature=temperature or 1.0, max_new_tokens=max_new_tokens,
+                                           suppress_ids=special_token_ids(proc), eos_ids=[tok.eos_token_id],
+                                           seed=seed + i, return_logp=False)
         hyps += comp.texts
     secs = time.time() - t0
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -52,7 +86,8 @@ def decode(model_dir: str, manifest: str, out: str, *, prompt: str = "Transcribe
                 if r.get(target_field) is not None:
                     rec["ref"] = r[target_field]
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    return {"samples": len(rows), "seconds": round(secs, 2), "empty": sum(1 for h in hyps if not h)}
+    return {"samples": len(rows), "seconds": round(secs, 2), "empty": sum(1 for h in hyps if not h),
+            "modality": mode}
 
 
 def main(argv=None) -> int:
@@ -60,16 +95,29 @@ def main(argv=None) -> int:
     ap.add_argument("--model", required=True, help="model directory (save_pretrained folder)")
     ap.add_argument("--manifest", required=True, help="input manifest (JSONL)")
     ap.add_argument("--out", required=True, help="output JSONL")
-    ap.add_argument("--prompt", default="Transcribe the audio.")
+    ap.add_argument("--prompt", default="Transcribe the audio.",
+                    help="audio models: the user turn's text (formatted with the row's fields); text models: "
+                         "used only when it names a field, else each row's 'prompt' field")
     ap.add_argument("--batch_size", type=int, default=32)
     ap.add_argument("--max_new_tokens", type=int, default=32)
     ap.add_argument("--target_field", default="text")
     ap.add_argument("--as_manifest", action="store_true", help="write input rows with the hypothesis as target")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--modality", choices=MODALITIES, default="auto",
+                    help="auto: text for a model without an audio encoder or a manifest without media, av for a "
+                         "model with a vision encoder and video rows, else audio")
+    ap.add_argument("--num_frames", type=int, default=8, help="av: frames sampled uniformly from each video")
+    ap.add_argument("--missing_audio", choices=("error", "silence"), default="error",
+                    help="av: a video without a sound track is an error, or gets silence")
     args = ap.parse_args(argv)
-    info = decode(args.model, args.manifest, args.out, prompt=args.prompt, batch_size=args.batch_size,
-                  max_new_tokens=args.max_new_tokens, target_field=args.target_field,
-                  as_manifest=args.as_manifest, temperature=args.temperature)
+    try:
+        info = decode(args.model, args.manifest, args.out, prompt=args.prompt, batch_size=args.batch_size,
+                      max_new_tokens=args.max_new_tokens, target_field=args.target_field,
+                      as_manifest=args.as_manifest, temperature=args.temperature, modality=args.modality,
+                      num_frames=args.num_frames, missing_audio=args.missing_audio)
+    except (FileNotFoundError, ValueError) as e:  # a missing model or manifest, a bad manifest line (file:line): ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(info))
     return 0
 

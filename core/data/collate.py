@@ -5,11 +5,18 @@ fields, e.g. ``"{question}"``) followed by the generation prompt; prompts are le
 that every completion starts at the same column. Targets (transcripts, reference answers) are
 tokenised without specials, followed by EOS, right-padded.
 
-``AudioPromptCollator`` serves audio-in models; ``TextPromptCollator`` serves text-only causal
-LMs (any ``AutoModelForCausalLM``) with the same interface and no media.
+``AudioPromptCollator`` serves audio-in models; ``AVPromptCollator`` serves audio-visual ones
+(the Qwen2.5-Omni thinker: a video item, then its audio as a separate item, never
+``use_audio_in_video``); ``TextPromptCollator`` serves text-only causal LMs (any
+``AutoModelForCausalLM``); all three share one interface. ``make_collator(modality, processor,
+data)`` is the one place that picks among them.
 
-What it leaves out: video (the audio-visual recipe brings its own collator with the same
-``PromptBatch`` shape) and any model maths.
+``PromptBatch.repeat`` / ``select`` slice every input per sample, including the flattened
+vision patches (``pixel_values_videos`` ``[sum of patches, D]``), whose rows belong to samples
+by each sample's ``video_grid_thw``.
+
+What it leaves out: any model maths, video decoding (``core/data/video.py``), several videos or
+images in one prompt.
 """
 from __future__ import annotations
 
@@ -21,14 +28,49 @@ import torch
 from core.data.audio import load_audio
 
 
+# flattened patch tensors (rows of all samples stacked) -> the per-sample grid that sizes each one's rows
+PATCH_INPUTS = {"pixel_values_videos": "video_grid_thw", "pixel_values": "image_grid_thw"}
+
+
+def take_samples(inputs: dict[str, torch.Tensor], idx: list[int]) -> dict[str, torch.Tensor]:
+    """The model inputs of samples ``idx`` (in that order, repeats allowed).
+
+    Per-sample tensors (first dim = batch) are indexed on dim 0. A flattened patch tensor
+    (``PATCH_INPUTS``) is cut by its grid: sample ``i`` owns ``prod(grid[i])`` consecutive rows,
+    so its rows are gathered, not its dim-0 entries. One video (image) per sample: a grid with
+    another number of rows than the batch is refused.
+    """
+    B = inputs["input_ids"].shape[0]
+    out = {}
+    for k, v in inputs.items():
+        grid_key = PATCH_INPUTS.get(k)
+        if grid_key is not None:
+            grid = inputs.get(grid_key)
+            if grid is None or grid.shape[0] != B:
+                raise ValueError(f"'{k}' holds {0 if grid is None else grid.shape[0]} grids for {B} prompts; "
+                                 "selecting prompts needs exactly one video/image per prompt")
+            sizes = grid.long().prod(-1)
+            starts = torch.cumsum(sizes, 0) - sizes
+            if int(sizes.sum()) != v.shape[0]:
+                raise ValueError(f"'{k}' has {v.shape[0]} patch rows but '{grid_key}' sums to {int(sizes.sum())}")
+            rows = torch.cat([torch.arange(int(starts[i]), int(starts[i] + sizes[i])) for i in idx]) if idx \
+                else torch.zeros(0, dtype=torch.long)
+            out[k] = v.index_select(0, rows.to(v.device))
+        else:
+            out[k] = v.index_select(0, torch.as_tensor(idx, dtype=torch.long, device=v.device))
+    return out
+
+
 @dataclass
 class PromptBatch:
-    """Prompts of one batch: ``inputs`` go to the model; ``rows`` and ``texts`` stay for scoring."""
+    """Prompts of one batch: ``inputs`` go to the model; ``rows``, ``texts`` and the decoded media
+    (``audios``: waveforms, ``videos``: ``VideoClip``s) stay for scoring and remote teachers."""
 
     inputs: dict[str, torch.Tensor]
     rows: list[dict]
     texts: list[str]
     audios: list[Any] = field(default_factory=list)
+    videos: list[Any] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -37,15 +79,24 @@ class PromptBatch:
         """Each prompt ``n`` times, the copies of one prompt next to each other."""
         if n == 1:
             return self
-        inputs = {k: v.repeat_interleave(n, dim=0) for k, v in self.inputs.items()}
+        idx = [i for i in range(len(self)) for _ in range(n)]
         rep = lambda xs: [x for x in xs for _ in range(n)]  # noqa: E731
-        return PromptBatch(inputs, rep(self.rows), rep(self.texts), rep(self.audios))
+        return PromptBatch(take_samples(self.inputs, idx), rep(self.rows), rep(self.texts), rep(self.audios),
+                           rep(self.videos))
 
     def select(self, idx: list[int]) -> "PromptBatch":
-        t = torch.as_tensor(idx, dtype=torch.long)
-        inputs = {k: v.index_select(0, t) for k, v in self.inputs.items()}
+        idx = [int(i) for i in idx]
         pick = lambda xs: [xs[i] for i in idx] if xs else xs  # noqa: E731
-        return PromptBatch(inputs, pick(self.rows), pick(self.texts), pick(self.audios))
+        return PromptBatch(take_samples(self.inputs, idx), pick(self.rows), pick(self.texts), pick(self.audios),
+                           pick(self.videos))
+
+
+def format_prompt(template: str, row: dict) -> str:
+    """``template`` formatted with the row's fields; a missing field names the sample."""
+    try:
+        return template.format(**row)
+    except KeyError as e:
+        raise KeyError(f"prompt template needs field {e} missing from sample {row.get('key')!r}") from None
 
 
 class AudioPromptCollator:
@@ -60,10 +111,7 @@ class AudioPromptCollator:
         self.sample_rate = sample_rate
 
     def messages(self, row: dict) -> list[dict]:
-        try:
-            text = self.prompt.format(**row)
-        except KeyError as e:
-            raise KeyError(f"prompt template needs field {e} missing from sample {row.get('key')!r}") from None
+        text = format_prompt(self.prompt, row)
         content = [{"type": "audio", "audio": row["audio"]}, {"type": "text", "text": text}]
         msgs = [{"role": "system", "content": self.system}] if self.system else []
         return msgs + [{"role": "user", "content": content}]
@@ -88,6 +136,117 @@ class AudioPromptCollator:
         return tokenize_targets(self.tokenizer, texts, max_len)
 
 
+class AVPromptCollator:
+    """Builds ``PromptBatch`` objects for audio-visual models (the Qwen2.5-Omni thinker); same
+    interface as ``AudioPromptCollator``.
+
+    Each row's ``video`` is decoded by ``core.data.video.load_video`` (``num_frames`` frames
+    sampled uniformly over ``begin_time`` .. ``end_time``, and the sound track at
+    ``sample_rate``); a row with its own ``audio`` path uses that audio instead of the track. The
+    user turn is a video item, then the audio as a separate item, then the prompt text
+    (``prompt`` formatted with the row's fields, as in ``AudioPromptCollator``). The processor is
+    called with ``videos_kwargs`` holding the frame cap ``video_max_pixels`` (its defaults would
+    upscale small frames) and the clip's real fps; ``video_second_per_grid`` is then set per
+    sample from each clip's own fps (the processor takes one fps per call), and the processor's
+    ``num_audio_tokens`` is dropped. ``missing_audio``: ``error`` (a video without a sound track,
+    and no ``audio`` path, is an error naming the file) or ``silence`` (it gets silent audio of
+    the clip's length).
+    """
+
+    def __init__(self, processor, prompt: str = "Describe the video.", *, system: str | None = None,
+                 sample_rate: int = 16000, num_frames: int = 8, missing_audio: str = "error",
+                 video_max_pixels: int = 64 * 64):
+        if missing_audio not in ("error", "silence"):
+            raise ValueError(f"missing_audio must be 'error' or 'silence', got {missing_audio!r}")
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.prompt = prompt
+        self.system = system
+        self.sample_rate = sample_rate
+        self.num_frames = int(num_frames)
+        self.missing_audio = missing_audio
+        self.video_max_pixels = int(video_max_pixels)
+
+    def messages(self, row: dict) -> list[dict]:
+        if not row.get("video"):
+            raise KeyError(f"sample {row.get('key')!r} has no 'video' path (audio-visual prompts need one)")
+        text = format_prompt(self.prompt, row)
+        content = [{"type": "video", "video": row["video"]},
+                   {"type": "audio", "audio": row.get("audio") or row["video"]},
+                   {"type": "text", "text": text}]
+        msgs = [{"role": "system", "content": self.system}] if self.system else []
+        return msgs + [{"role": "user", "content": content}]
+
+    def videos_kwargs(self, fps: float) -> dict:
+        """The processor's ``videos_kwargs``: the frame-size cap and the sampled frames' rate."""
+        return {"size": {"shortest_edge": min(56 * 56, self.video_max_pixels), "longest_edge": self.video_max_pixels},
+                "fps": float(fps)}
+
+    def load(self, row: dict):
+        """``(clip, audio)`` of one row: the decoded video and the waveform that goes with it."""
+        from core.data.video import load_video
+
+        own_audio = bool(row.get("audio"))
+        clip = load_video(row["video"], num_frames=self.num_frames, sample_rate=self.sample_rate,
+                          missing_audio="silence" if own_audio else self.missing_audio,
+                          begin_time=row.get("begin_time"), end_time=row.get("end_time"))
+        if own_audio:
+            audio = load_audio(row["audio"], row.get("begin_time"), row.get("end_time"), sample_rate=self.sample_rate)
+        else:
+            audio = clip.audio
+        return clip, audio
+
+    def prompts(self, rows: list[dict]) -> PromptBatch:
+        texts = [self.processor.apply_chat_template(self.messages(r), add_generation_prompt=True, tokenize=False)
+                 for r in rows]
+        loaded = [self.load(r) for r in rows]
+        clips, audios = [c for c, _ in loaded], [a for _, a in loaded]
+        old_side = self.tokenizer.padding_side
+        self.tokenizer.padding_side = "left"
+        try:
+            enc = self.processor(text=texts, videos=[c.frames for c in clips], audio=audios,
+                                 sampling_rate=self.sample_rate, return_tensors="pt", padding=True,
+                                 videos_kwargs=self.videos_kwargs(clips[0].fps))
+        finally:
+            self.tokenizer.padding_side = old_side
+        inputs = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor) and k != "num_audio_tokens"}
+        if "video_second_per_grid" in inputs:
+            tps = getattr(getattr(self.processor, "video_processor", None), "temporal_patch_size", 2)
+            inputs["video_second_per_grid"] = torch.tensor([tps / float(c.fps) for c in clips],
+                                                           dtype=inputs["video_second_per_grid"].dtype)
+        return PromptBatch(inputs, list(rows), texts, audios, clips)
+
+    def targets(self, texts: list[str], max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenise reference completions + EOS, right-padded: ``(ids [B,T], mask [B,T])``."""
+        return tokenize_targets(self.tokenizer, texts, max_len)
+
+
+MODALITIES = ("audio", "av", "text")
+
+
+def make_collator(modality: str, processor, data=None, **overrides):
+    """The collator for ``modality`` (``audio`` | ``av`` | ``text``).
+
+    ``data``: a ``DataConfig`` (or anything with its attributes) giving ``prompt``, ``system``,
+    ``num_frames``, ``missing_audio`` and ``video_max_pixels``; ``overrides`` (same names, plus
+    ``sample_rate``) win over it; what neither gives keeps the collator's default.
+    """
+    kw: dict[str, Any] = {}
+    if data is not None:
+        for name in ("prompt", "system", "num_frames", "missing_audio", "video_max_pixels"):
+            if hasattr(data, name):
+                kw[name] = getattr(data, name)
+        kw["system"] = kw.get("system") or None
+    kw.update(overrides)
+    allowed = {"text": ("prompt", "system"), "audio": ("prompt", "system", "sample_rate"),
+               "av": ("prompt", "system", "sample_rate", "num_frames", "missing_audio", "video_max_pixels")}
+    if modality not in allowed:
+        raise ValueError(f"modality {modality!r} is not one of {', '.join(MODALITIES)}")
+    cls = {"text": TextPromptCollator, "audio": AudioPromptCollator, "av": AVPromptCollator}[modality]
+    kw = {k: v for k, v in kw.items() if k in allowed[modality] and (v is not None or k == "system")}
+    return cls(processor, **kw)
+
+
 class TextPromptCollator:
     """Builds ``PromptBatch`` objects for text-only causal LMs; same interface as ``AudioPromptCollator``.
 
@@ -106,10 +265,7 @@ class TextPromptCollator:
 
     def text(self, row: dict) -> str:
         if "{" in self.prompt:
-            try:
-                return self.prompt.format(**row)
-            except KeyError as e:
-                raise KeyError(f"prompt template needs field {e} missing from sample {row.get('key')!r}") from None
+            return format_prompt(self.prompt, row)
         for name in ("prompt", "question"):
             v = row.get(name)
             if isinstance(v, str) and v:

@@ -167,8 +167,16 @@ def _check_mcq(row: dict, errs: list[tuple[str, str]]) -> None:
         return
     if not _nonempty_str(answer):
         errs.append(("answer", f"must be a non-empty string, got {_describe(answer)}"))
-    elif choices_ok and answer not in choices:
-        errs.append(("answer", f"{_describe(answer)} is not one of choices {_describe(choices, 200)}"))
+    elif choices_ok and answer not in choices and not _is_letter_answer(answer, len(choices)):
+        errs.append(("answer", f"{_describe(answer)} is neither one of choices {_describe(choices, 200)} nor "
+                               f"their letter(s) A-{chr(ord('A') + len(choices) - 1)}"))
+
+
+def _is_letter_answer(answer: str, n: int) -> bool:
+    """``"B"``, or a comma-separated set such as ``"A,C"`` (IntentBench's ``emer_ov_mc``): letters of
+    the first ``n`` choices (the audio-visual recipe answers with the letter of a lettered choice)."""
+    parts = [p.strip() for p in answer.split(",")]
+    return all(len(p) == 1 and "A" <= p <= chr(ord("A") + n - 1) for p in parts)
 
 
 def _resolve(p: str, base: str) -> str:

@@ -10,7 +10,11 @@ Endpoints (``create_app``):
   The response is vLLM's: top-level ``prompt_logprobs`` (one entry per prompt token, ``null``
   first, then ``{token_id: {"logprob", "rank", "decoded_token"}}`` with the actual token first
   and the top-k), ``prompt_token_ids`` when ``return_token_ids: true``, and ``choices[0]`` with
-  the greedy next token (``logprobs``/``top_logprobs`` as in OpenAI's API).
+  the greedy next token (``logprobs``/``top_logprobs`` as in OpenAI's API). Our extension,
+  ``prefill_token_ids`` (a list of ids; vLLM ignores the field): the prefill is scored as exactly
+  these tokens, appended to the prompt rendered up to the assistant turn (generation prompt on),
+  instead of re-tokenising the assistant message's text; so a student's sample that does not
+  survive a text round trip (half a UTF-8 character) is still scored token for token.
 - ``POST /v1/audio/transcriptions``: OpenAI's multipart form (``file``, ``model``, ``prompt``,
   ``response_format`` json | text, ``temperature``); ``prompt`` is the instruction given to the
   model (default ``Transcribe the audio.``). ``json`` answers ``{"text": ...}``, ``text`` plain text.
@@ -304,9 +308,19 @@ def parse_chat(body, engine: TeacherEngine, max_logprobs: int, trust_request_cha
     if reserved:
         raise _bad(f"'chat_template_kwargs' may add template variables only; it may not set {reserved}",
                    "chat_template_kwargs")
+    prefill_ids = body.get("prefill_token_ids")
+    if prefill_ids is not None:
+        if (not isinstance(prefill_ids, list) or not prefill_ids
+                or not all(_is_int(t) and 0 <= t < engine.vocab_size for t in prefill_ids)):
+            raise _bad(f"'prefill_token_ids' must be a non-empty list of token ids below the vocabulary size "
+                       f"{engine.vocab_size}", "prefill_token_ids")
+        if not cont:
+            raise _bad("'prefill_token_ids' continue the assistant prefill: send continue_final_message: true",
+                       "prefill_token_ids")
     return dict(messages=messages, audios=audios, k=k, logprobs=want_lp, top_logprobs=top_lp,
                 continue_final_message=cont, add_generation_prompt=gen, chat_template=tmpl,
-                chat_template_kwargs=tkw, return_token_ids=_opt_bool(body, "return_token_ids", False))
+                chat_template_kwargs=tkw, return_token_ids=_opt_bool(body, "return_token_ids", False),
+                prefill_token_ids=prefill_ids)
 
 
 def chat_response(engine: TeacherEngine, req: dict, res) -> dict:
@@ -443,10 +457,17 @@ def create_app(model_dir: str | os.PathLike | None = None, api_key: str | None =
     async def chat(request: Request):
         async def body():
             req = parse_chat(await read_json(request), engine, max_logprobs, trust_request_chat_template)
-            text = engine.render(req["messages"], add_generation_prompt=req["add_generation_prompt"],
-                                 continue_final_message=req["continue_final_message"],
-                                 chat_template=req["chat_template"], chat_template_kwargs=req["chat_template_kwargs"])
-            inputs = await run_in_threadpool(engine.encode, text, req["audios"])
+            ids = req["prefill_token_ids"]
+            if ids is None:
+                text = engine.render(req["messages"], add_generation_prompt=req["add_generation_prompt"],
+                                     continue_final_message=req["continue_final_message"],
+                                     chat_template=req["chat_template"],
+                                     chat_template_kwargs=req["chat_template_kwargs"])
+            else:  # the prefill as token ids: the prompt up to the assistant turn, then exactly these ids
+                text = engine.render(req["messages"][:-1], add_generation_prompt=True, continue_final_message=False,
+                                     chat_template=req["chat_template"],
+                                     chat_template_kwargs=req["chat_template_kwargs"])
+            inputs = await run_in_threadpool(engine.encode, text, req["audios"], ids)
             res = await scorer.submit(ScoreItem(inputs, req["k"], req["top_logprobs"]))
             return JSONResponse(chat_response(engine, req, res))
         return await guarded(body)

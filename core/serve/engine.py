@@ -130,8 +130,9 @@ class TeacherEngine:
         except Exception as e:  # jinja2 errors, HF's continue_final_message checks
             raise BadInput(f"the chat template failed on these messages: {type(e).__name__}: {e}") from None
 
-    def encode(self, text: str, audios: list) -> dict:
-        """One prompt's processor output (batch dim 1); ``BadInput`` when it does not fit the model."""
+    def encode(self, text: str, audios: list, extra_ids: list[int] | None = None) -> dict:
+        """One prompt's processor output (batch dim 1), ``extra_ids`` appended to the tokens;
+        ``BadInput`` when it does not fit the model."""
         if audios and not self.has_audio:
             raise BadInput(f"model {self.name} takes no audio input")
         try:
@@ -143,6 +144,11 @@ class TeacherEngine:
         except Exception as e:  # placeholder / audio count mismatch, bad audio for the extractor
             raise BadInput(f"the processor could not encode this prompt: {type(e).__name__}: {e}") from None
         inputs = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor) and k != "num_audio_tokens"}
+        if extra_ids:
+            extra = torch.tensor([list(extra_ids)], dtype=inputs["input_ids"].dtype)
+            inputs["input_ids"] = torch.cat([inputs["input_ids"], extra], dim=1)
+            if "attention_mask" in inputs:
+                inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(extra)], dim=1)
         L = inputs["input_ids"].shape[1]
         if self.max_model_len and L > self.max_model_len:
             raise BadInput(f"This model's maximum context length is {self.max_model_len} tokens. However, you "

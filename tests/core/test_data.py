@@ -180,11 +180,15 @@ def test_answer_not_in_choices(good):
         {"key": "a", "audio": "a.wav", "question": "q", "choices": ["dog", "cat"], "answer": "cow"},
         {"key": "b", "audio": "a.wav", "choices": ["only"], "answer": "only"},
         {"key": "c", "audio": "a.wav", "choices": ["dog", "cat"]},  # unlabelled MCQ is fine
+        {"key": "d", "audio": "a.wav", "choices": ["dog", "cat"], "answer": "B"},  # the letter of a choice
+        {"key": "e", "audio": "a.wav", "choices": ["dog", "cat", "cow"], "answer": "A,C"},  # a set of letters
+        {"key": "f", "audio": "a.wav", "choices": ["dog", "cat"], "answer": "C"},  # past the last choice
     ])
     msg = _error(m)
-    assert f"{m}:1: answer: 'cow' is not one of choices" in msg
+    assert f"{m}:1: answer: 'cow' is neither one of choices" in msg
     assert f"{m}:2: choices: needs at least 2 choices" in msg
-    assert ":3:" not in msg
+    assert ":3:" not in msg and ":4:" not in msg and ":5:" not in msg
+    assert f"{m}:6: answer: 'C' is neither one of choices" in msg
 
 
 def test_bad_times_and_segment_past_end(good):

@@ -422,18 +422,61 @@ def test_actual_ids_without_prompt_token_ids():
     assert RemoteTeacher._actual_ids(plp, 2) == [None, 7, 9]
 
 
-def test_unalignable_sample_is_invalid_and_counted(server, student, rollout, tiny, caplog, monkeypatch):
-    """A completion whose text re-tokenises differently (' the' spelt ' t' 'h' 'e') is left out, logged."""
-    from core.methods import METHODS, Context
-
-    rep, comp = rollout
+def _split_the(student, comp):
+    """The rollout's completions with sample 3 replaced by ' the' spelt ' t' 'h' 'e' + EOS."""
     tok = student[1].tokenizer
     split = tok.convert_tokens_to_ids(["Ġt", "h", "e"]) + [tok.eos_token_id]
     assert tok(" the", add_special_tokens=False)["input_ids"] != split[:3]
     ids, mask = comp.ids.clone(), comp.mask.clone()
     ids[3], mask[3] = tok.pad_token_id, 0
     ids[3, :4], mask[3, :4] = torch.tensor(split), 1
-    bad = Completions(ids, mask, comp.logp, list(comp.texts))
+    return Completions(ids, mask, comp.logp, list(comp.texts))
+
+
+def test_prefill_token_ids_score_what_text_cannot(server, student, rollout, tiny):
+    """Our server scores the ids sent as ``prefill_token_ids``: a completion that does not survive
+    a text round trip is scored token for token, equal to LocalTeacher on the same ids."""
+    rep, comp = rollout
+    bad = _split_the(student, comp)
+    tm, tp = load_model_and_processor(tiny.teacher)
+    ls = LocalTeacher(tm, tp).score(rep, bad, top_k=K)
+    with remote(server, student) as t:
+        body = t.request_body(rep, 3, bad.ids[3][bad.mask[3].bool()].tolist(), K)
+        assert body["prefill_token_ids"] == bad.ids[3, :4].tolist()
+        rs = t.score(rep, bad, top_k=K)
+        assert t.stats["unscored"] == 0
+    assert rs.valid.all()
+    m = bad.mask.bool()
+    assert torch.allclose(rs.logp[m], ls.logp[m], atol=1e-5)
+    assert torch.allclose(rs.topk_logp[m], ls.topk_logp[m], atol=1e-5)
+
+
+def test_prefill_token_ids_are_checked(server, student, rollout):
+    import httpx
+    rep, comp = rollout
+    with remote(server, student) as t:
+        body = t.request_body(rep, 0, comp.ids[0][comp.mask[0].bool()].tolist(), K)
+    for bad, word in (([10 ** 9], "vocabulary"), ([], "non-empty"), (["a"], "token ids")):
+        r = httpx.post(f"{server.url}/v1/chat/completions", json={**body, "prefill_token_ids": bad}, timeout=30)
+        assert r.status_code == 400 and word in r.json()["error"]["message"], r.text
+        assert r.json()["error"]["param"] == "prefill_token_ids"
+
+
+def test_unalignable_sample_is_invalid_and_counted(server, student, rollout, tiny, caplog, monkeypatch):
+    """With a server that tokenises the prefill text again (vLLM ignores ``prefill_token_ids``), a
+    completion whose text re-tokenises differently is left out of the loss, logged and counted."""
+    from core.methods import METHODS, Context
+
+    rep, comp = rollout
+    tok = student[1].tokenizer
+    bad = _split_the(student, comp)
+    as_vllm = RemoteTeacher.request_body
+
+    def without_ids(self, *a, **kw):
+        body = as_vllm(self, *a, **kw)
+        body.pop("prefill_token_ids")
+        return body
+    monkeypatch.setattr(RemoteTeacher, "request_body", without_ids)
     with remote(server, student) as t, caplog.at_level(logging.WARNING, "core.teacher"):
         rs = t.score(rep, bad, top_k=K)
         assert t.stats["unscored"] == 1
@@ -450,7 +493,7 @@ def test_unalignable_sample_is_invalid_and_counted(server, student, rollout, tin
                       teacher=t)
         exp = METHODS["opd"].experience(ctx, tiny.rows[:4], seed=0)
     assert exp.metrics["unscored_samples"] == 1.0
-    assert exp.tensors["mask"][3].sum() == 0 and exp.tensors["mask"][2].sum() == mask[2].sum()
+    assert exp.tensors["mask"][3].sum() == 0 and exp.tensors["mask"][2].sum() == bad.mask[2].sum()
 
 
 # ----------------------------------------------------------------------------- through the trainer

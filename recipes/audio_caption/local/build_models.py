@@ -1,0 +1,1 @@
+../../asr/local/build_models.py

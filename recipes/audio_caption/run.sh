@@ -1,0 +1,209 @@
+#!/usr/bin/env bash
+# Audio captioning: on-policy distillation (OPD) of a student captioner from a teacher served
+# over HTTP, wenet-style stages.
+#
+#   bash run.sh                                  # stages 0-3 on the embedded default (synthetic clips)
+#   bash run.sh --stage 2 --stop_stage 3         # only OPD + baselines, then scoring
+#   bash run.sh --teacher local                  # the same OPD with an in-process teacher
+#   bash run.sh --teacher_url http://gpu-box:8000 --teacher_model Qwen/Qwen2-Audio-7B-Instruct
+#                                                # a teacher already served elsewhere (ours or vLLM)
+#   bash run.sh --corpus audiocaps --corpus_dir /data/audiocaps --audio_dir /data/audiocaps/audio
+#   bash run.sh --corpus clotho --corpus_dir /data/clotho
+#
+# Stage 0: data. Stage 1: tokenizer + teacher/student captioners; teacher SFT on its own captioned
+# clips, student SFT on its small captioned set. Stage 2: the teacher server is started (and
+# always stopped), the student distils on clips without captions; the fair baselines get the
+# same wall-clock (more SFT on the student's captions; SFT on the teacher's greedy captions).
+# Stage 3: greedy captions of the test clips, BLEU / ROUGE-L / CIDEr, the cascaded evaluation
+# (a text model answers multiple-choice questions about each clip from its caption),
+# results.json, README table.
+set -euo pipefail
+caller_pwd=$PWD
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+stage=0
+stop_stage=3
+corpus=synthetic      # synthetic | audiocaps | clotho
+corpus_dir=""         # local copy of the corpus (audiocaps | clotho)
+audio_dir=""          # audiocaps: folder of the clips (default: <corpus_dir>/audio)
+data=data             # manifests
+exp=exp               # models, logs, results
+teacher=remote        # remote: OPD talks to a teacher server over HTTP | local: in-process teacher
+teacher_url=""        # an already running teacher server (ours or vLLM); empty: run.sh starts ours
+teacher_model=""      # model name the remote server expects (vLLM: its served model name)
+port=0                # port of the server run.sh starts (0: a free one)
+budget=150            # seconds of training for OPD and for each baseline (equal wall-clock)
+baselines=true        # also train the fair baselines (sft_more, seqkd)
+qa_model=""           # cascade: a local HF text LLM directory; empty: train the tiny one
+backend=torch         # torch | deepspeed (uses conf/ds_zero2.json; conf/ds_zero3.json for big models)
+smoke=false           # tiny corpus and few steps, for tests
+seed=0
+help_message="Usage: bash run.sh [--stage N] [--stop_stage N] [--corpus synthetic|audiocaps|clotho] [--corpus_dir DIR] [--audio_dir DIR]
+       [--teacher remote|local] [--teacher_url URL] [--teacher_model NAME] [--budget SECONDS] [--baselines true|false]
+       [--qa_model DIR] [--backend torch|deepspeed] [--data DIR] [--exp DIR] [--smoke true]"
+. tools/parse_options.sh
+recipe=audio_caption
+. tools/recipe_common.sh   # PY, PYTHONPATH, log, record_time, summary_seconds, abspath
+# paths given on the command line are relative to where run.sh was called from
+corpus_dir=$(abspath "${corpus_dir}"); audio_dir=$(abspath "${audio_dir}"); qa_model=$(abspath "${qa_model}")
+[ "${data}" = data ] || data=$(abspath "${data}"); [ "${exp}" = exp ] || exp=$(abspath "${exp}")
+case "${teacher}" in remote|local) ;; *) echo "--teacher must be remote or local, got '${teacher}'" >&2; exit 1 ;; esac
+mkdir -p "${exp}"
+train() {  # config [overrides...]
+  local conf=$1; shift
+  if [ "${backend}" = "deepspeed" ]; then set -- backend.name=deepspeed "$@"; fi
+  "${PY}" -m core.bin.train --config "${conf}" train.seed=${seed} "$@"
+}
+
+teacher_over=(); student_over=(); cascade_over=(); synth_args=(); quick=()
+if [ "${smoke}" = "true" ]; then
+  synth_args=(--smoke)
+  teacher_over=(train.max_steps=40 train.save_every=0)
+  student_over=(train.max_steps=10 train.save_every=0)
+  quick=(train.eval_every=0 data.dev_max_samples=4)
+  budget=6
+  cascade_over=(train.max_steps=30 train.save_every=0 train.eval_every=0)
+fi
+# smoke: OPD takes a fixed number of steps, so a loaded machine cannot starve it; the baselines
+# then get the wall-clock those steps took
+opd_steps=(); [ "${smoke}" = "true" ] && opd_steps=(train.max_seconds=0 train.max_steps=12)
+
+if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
+  t0=$(date +%s)
+  log "stage 0: data (${corpus})"
+  case "${corpus}" in
+    synthetic)
+      "${PY}" local/make_synthetic.py --out_dir "${data}" --seed ${seed} "${synth_args[@]}" ;;
+    audiocaps)
+      [ -n "${corpus_dir}" ] || { echo "--corpus_dir is required for audiocaps" >&2; exit 1; }
+      "${PY}" local/prepare_audiocaps.py --corpus_dir "${corpus_dir}" --audio_dir "${audio_dir:-${corpus_dir}/audio}" \
+        --out_dir "${data}/raw"
+      "${PY}" local/split_train.py --train "${data}/raw/train.jsonl" --dev "${data}/raw/dev.jsonl" \
+        --test "${data}/raw/test.jsonl" --out_dir "${data}" --seed ${seed} ;;
+    clotho)
+      [ -n "${corpus_dir}" ] || { echo "--corpus_dir is required for clotho" >&2; exit 1; }
+      "${PY}" local/prepare_clotho.py --corpus_dir "${corpus_dir}" --out_dir "${data}/raw"
+      "${PY}" local/split_train.py --train "${data}/raw/train.jsonl" --dev "${data}/raw/dev.jsonl" \
+        --test "${data}/raw/test.jsonl" --out_dir "${data}" --seed ${seed} ;;
+    *) echo "unknown corpus '${corpus}'" >&2; exit 1 ;;
+  esac
+  record_time data $(( $(date +%s) - t0 ))
+fi
+
+if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
+  t0=$(date +%s)
+  log "stage 1: tokenizer and models"
+  "${PY}" local/build_models.py --conf conf/models.yaml --text "${data}/text_corpus.txt" --exp "${exp}" --seed ${seed}
+  built_teacher=$("${PY}" -c "import json;print(json.load(open('${exp}/models.json'))['teacher']['built'])")
+  built_student=$("${PY}" -c "import json;print(json.load(open('${exp}/models.json'))['student']['built'])")
+  if [ "${built_teacher}" = "True" ]; then
+    log "stage 1: teacher SFT on its own captioned clips"
+    train conf/teacher_sft.yaml model.path=${exp}/teacher_init output_dir=${exp}/teacher \
+      data.train=${data}/teacher_train.jsonl data.dev=${data}/dev.jsonl train.resume=never "${teacher_over[@]}" "${quick[@]}"
+  else
+    rm -rf "${exp}/teacher"; mkdir -p "${exp}/teacher"; ln -sfn "$(readlink -f ${exp}/teacher_init)" "${exp}/teacher/final"
+  fi
+  if [ "${built_student}" = "True" ]; then
+    log "stage 1: student SFT on its small captioned set"
+    train conf/student_sft.yaml model.path=${exp}/student_init output_dir=${exp}/student_sft \
+      data.train=${data}/student_labelled.jsonl data.dev=${data}/dev.jsonl train.resume=never "${student_over[@]}" "${quick[@]}"
+  else
+    rm -rf "${exp}/student_sft"; mkdir -p "${exp}/student_sft"; ln -sfn "$(readlink -f ${exp}/student_init)" "${exp}/student_sft/final"
+  fi
+  rm -rf "${exp}/cascade"   # a new tokenizer: the cascade's text model is trained again in stage 3
+  record_time models $(( $(date +%s) - t0 ))
+fi
+
+server_pid=""
+stop_server() {
+  if [ -n "${server_pid}" ] && kill -0 "${server_pid}" 2>/dev/null; then
+    log "stopping the teacher server (pid ${server_pid})"
+    kill "${server_pid}" 2>/dev/null || true
+    wait "${server_pid}" 2>/dev/null || true
+  fi
+  server_pid=""
+}
+trap stop_server EXIT
+trap 'stop_server; exit 130' INT TERM
+start_server() {  # model_dir: starts our teacher server on 127.0.0.1, waits for /health, sets teacher_url
+  [ "${port}" != 0 ] || port=$("${PY}" -c "import socket;s=socket.socket();s.bind(('127.0.0.1',0));print(s.getsockname()[1])")
+  log "starting the teacher server on 127.0.0.1:${port} (log: ${exp}/teacher_server.log)"
+  # one thread for the server, so that the student's training keeps the other core
+  OMP_NUM_THREADS=1 "${PY}" -m core.bin.serve_teacher --model "$1" --host 127.0.0.1 --port "${port}" \
+    --max-batch 16 --log-level warning > "${exp}/teacher_server.log" 2>&1 &
+  server_pid=$!
+  "${PY}" - "http://127.0.0.1:${port}/health" "${server_pid}" <<'PY' || { cat "${exp}/teacher_server.log" >&2; exit 1; }
+import os, sys, time, httpx
+url, pid = sys.argv[1], int(sys.argv[2])
+for _ in range(600):
+    try:
+        if httpx.get(url, timeout=2).status_code == 200:
+            sys.exit(0)
+    except httpx.HTTPError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        sys.exit(f"the teacher server exited before answering {url}")
+    time.sleep(0.2)
+sys.exit(f"no answer from {url} after 120 s")
+PY
+  teacher_url="http://127.0.0.1:${port}"
+}
+
+opd_paths=(model.path=${exp}/student_sft/final output_dir=${exp}/opd data.train=${data}/unlabelled.jsonl data.dev=${data}/dev.jsonl)
+kd_paths=(model.path=${exp}/student_sft/final data.train=${exp}/seqkd_data/unlabelled_teacher.jsonl data.dev=${data}/dev.jsonl)
+
+if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
+  t0=$(date +%s)
+  if [ "${teacher}" = "remote" ]; then
+    [ -n "${teacher_url}" ] || start_server "${exp}/teacher/final"
+    teacher_args=(teacher.kind=remote teacher.url=${teacher_url})
+    [ -n "${teacher_model}" ] && teacher_args+=(teacher.model=${teacher_model})
+  else
+    teacher_args=(teacher.kind=local teacher.path=${exp}/teacher/final)
+  fi
+  log "stage 2: on-policy distillation from the ${teacher} teacher, ${budget} s"
+  train conf/opd.yaml "${opd_paths[@]}" "${teacher_args[@]}" train.max_seconds=${budget} train.resume=never \
+    "${quick[@]}" "${opd_steps[@]}"
+  stop_server
+  record_time opd $(( $(date +%s) - t0 ))
+  # the baselines get the wall-clock OPD actually trained for
+  spent=$(summary_seconds "${exp}/opd/train_summary.json")
+  if [ "${baselines}" = "true" ]; then
+    t1=$(date +%s)
+    log "baseline sft_more: more SFT on the student's captioned set, ${spent} s"
+    train conf/sft_more.yaml model.path=${exp}/student_sft/final output_dir=${exp}/sft_more \
+      data.train=${data}/student_labelled.jsonl data.dev=${data}/dev.jsonl train.max_seconds=${spent} train.resume=never "${quick[@]}"
+    record_time sft_more $(( $(date +%s) - t1 ))
+    t1=$(date +%s)
+    log "baseline seqkd: the teacher captions the unlabelled clips"
+    "${PY}" -m core.bin.decode --model ${exp}/teacher/final --manifest ${data}/unlabelled.jsonl \
+      --out ${exp}/seqkd_data/unlabelled_teacher.jsonl --as_manifest --prompt "Describe the audio." --max_new_tokens 24
+    record_time teacher_caption $(( $(date +%s) - t1 ))
+    t1=$(date +%s)
+    log "baseline seqkd: SFT on the teacher's captions, ${spent} s"
+    train conf/seqkd.yaml "${kd_paths[@]}" output_dir=${exp}/seqkd train.max_seconds=${spent} train.resume=never "${quick[@]}"
+    record_time seqkd $(( $(date +%s) - t1 ))
+  fi
+fi
+
+if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
+  t0=$(date +%s)
+  log "stage 3: caption the test clips, caption metrics, cascaded question answering"
+  qa_args=(); [ -n "${qa_model}" ] && qa_args=(--qa_model "${qa_model}")
+  has_questions=$("${PY}" -c "import json,sys;print(any(json.loads(l).get('questions') for l in open(sys.argv[1]) if l.strip()))" "${data}/test.jsonl")
+  if [ -z "${qa_model}" ] && [ "${has_questions}" = "True" ] && [ ! -f "${exp}/cascade/final/config.json" ]; then
+    log "stage 3: the cascade's text model, trained on reference captions and their questions"
+    "${PY}" local/cascade.py make-train --manifest "${data}/teacher_train.jsonl" --manifest "${data}/student_labelled.jsonl" \
+      --out "${exp}/cascade_data/qa_train.jsonl"
+    "${PY}" local/cascade.py build --tokenizer "${exp}/student_init" --out "${exp}/cascade_init"
+    train conf/cascade_sft.yaml model.path=${exp}/cascade_init data.train=${exp}/cascade_data/qa_train.jsonl \
+      output_dir=${exp}/cascade train.resume=never "${cascade_over[@]}"
+  fi
+  [ "${has_questions}" = "True" ] || log "stage 3: the test clips carry no questions: no cascaded evaluation"
+  "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --readme README.md --corpus ${corpus} \
+    --teacher ${teacher} --smoke ${smoke} --seed ${seed} "${qa_args[@]}"
+  record_time eval $(( $(date +%s) - t0 ))
+  "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --only_times
+fi

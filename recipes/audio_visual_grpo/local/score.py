@@ -1,0 +1,286 @@
+#!/usr/bin/env python3
+"""Score audio-visual multiple-choice hypotheses with Daily-Omni's or IntentBench's rules.
+
+    python local/score.py --hyp exp/x/hyp.jsonl --manifest data/test.jsonl [--out exp/x/score.json]
+
+Inputs: the manifest (JSONL rows with ``key`` and ``answer``, plus ``Type``, ``problem_type``,
+``duration`` / ``video_duration`` when they exist) and the hypotheses written by
+``python -m core.bin.decode`` (JSONL lines ``{"key": ..., "text": ...}``). Every manifest key needs
+exactly one hypothesis and every hypothesis a manifest row; otherwise an error names the keys.
+
+The rule of a row follows its ``problem_type`` (IntentBench's), and is Daily-Omni's without one
+(the synthetic set, Daily-Omni):
+
+- letter (Daily-Omni, ``test_model/*/testmodel.py``): ``extract_letter(text)``: the answer is the
+  content of the ``<answer>`` tag when there is one, else the output without its
+  ``<think>`` reasoning (``core.rewards.extract_answer``); its letter is an A-D at its start
+  (``B``, ``b``, ``B.``, ``(B)``, ``B) red``), compared with the answer letter case-insensitively.
+  Unlike the official regex, a letter followed by another letter is not taken ("Based on ..." is
+  not "B"); such outputs count as unparsed (and wrong).
+- ``multiple choice`` (IntentBench, HumanOmniV2's ``eval_humanomniv2.py``): the extracted answer
+  equals the answer exactly after stripping spaces.
+- ``emer_ov_mc``: F1 between the comma-separated letter sets of the prediction and the answer
+  (each item stripped and read as a letter, so "A, C" counts like "A,C"; the official code does not
+  strip).
+- ``judge``: the first "yes" or "no" word of the prediction agrees with the answer's (the official
+  code checks substrings, so there "I do not know" holds "no").
+
+Output (``--out``, JSON)::
+
+    {"acc", "n", "unparsed", "by_type": {Type: {"acc", "n"}}, "by_duration": {bucket: {"acc", "n"}},
+     "by_rule": {...}, "format_rate", "pred_dist": {Type: {prediction: count}}}
+
+``acc`` is the mean score in [0, 1] (the F1 for ``emer_ov_mc`` rows). ``by_type`` groups by the
+row's ``Type`` (else ``problem_type``); ``by_duration`` by ``video_duration`` (Daily-Omni's
+"30s" / "60s") or else ``duration`` rounded to whole seconds ("2s"); a breakdown is empty when no
+row has its field. ``unparsed`` counts predictions the rule could not read (no letter, no letter
+set, no yes/no, an empty answer). ``pred_dist`` shows the most frequent predictions per type, to
+show a policy collapsing onto one letter.
+
+``extract_letter`` / ``letter_set`` / ``yes_no`` / ``score_one`` are meant for the reward side too.
+
+Left out: LLM-judge matching, per-sample dumps, confidence intervals, IntentBench's numerical and
+regression types.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Mapping, Sequence
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[2]
+try:
+    from core.rewards import extract_answer, get_reward
+except ImportError:  # run from a checkout without the package installed
+    sys.path.insert(0, str(ROOT))
+    from core.rewards import extract_answer, get_reward
+
+
+def _load(path: Path, name: str):
+    """A module from a file under a unique name (recipes' local/ folders reuse module names)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_qa_score = _load(ROOT / "recipes" / "audio_qa" / "local" / "score.py", "audio_qa_local_score")
+read_hyps, check_alignment = _qa_score.read_hyps, _qa_score.check_alignment
+
+RULES = ("letter", "multiple choice", "emer_ov_mc", "judge")
+TOP_PREDICTIONS = 5
+_LEAD_LETTER = re.compile(r"^\s*[(\[]?\s*([A-Za-z])(?![A-Za-z0-9])")
+_YES_NO = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
+
+
+# ----------------------------------------------------------------------------- rules
+
+def extract_letter(text: str, letters: str = "ABCD") -> str | None:
+    """The option letter an output answers with (uppercase), or None.
+
+    The answer is ``core.rewards.extract_answer(text)`` (the last ``<answer>`` block, else the text
+    without reasoning); its letter is the first character if it is one of ``letters`` in any case,
+    optionally after "(" or "[", and not followed by a letter or digit.
+    """
+    m = _LEAD_LETTER.match(extract_answer(text or ""))
+    if not m:
+        return None
+    letter = m.group(1).upper()
+    return letter if letter in letters.upper() else None
+
+
+def letter_set(answer: str, letters: str = "ABCDEFGHIJ") -> set[str]:
+    """The letters of a comma-separated answer ("A,C", "a, c", "(A), C."); items that are not a
+    letter are dropped."""
+    out = set()
+    for item in str(answer).split(","):
+        m = _LEAD_LETTER.match(item)
+        if m and m.group(1).upper() in letters:
+            out.add(m.group(1).upper())
+    return out
+
+
+def f1(pred: set, ref: set) -> float:
+    """F1 of two sets (0.0 when either is empty)."""
+    tp = len(pred & ref)
+    if not pred or not ref or not tp:
+        return 0.0
+    p, r = tp / len(pred), tp / len(ref)
+    return 2 * p * r / (p + r)
+
+
+def yes_no(answer: str) -> str | None:
+    """"yes" or "no": the first such word of ``answer`` (any case), else None."""
+    m = _YES_NO.search(str(answer))
+    return m.group(1).lower() if m else None
+
+
+def rule_of(row: Mapping) -> str:
+    """``letter`` for rows without IntentBench's ``problem_type``, else that type."""
+    pt = row.get("problem_type")
+    if pt is None:
+        return "letter"
+    if pt not in RULES[1:]:
+        raise ValueError(f"row {row.get('key')!r}: unknown problem_type {pt!r}; one of {', '.join(RULES[1:])}")
+    return str(pt)
+
+
+def score_one(text: str, row: Mapping) -> tuple[float, bool, str]:
+    """(score in [0, 1], parsed, prediction) of one output for one row."""
+    rule, answer = rule_of(row), str(row["answer"])
+    if rule == "letter":
+        n = len(row.get("choices") or []) or 4
+        pred = extract_letter(text, "ABCDEFGHIJ"[:max(n, 4)])
+        gold = answer.strip().upper()
+        return (1.0 if pred is not None and pred == gold else 0.0), pred is not None, pred or ""
+    pred_text = extract_answer(text or "").strip()
+    if rule == "multiple choice":
+        return (1.0 if pred_text and pred_text == answer.strip() else 0.0), bool(pred_text), pred_text
+    if rule == "emer_ov_mc":
+        pred = letter_set(pred_text)
+        return f1(pred, letter_set(answer)), bool(pred), ",".join(sorted(pred))
+    pred = yes_no(pred_text)
+    return (1.0 if pred is not None and pred == yes_no(answer) else 0.0), pred is not None, pred or ""
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def duration_bucket(row: Mapping) -> str | None:
+    """Daily-Omni's ``video_duration`` ("30s"), else ``duration`` rounded to seconds ("2s"), else None."""
+    vd = row.get("video_duration")
+    if vd is not None and str(vd).strip():
+        return str(vd).strip()
+    d = row.get("duration")
+    if isinstance(d, (int, float)) and not isinstance(d, bool):
+        return f"{int(round(d))}s"
+    return None
+
+
+def _acc(values: list[float]) -> dict:
+    return {"acc": sum(values) / len(values) if values else 0.0, "n": len(values)}
+
+
+def score(rows: Sequence[Mapping], hyps: Mapping[str, str]) -> dict:
+    """Accuracy, its breakdowns and the unparsed count (see the module docstring for the keys).
+
+    Raises:
+        ValueError: keys that do not match, rows without an answer, an unknown problem_type.
+    """
+    check_alignment(rows, hyps)
+    no_answer = [r["key"] for r in rows if r.get("answer") is None or not str(r["answer"]).strip()]
+    if no_answer:
+        more = f" ... and {len(no_answer) - 10} more" if len(no_answer) > 10 else ""
+        raise ValueError(f"{len(no_answer)} row(s) have no answer to score against: "
+                         f"{', '.join(no_answer[:10])}{more}")
+    values, parsed, preds = [], [], []
+    for r in rows:
+        v, ok, p = score_one(hyps[r["key"]], r)
+        values.append(v)
+        parsed.append(ok)
+        preds.append(p)
+    out = {**_acc(values), "unparsed": sum(not p for p in parsed)}
+    groups = {"by_type": lambda r: r.get("Type", r.get("problem_type")),
+              "by_duration": duration_bucket,
+              "by_rule": rule_of}
+    for name, fn in groups.items():
+        keys = [fn(r) for r in rows]
+        g: dict[str, list[float]] = defaultdict(list)
+        if any(k is not None for k in keys):
+            for k, v in zip(keys, values):
+                g[str(k) if k is not None else "(none)"].append(v)
+        out[name] = {k: _acc(g[k]) for k in sorted(g)}
+    fmt = get_reward("format")([hyps[r["key"]] for r in rows])
+    out["format_rate"] = sum(fmt) / len(fmt) if fmt else 0.0
+    dist: dict[str, Counter] = defaultdict(Counter)
+    for r, p in zip(rows, preds):
+        dist[str(r.get("Type", r.get("problem_type")) or "(none)")][p[:40] or "(unparsed)"] += 1
+    out["pred_dist"] = {t: dict(dist[t].most_common(TOP_PREDICTIONS)) for t in sorted(dist)}
+    return out
+
+
+# ----------------------------------------------------------------------------- files
+
+def read_rows(path: str | os.PathLike) -> list[dict]:
+    """Manifest rows (only ``key`` and ``answer`` are checked); ValueError naming ``file:line`` and
+    the field for every bad line at once. Media are not opened."""
+    rows, problems, seen = [], [], {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                problems.append(f"{path}:{lineno}: json: malformed JSON ({e.msg})")
+                continue
+            if not isinstance(rec, dict):
+                problems.append(f"{path}:{lineno}: json: expected a JSON object")
+                continue
+            key = rec.get("key")
+            if not isinstance(key, str) or not key.strip():
+                problems.append(f"{path}:{lineno}: key: missing or not a non-empty string")
+            elif key in seen:
+                problems.append(f"{path}:{lineno}: key: duplicate key {key!r} (first on line {seen[key]})")
+            else:
+                seen[key] = lineno
+            if not isinstance(rec.get("answer"), str) or not rec["answer"].strip():
+                problems.append(f"{path}:{lineno}: answer: missing or not a non-empty string")
+            pt = rec.get("problem_type")
+            if pt is not None and pt not in RULES[1:]:
+                problems.append(f"{path}:{lineno}: problem_type: {pt!r} is not one of {', '.join(RULES[1:])}")
+            rows.append(rec)
+    if problems:
+        raise ValueError(f"{path}: {len(problems)} bad line(s):\n" + "\n".join(problems[:50]))
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def format_table(res: dict) -> str:
+    lines = [f"acc {100 * res['acc']:.2f}% over {res['n']} (unparsed {res['unparsed']}, "
+             f"format ok {100 * res['format_rate']:.1f}%)"]
+    for name in ("by_type", "by_duration", "by_rule"):
+        if res[name]:
+            lines.append(f"{name[3:]}:")
+            width = max(len(g) for g in res[name])
+            lines += [f"  {g:<{width}}  {100 * v['acc']:6.2f}%  {v['n']:>5}" for g, v in res[name].items()]
+    for t, dist in res["pred_dist"].items():
+        lines.append(f"top predictions [{t}]: " + ", ".join(f"{a!r}: {n}" for a, n in dist.items()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hyp", required=True, help="hypotheses from core.bin.decode (JSONL key/text)")
+    ap.add_argument("--manifest", required=True, help="test manifest (JSONL)")
+    ap.add_argument("--out", help="results JSON")
+    args = ap.parse_args(argv)
+    try:
+        res = score(read_rows(args.manifest), read_hyps(args.hyp))
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{args.out}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(res, f, ensure_ascii=False, indent=2)
+            f.write("\n")
+        os.replace(tmp, args.out)
+    print(format_table(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The audio_caption recipe end to end on its smoke configuration, in a temporary folder: the
+teacher server is started and stopped by run.sh, OPD talks to it over HTTP, and stage 3 writes
+the caption metrics and the cascaded accuracy. Then stage 2 again with the in-process teacher."""
+import json
+import math
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+RUN = ROOT / "recipes/audio_caption/run.sh"
+
+
+def _run(*args, timeout=1200):
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    proc = subprocess.run(["bash", str(RUN), *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+def _server_running(exp: Path) -> bool:
+    out = subprocess.run(["pgrep", "-f", f"serve_teacher --model {exp}"], capture_output=True, text=True)
+    return bool(out.stdout.strip())
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("audio_caption")
+    data, exp = tmp / "data", tmp / "exp"
+    proc = _run("--smoke", "true", "--data", data, "--exp", exp)
+    return data, exp, proc
+
+
+def test_audio_caption_recipe_smoke(smoke_run):
+    data, exp, proc = smoke_run
+    res = json.loads((exp / "results.json").read_text())
+    metrics = ("BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "ROUGE_L", "CIDEr", "cascade_acc")
+    for name in ("teacher", "student_before", "student_after"):
+        assert set(metrics) <= set(res[name]), (name, res[name])
+        for k, v in res[name].items():
+            assert isinstance(v, float) and math.isfinite(v) and v >= 0, (name, k, v)
+        assert res["decode"][name]["num_clips"] == 16
+    assert set(res["baselines"]) == {"sft_more", "seqkd"}
+    assert 0.0 <= res["cascade_reference"]["cascade_acc"] <= 1.0
+    for v in ("data", "models", "opd", "sft_more", "seqkd", "eval"):
+        assert v in res["stage_seconds"], v
+    # the baselines got the wall-clock OPD took
+    tr = res["training"]
+    assert tr["sft_more"]["train_seconds"] >= 0.8 * tr["opd"]["train_seconds"]
+    assert tr["opd"]["steps"] == 12
+    # OPD went through the HTTP server that run.sh started, and the server is gone
+    cfg = (exp / "opd" / "config.yaml").read_text()
+    assert "kind: remote" in cfg and "http://127.0.0.1:" in cfg
+    assert "starting the teacher server" in proc.stdout and "stopping the teacher server" in proc.stdout
+    assert not _server_running(exp)
+    rows = [json.loads(line) for line in (exp / "opd" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert len(train_rows) == 12 and all(math.isfinite(r["loss"]) for r in train_rows)
+    assert all(r.get("unscored_samples", 0) == 0 for r in train_rows)
+    # hypotheses for every test clip, and the unlabelled manifest has no captions
+    hyp = (exp / "decode/student_after/hyp.jsonl").read_text().splitlines()
+    assert len(hyp) == 16
+    for line in (data / "unlabelled.jsonl").read_text().splitlines():
+        assert "text" not in json.loads(line)
+    assert (exp / "opd/final/model.safetensors").is_file()
+    assert (exp / "cascade/final/config.json").is_file()
+
+
+def test_audio_caption_local_teacher(smoke_run, tmp_path):
+    data, exp, _ = smoke_run
+    exp2 = tmp_path / "exp"
+    shutil.copytree(exp, exp2, symlinks=True)
+    shutil.rmtree(exp2 / "opd")
+    proc = _run("--smoke", "true", "--data", data, "--exp", exp2, "--stage", "2", "--stop_stage", "2",
+                "--teacher", "local", "--baselines", "false")
+    assert "starting the teacher server" not in proc.stdout
+    cfg = (exp2 / "opd" / "config.yaml").read_text()
+    assert "kind: local" in cfg
+    summary = json.loads((exp2 / "opd" / "train_summary.json").read_text())
+    assert summary["steps"] == 12
+
+
+def test_audio_caption_unreachable_teacher(smoke_run, tmp_path):
+    """A teacher URL nobody answers: OPD stops with a clear error, nothing is trained silently."""
+    data, exp, _ = smoke_run
+    exp2 = tmp_path / "exp"
+    shutil.copytree(exp, exp2, symlinks=True)
+    shutil.rmtree(exp2 / "opd")
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    proc = subprocess.run(["bash", str(RUN), "--smoke", "true", "--data", str(data), "--exp", str(exp2),
+                           "--stage", "2", "--stop_stage", "2", "--baselines", "false",
+                           "--teacher_url", "http://127.0.0.1:9"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode != 0
+    err = proc.stdout + proc.stderr
+    assert "127.0.0.1:9" in err
+    assert not (exp2 / "opd" / "final").exists()
