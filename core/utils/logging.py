@@ -17,6 +17,9 @@ from pathlib import Path
 def setup_console(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=False)
+    # one INFO line per HTTP request (a remote teacher sends one per sample) would bury the log
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))
     try:
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()

@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT))
 
-from tools.report import update_readme  # noqa: E402
+from tools.report import refresh_stage_seconds, update_readme  # noqa: E402
 
 SYSTEMS = {"teacher": "teacher", "student_before": "student_sft", "student_after": "opd"}
 BASELINES = {"sft_more": "more SFT on the student's labelled set",
@@ -89,15 +89,7 @@ def main(argv=None) -> int:
     res_path = exp / "results.json"
     times = load_json(exp / "stage_seconds.json") or {}
     if args.only_times:
-        r = load_json(res_path)
-        if r is None:
-            raise SystemExit(f"{res_path} not found")
-        r["stage_seconds"] = times
-        r["total_seconds"] = round(sum(times.values()), 1)
-        res_path.write_text(json.dumps(r, indent=2, ensure_ascii=False))
-        print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
-              + f" | total {r['total_seconds']:.0f}")
-        return 0
+        return refresh_stage_seconds(exp)
 
     from core.utils.logging import setup_console
     setup_console()

@@ -32,7 +32,12 @@ no letters), "answer" (A-D), "answer_text", "Type", "duration" (s), "dataset": "
 Written under ``--out_dir`` (videos under ``video/``):
 
   train.jsonl     GRPO prompts (default 1500)
-  sft.jsonl       the SFT warm-up set (default 400; its own clips, none shared with train)
+  sft.jsonl       labelled questions of the warm-up (default 400; its own clips, none shared with train)
+  describe.jsonl  every train clip with the task "Describe what you see and hear." (``target`` =
+                  the reasoning of its reference answer: what is seen and heard, without the
+                  question or the answer; keys end in ``_describe``)
+  base_sft.jsonl  describe + sft: what the base policy is SFT-warmed on (it learns to look and
+                  listen on GRPO's clips, and the question format on the sft clips)
   dev.jsonl, test.jsonl   held-out clips (100, 300)
   text_corpus.txt every prompt, target and choice plus the format strings, for the tokenizer
   stats.json      counts per split, task, answer letter and duration; generation seconds
@@ -44,7 +49,6 @@ footage, circles and other shapes, speech longer than one word, clips longer tha
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import random
 import shutil
@@ -57,6 +61,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
 sys.path.insert(0, str(ROOT))
 
+from tools.local_module import load_module  # noqa: E402
+
 from tools.synth.sound import Segment  # noqa: E402
 from tools.synth.sound import render_many as render_sounds  # noqa: E402
 from tools.synth.speech import DEFAULT_VARIANTS, SynthJob, list_voices, synthesize_many  # noqa: E402
@@ -64,18 +70,9 @@ from tools.synth.video import Box, VideoSpec  # noqa: E402
 from tools.synth.video import render_many as render_videos  # noqa: E402
 
 
-def _load(path: Path, name: str):
-    """A module from a file under a unique name (recipes' local/ folders reuse module names)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
-prompt = _load(HERE / "prompt.py", "audio_visual_grpo_local_prompt")
+prompt = load_module(HERE / "prompt.py", "audio_visual_grpo_local_prompt")
 
 COLOURS = ("red", "green", "blue")
 WORDS = {0: "zero", 1: "one", 2: "two", 3: "three"}
@@ -94,6 +91,7 @@ SMOKE = {"train": 32, "sft": 16, "dev": 8, "test": 16}
 SIZE, FPS, CELL, BOX, PAD = 64, 8, 16, 12, 2
 DURATIONS = (2.0, 3.0)
 BEEP_SECONDS, BEEP_HZ = 0.3, 1000
+DESCRIBE = "Describe what you see and hear."
 
 
 def _cell(i: int) -> tuple[int, int]:
@@ -208,6 +206,7 @@ def make_split(split: str, count: int, seed: int, voices, shuffle_choices: bool 
                "duration": dur, "dataset": "synthetic", "spoken": spoken}
         row["prompt"] = prompt.render_prompt(row)
         row["target"] = prompt.render_target(row, why)
+        row["description"] = why
         rows.append(row)
     return rows, speech, beeps, videos
 
@@ -259,7 +258,13 @@ def main(argv=None) -> int:
     shutil.rmtree(tmp)
     for s in SPLITS:
         write_jsonl(out / f"{s}.jsonl", splits[s])
-    corpus = [x for s in SPLITS for r in splits[s] for x in (r["prompt"], r["target"])]
+    # the warm-up: describe every GRPO training clip (what is seen and heard, no question and no
+    # answer), plus the labelled questions of the sft clips
+    describe = [{"key": f"{r['key']}_describe", "video": r["video"], "task": "av_describe", "Type": "describe",
+                 "duration": r["duration"], "prompt": DESCRIBE, "target": r["description"]} for r in splits["train"]]
+    write_jsonl(out / "describe.jsonl", describe)
+    write_jsonl(out / "base_sft.jsonl", describe + splits["sft"])
+    corpus = [x for s in SPLITS for r in splits[s] for x in (r["prompt"], r["target"])] + [DESCRIBE]
     corpus += sorted({c for ch in CHOICES.values() for c in ch}) + list(prompt.FORMAT_STRINGS)
     corpus += list(prompt.INSTRUCTIONS.values())
     (out / "text_corpus.txt").write_text("\n".join(corpus) + "\n", encoding="utf-8")

@@ -32,7 +32,6 @@ wording.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -42,23 +41,16 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
 sys.path.insert(0, str(ROOT))
+
+from tools.local_module import load_module  # noqa: E402
 sys.path.append(str(ROOT / "recipes" / "audio_qa" / "local"))
 from prep_common import (PrepError, add_bad, add_bad_args, make_parser, nonempty_str,  # noqa: E402
                          run_cli, skipped_note, write_outputs)
 
 
-def _load(path: Path, name: str):
-    """A module from a file under a unique name (recipes' local/ folders reuse module names)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
-prompt = _load(HERE / "prompt.py", "audio_visual_grpo_local_prompt")
+prompt = load_module(HERE / "prompt.py", "audio_visual_grpo_local_prompt")
 
 MAPPED = ("Question", "Choice", "Answer", "video_id", "Type", "video_category", "video_duration")
 _ANSWER = re.compile(r"^\s*\(?([A-Da-d])\)?\.?\s*$")

@@ -33,7 +33,6 @@ and the official system prompt.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import sys
@@ -42,25 +41,18 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
 sys.path.insert(0, str(ROOT))
+
+from tools.local_module import load_module  # noqa: E402
 sys.path.append(str(ROOT / "recipes" / "audio_qa" / "local"))
 from prep_common import (PrepError, add_bad, add_bad_args, make_parser, nonempty_str,  # noqa: E402
                          run_cli, skipped_note, write_outputs)
 
 
-def _load(path: Path, name: str):
-    """A module from a file under a unique name (recipes' local/ folders reuse module names)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
-prompt = _load(HERE / "prompt.py", "audio_visual_grpo_local_prompt")
-score = _load(HERE / "score.py", "audio_visual_grpo_local_score")
-load_records = _load(HERE / "prepare_dailyomni.py", "audio_visual_grpo_local_prepare_dailyomni").load_records
+prompt = load_module(HERE / "prompt.py", "audio_visual_grpo_local_prompt")
+score = load_module(HERE / "score.py", "audio_visual_grpo_local_score")
+load_records = load_module(HERE / "prepare_dailyomni.py", "audio_visual_grpo_local_prepare_dailyomni").load_records
 
 PROBLEM_TYPES = ("multiple choice", "emer_ov_mc", "judge")
 MAPPED = ("problem", "problem_type", "options", "answer", "video", "path", "data_type")

@@ -45,7 +45,6 @@ regression types.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import re
@@ -56,25 +55,15 @@ from typing import Mapping, Sequence
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
-try:
-    from core.rewards import extract_answer, get_reward
-except ImportError:  # run from a checkout without the package installed
-    sys.path.insert(0, str(ROOT))
-    from core.rewards import extract_answer, get_reward
+sys.path.insert(0, str(ROOT))
+
+from core.rewards import extract_answer, get_reward  # noqa: E402
+from tools.local_module import load_module  # noqa: E402
 
 
-def _load(path: Path, name: str):
-    """A module from a file under a unique name (recipes' local/ folders reuse module names)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
-_qa_score = _load(ROOT / "recipes" / "audio_qa" / "local" / "score.py", "audio_qa_local_score")
+_qa_score = load_module(ROOT / "recipes" / "audio_qa" / "local" / "score.py", "audio_qa_local_score")
 read_hyps, check_alignment = _qa_score.read_hyps, _qa_score.check_alignment
 
 RULES = ("letter", "multiple choice", "emer_ov_mc", "judge")

@@ -1,0 +1,162 @@
+#!/usr/bin/env python3
+"""Stage 4 of the audio_visual_grpo recipe: decode the test set with the model before GRPO (the
+SFT warm-up), after GRPO and the baseline, score, and report.
+
+For each system: greedy answers (``decode/<system>/hyp.jsonl``, the Omni thinker reading
+``--num_frames`` frames and the sound track of each video) and ``local/score.py``'s accuracy:
+overall, by question type, by duration and by rule (Daily-Omni's letter rule; IntentBench's
+rules by problem type), the unparsed count, the format rate and the most frequent answers per
+type (to see a collapse). The training reward of GRPO (first and last tenth of the steps, the
+best smoothed value) comes from its ``metrics.jsonl``.
+
+Writes ``results.json`` (``{"before": {"acc", ...}, "after": {...}, "baselines": {"sft_answers":
+{...}}, "training_reward": {...}, ...}``), prints the table, writes it into the README between
+the ``results`` markers and draws the reward curves into ``<exp>/plots``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[2]
+sys.path.insert(0, str(ROOT))
+
+from tools.local_module import load_module  # noqa: E402
+from tools.report import refresh_stage_seconds, update_readme  # noqa: E402
+
+SYSTEMS = {"before": ("sft", "SFT warm-up on the output format (the GRPO start)"),
+           "after": ("grpo", "GRPO (format 0.1 + exact_alnum 0.9)")}
+BASELINES = {"sft_answers": ("sft_answers", "SFT on the answers of GRPO's questions, same wall-clock")}
+MAX_NEW_TOKENS = 40
+
+
+def _score_module():
+    return load_module(HERE / "score.py", "audio_visual_grpo_local_score")
+
+
+def load_json(p: Path):
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def evaluate(name: str, model_dir: Path, data: Path, exp: Path, args) -> dict:
+    from core.bin.decode import decode
+    sc = _score_module()
+    out = exp / "decode" / name
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    info = decode(str(model_dir), str(data / "test.jsonl"), str(out / "hyp.jsonl"), prompt="{prompt}",
+                  max_new_tokens=MAX_NEW_TOKENS, target_field="target", modality="av",
+                  num_frames=args.num_frames, missing_audio=args.missing_audio, batch_size=16)
+    res = sc.score(sc.read_rows(data / "test.jsonl"), sc.read_hyps(out / "hyp.jsonl"))
+    res["decode_seconds"] = round(time.time() - t0, 2)
+    res["empty_outputs"] = info["empty"]
+    res["model"] = str(model_dir)
+    (out / "score.json").write_text(json.dumps(res, indent=2, ensure_ascii=False))
+    return res
+
+
+def training_reward(metrics: Path) -> dict | None:
+    """Mean training reward over the first and the last tenth of GRPO's steps, and its best
+    running mean over 5 steps."""
+    if not metrics.is_file():
+        return None
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    r = [float(x["reward"]) for x in rows if "reward" in x and "step" in x]
+    if not r:
+        return None
+    k = max(1, len(r) // 10)
+    w = min(5, len(r))
+    smooth = [sum(r[i:i + w]) / w for i in range(len(r) - w + 1)]
+    return {"first": round(sum(r[:k]) / k, 4), "last": round(sum(r[-k:]) / k, 4), "max_smoothed": round(max(smooth), 4),
+            "steps": len(r)}
+
+
+def fmt_table(results: dict) -> str:
+    rows = [(k, results[k], SYSTEMS[k][1]) for k in SYSTEMS]
+    rows += [(k, v, BASELINES[k][1]) for k, v in results.get("baselines", {}).items()]
+    types = sorted({t for _, r, _ in rows for t in r.get("by_type", {})})
+    tr = results.get("training", {})
+    head = "| system | acc % | " + " | ".join(types) + " | unparsed | train s | steps | what |"
+    lines = [head, "|---" * (len(types) + 6) + "|"]
+    for name, r, what in rows:
+        d = (SYSTEMS.get(name) or BASELINES.get(name))[0]
+        t = tr.get(d, {})
+        cells = [f"{100 * r['by_type'][ty]['acc']:.1f}" if ty in r.get("by_type", {}) else "" for ty in types]
+        lines.append(f"| {name} | {100 * r['acc']:.1f} | " + " | ".join(cells)
+                     + f" | {r['unparsed']} | {t.get('train_seconds', '')} | {t.get('steps', '')} | {what} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--exp", required=True)
+    ap.add_argument("--readme", default="", help="README to write the table into")
+    ap.add_argument("--corpus", default="synthetic")
+    ap.add_argument("--num_frames", type=int, default=8)
+    ap.add_argument("--missing_audio", default="error")
+    ap.add_argument("--smoke", default="false")
+    ap.add_argument("--only_times", action="store_true", help="only refresh stage_seconds in results.json")
+    args = ap.parse_args(argv)
+    data, exp = Path(args.data), Path(args.exp)
+    res_path = exp / "results.json"
+    times = load_json(exp / "stage_seconds.json") or {}
+    if args.only_times:
+        return refresh_stage_seconds(exp)
+
+    from core.utils.logging import setup_console
+    setup_console()
+    results: dict = {}
+    for name, (d, _) in SYSTEMS.items():
+        m = exp / d / "final"
+        if not (m / "config.json").is_file():
+            raise SystemExit(f"{m} is missing: run stages 1-2 first")
+        results[name] = evaluate(name, m, data, exp, args)
+    results["baselines"] = {}
+    for name, (d, _) in BASELINES.items():
+        m = exp / d / "final"
+        if (m / "config.json").is_file():
+            results["baselines"][name] = evaluate(name, m, data, exp, args)
+    results["gain"] = round(results["after"]["acc"] - results["before"]["acc"], 4)
+    results["training_reward"] = training_reward(exp / "grpo" / "metrics.jsonl")
+    results["training"] = {d: load_json(exp / d / "train_summary.json") for d in ("sft", "grpo", "sft_answers")
+                           if (exp / d / "train_summary.json").is_file()}
+    results["settings"] = {"corpus": args.corpus, "smoke": args.smoke == "true", "num_frames": args.num_frames,
+                           "missing_audio": args.missing_audio, "model": load_json(exp / "model.json"),
+                           "data": load_json(data / "stats.json"), "grpo_config": str(exp / "grpo" / "config.yaml"),
+                           "decoding": f"greedy, at most {MAX_NEW_TOKENS} new tokens"}
+    results["stage_seconds"] = times
+    exp.mkdir(parents=True, exist_ok=True)
+    res_path.write_text(json.dumps(results, indent=2, ensure_ascii=False))
+
+    table = fmt_table(results)
+    tr = results["training_reward"]
+    lines = [table, "", f"GRPO changed test accuracy by {100 * results['gain']:+.1f} points "
+                        f"({100 * results['before']['acc']:.1f} -> {100 * results['after']['acc']:.1f})."]
+    if tr:
+        lines.append(f"Mean training reward: first tenth of the steps {tr['first']:.3f}, last tenth {tr['last']:.3f}, "
+                     f"best 5-step mean {tr['max_smoothed']:.3f} ({tr['steps']} steps).")
+    summary = "\n".join(lines)
+    print(summary)
+    if args.readme and args.smoke != "true":
+        update_readme(Path(args.readme), summary + f"\n\n(measured by `run.sh` on {time.strftime('%Y-%m-%d')}, "
+                                                   f"corpus {args.corpus}, {args.num_frames} frames)")
+    try:
+        from tools.plot_metrics import plot
+        runs = [(d, exp / d / "metrics.jsonl") for d in ("grpo", "sft_answers")]
+        runs = [(d, p) for d, p in runs if p.is_file()]
+        if runs:
+            plot([p for _, p in runs], keys=["reward", "reward/exact_alnum", "reward/format", "zero_std_frac",
+                                            "completion_len", "loss"],
+                 out_dir=exp / "plots", labels=[d for d, _ in runs], smooth=5)
+    except Exception as e:  # noqa: BLE001  plots are a convenience; the numbers are in results.json
+        print(f"warning: plots not drawn: {e}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# Audio-visual question answering: GRPO of a Qwen2.5-Omni thinker on video + audio multiple-choice
+# questions, wenet-style stages.
+#
+#   bash run.sh                                   # stages 0-4 on the embedded default (synthetic videos)
+#   bash run.sh --stage 2 --stop_stage 2          # only GRPO
+#   bash run.sh --corpus real --train_json /data/IntentTrain.json --train_video_root /data/intent \
+#               --dailyomni_dir /data/Daily-Omni          # real data: IntentTrain for training,
+#   bash run.sh --corpus real ... --intentbench_json /data/IntentBench.json --intentbench_video_root /data/ib
+#
+# Stage 0: data. Stage 1: tokenizer + tiny Omni thinker (or a real one), SFT warm-up on the output
+# format. Stage 2: GRPO (rewards format 0.1 + exact_alnum 0.9). Stage 3: the fair baseline, plain SFT
+# on the answers for GRPO's wall-clock. Stage 4: greedy decoding of the test set, accuracy overall,
+# by question type and by duration (Daily-Omni rule; IntentBench rules by problem type),
+# results.json, README table, reward curves.
+set -euo pipefail
+caller_pwd=$PWD
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+stage=0
+stop_stage=4
+corpus=synthetic          # synthetic | real
+train_json=""             # real: training questions (IntentTrain layout)
+train_video_root=""       # real: folder the training records' video paths are relative to
+dailyomni_dir=""          # real: a local Daily-Omni (qa.json + Videos/), scored as a test set
+intentbench_json=""       # real: IntentBench records, scored as a test set
+intentbench_video_root="" # real: folder IntentBench's video paths are relative to
+data=data                 # manifests
+exp=exp                   # models, logs, results
+budget=150                # seconds of GRPO, and of the SFT baseline (equal wall-clock)
+baselines=true            # also train the fair baseline (sft_answers)
+num_frames=8              # frames per video (uniformly sampled)
+missing_audio=error       # error | silence: a video without a sound track
+backend=torch             # torch | deepspeed (conf/ds_zero2.json; conf/ds_zero3.json for Omni-size models)
+smoke=false               # tiny corpus and few steps, for tests
+seed=0
+help_message="Usage: bash run.sh [--stage N] [--stop_stage N] [--corpus synthetic|real] [--train_json F --train_video_root D]
+       [--dailyomni_dir D] [--intentbench_json F --intentbench_video_root D] [--budget S] [--num_frames N]
+       [--missing_audio error|silence] [--backend torch|deepspeed] [--data DIR] [--exp DIR] [--smoke true]"
+. tools/parse_options.sh
+recipe=audio_visual_grpo
+. tools/recipe_common.sh   # PY, PYTHONPATH, log, record_time, summary_seconds, abspath
+train_json=$(abspath "${train_json}"); train_video_root=$(abspath "${train_video_root}")
+dailyomni_dir=$(abspath "${dailyomni_dir}"); intentbench_json=$(abspath "${intentbench_json}")
+intentbench_video_root=$(abspath "${intentbench_video_root}")
+[ "${data}" = data ] || data=$(abspath "${data}"); [ "${exp}" = exp ] || exp=$(abspath "${exp}")
+mkdir -p "${exp}"
+train() {  # config [overrides...]
+  local conf=$1; shift
+  if [ "${backend}" = "deepspeed" ]; then set -- backend.name=deepspeed "$@"; fi
+  "${PY}" -m core.bin.train --config "${conf}" train.seed=${seed} train.resume=never \
+    data.num_frames=${num_frames} data.missing_audio=${missing_audio} "$@"
+}
+fresh() { rm -rf "$@"; }   # a stage that runs again starts from nothing
+
+synth_args=(); sft_over=(); quick=()
+if [ "${smoke}" = "true" ]; then
+  synth_args=(--smoke)
+  sft_over=(train.max_steps=30 train.save_every=0)
+  quick=(train.eval_every=0 data.dev_max_samples=4)
+fi
+# smoke: GRPO takes a fixed number of steps (a loaded machine cannot starve it); the baseline then
+# gets the wall-clock those steps took
+grpo_steps=(); [ "${smoke}" = "true" ] && grpo_steps=(train.max_seconds=0 train.max_steps=15 train.batch_size=4 rollout.n=4)
+
+if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
+  t0=$(date +%s)
+  log "stage 0: data (${corpus})"
+  case "${corpus}" in
+    synthetic)
+      "${PY}" local/make_synthetic.py --out_dir "${data}" --seed ${seed} "${synth_args[@]}" ;;
+    real)
+      [ -n "${train_json}" ] && [ -n "${train_video_root}" ] || {
+        echo "--train_json and --train_video_root (IntentTrain layout) are required for corpus real" >&2; exit 1; }
+      [ -n "${dailyomni_dir}" ] || [ -n "${intentbench_json}" ] || {
+        echo "corpus real needs a test set: --dailyomni_dir and/or --intentbench_json" >&2; exit 1; }
+      mkdir -p "${data}"; rm -f "${data}/stats.json"
+      "${PY}" local/prepare_intentbench.py --json "${train_json}" --video_root "${train_video_root}" --out "${data}/train_all.jsonl"
+      tests=()
+      if [ -n "${dailyomni_dir}" ]; then
+        "${PY}" local/prepare_dailyomni.py --corpus_dir "${dailyomni_dir}" --out "${data}/test_dailyomni.jsonl"
+        tests+=("${data}/test_dailyomni.jsonl")
+      fi
+      if [ -n "${intentbench_json}" ]; then
+        [ -n "${intentbench_video_root}" ] || { echo "--intentbench_video_root is required with --intentbench_json" >&2; exit 1; }
+        "${PY}" local/prepare_intentbench.py --json "${intentbench_json}" --video_root "${intentbench_video_root}" \
+          --out "${data}/test_intentbench.jsonl"
+        tests+=("${data}/test_intentbench.jsonl")
+      fi
+      # test: every test set given (scored by its own rule); dev: the last min(200, n/5) training
+      # questions; the SFT warm-up (base_sft): the first 400 of the rest
+      "${PY}" - "${data}" "${train_json}" "${tests[@]}" <<'PY'
+import json, sys
+data, src, tests = sys.argv[1], sys.argv[2], sys.argv[3:]
+rows = [json.loads(line) for line in open(f"{data}/train_all.jsonl", encoding="utf-8") if line.strip()]
+if any(not r.get("answer") for r in rows):
+    sys.exit(f"{src}: training questions need answers ({sum(not r.get('answer') for r in rows)} have none)")
+n_dev = min(200, len(rows) // 5)
+if n_dev < 1 or len(rows) - n_dev < 1:
+    sys.exit(f"{src}: {len(rows)} questions are too few to hold out a dev set")
+splits = {"train": rows[:-n_dev], "dev": rows[-n_dev:], "base_sft": rows[:-n_dev][:400]}
+test = [json.loads(line) for t in tests for line in open(t, encoding="utf-8") if line.strip()]
+for name, part in {**splits, "test": test}.items():
+    with open(f"{data}/{name}.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in part)
+with open(f"{data}/text_corpus.txt", "w", encoding="utf-8") as f:
+    f.writelines(f"{r['prompt']}\n{r.get('target', '')}\n" for r in rows)
+PY
+      ;;
+    *) echo "unknown corpus '${corpus}'" >&2; exit 1 ;;
+  esac
+  record_time data $(( $(date +%s) - t0 ))
+fi
+
+if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
+  t0=$(date +%s)
+  log "stage 1: tokenizer and the Omni thinker"
+  "${PY}" local/build_model.py --conf conf/models.yaml --text "${data}/text_corpus.txt" --exp "${exp}" --seed ${seed}
+  log "stage 1: SFT warm-up on the output format"
+  fresh "${exp}/sft"
+  train conf/sft.yaml model.path=${exp}/init output_dir=${exp}/sft data.train=${data}/base_sft.jsonl \
+    data.dev=${data}/dev.jsonl "${sft_over[@]}" "${quick[@]}"
+  record_time models $(( $(date +%s) - t0 ))
+fi
+
+paths=(data.train=${data}/train.jsonl data.dev=${data}/dev.jsonl)
+
+if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
+  t0=$(date +%s)
+  log "stage 2: GRPO, ${budget} s"
+  fresh "${exp}/grpo"
+  train conf/grpo.yaml model.path=${exp}/sft/final output_dir=${exp}/grpo "${paths[@]}" \
+    train.max_seconds=${budget} "${quick[@]}" "${grpo_steps[@]}"
+  record_time grpo $(( $(date +%s) - t0 ))
+fi
+
+# the baseline gets the wall-clock GRPO actually trained for
+spent=${budget}
+[ -f "${exp}/grpo/train_summary.json" ] && spent=$(summary_seconds "${exp}/grpo/train_summary.json")
+
+if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ] && [ "${baselines}" = "true" ]; then
+  t0=$(date +%s)
+  log "stage 3: baseline sft_answers, SFT on the answers for ${spent} s"
+  fresh "${exp}/sft_answers"
+  train conf/sft_answers.yaml model.path=${exp}/sft/final output_dir=${exp}/sft_answers "${paths[@]}" \
+    train.max_seconds=${spent} "${quick[@]}"
+  record_time sft_answers $(( $(date +%s) - t0 ))
+fi
+
+if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
+  t0=$(date +%s)
+  log "stage 4: decode the test set and score"
+  "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --readme README.md --corpus ${corpus} \
+    --num_frames ${num_frames} --missing_audio ${missing_audio} --smoke ${smoke}
+  record_time decode_score $(( $(date +%s) - t0 ))
+  "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --only_times
+fi
