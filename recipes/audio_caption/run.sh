@@ -60,7 +60,7 @@ if [ "${smoke}" = "true" ]; then
   synth_args=(--smoke)
   teacher_over=(train.max_steps=40 train.save_every=0)
   student_over=(train.max_steps=10 train.save_every=0)
-  quick=(train.eval_every=0 data.dev_max_samples=4)
+  quick=(train.eval_every=0 data.dev_max_samples=4 train.batch_size=8)
   budget=6
   cascade_over=(train.max_steps=30 train.save_every=0 train.eval_every=0)
 fi

@@ -56,7 +56,7 @@ fresh() { rm -rf "$@"; }   # a stage that runs again starts from nothing
 synth_args=(); sft_over=(); quick=()
 if [ "${smoke}" = "true" ]; then
   synth_args=(--smoke)
-  sft_over=(train.max_steps=30 train.save_every=0)
+  sft_over=(train.max_steps=150 train.batch_size=8 train.save_every=0)
   quick=(train.eval_every=0 data.dev_max_samples=4)
 fi
 # smoke: GRPO takes a fixed number of steps (a loaded machine cannot starve it); the baseline then

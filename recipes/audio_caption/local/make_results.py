@@ -39,7 +39,8 @@ BASELINES = {"sft_more": "more SFT on the student's captioned set",
 WHAT = {"teacher": "SFT on its own captioned clips", "student_before": "SFT on the small captioned set",
         "student_after": "OPD on clips without captions"}
 TRAIN_DIR = {"student_before": "student_sft", "student_after": "opd"}
-COLUMNS = ("BLEU_1", "BLEU_4", "ROUGE_L", "CIDEr", "METEOR", "SPICE", "cascade_acc")
+METRICS = ("BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "ROUGE_L", "CIDEr", "METEOR", "SPICE", "cascade_acc")
+COLUMNS = ("BLEU_1", "BLEU_4", "ROUGE_L", "CIDEr", "METEOR", "SPICE", "cascade_acc")   # in the table
 
 
 def load_json(p: Path):
@@ -58,7 +59,8 @@ def references(test_rows: list[dict]) -> dict[str, list[str]]:
     return refs
 
 
-def evaluate(name: str, model_dir: Path, data: Path, exp: Path, qa_model: Path | None, has_questions: bool) -> tuple[dict, dict]:
+def evaluate(name: str, model_dir: Path, data: Path, exp: Path, qa_model: Path | None, has_questions: bool,
+             java_metrics: bool | str = "auto") -> tuple[dict, dict]:
     """(metrics, decoding details) of one system on the test clips."""
     from caption_metrics import score_captions
     from core.bin.decode import decode
@@ -70,8 +72,8 @@ def evaluate(name: str, model_dir: Path, data: Path, exp: Path, qa_model: Path |
     secs = round(time.time() - t0, 2)
     test_rows = read_jsonl(data / "test.jsonl")
     hyps = {h["key"]: h["text"] for h in read_jsonl(out / "hyp.jsonl")}
-    scores = score_captions(hyps, references(test_rows))
-    metrics = {k: float(v) for k, v in scores.items() if isinstance(v, (int, float)) and k in COLUMNS}
+    scores = score_captions(hyps, references(test_rows), java_metrics=java_metrics)
+    metrics = {k: float(v) for k, v in scores.items() if isinstance(v, (int, float)) and k in METRICS}
     details = {"model": str(model_dir), "decode_seconds": secs, "num_clips": len(hyps),
                "empty_captions": info["empty"], "skipped_metrics": scores.get("skipped", {}),
                "examples": [{"key": r["key"], "hyp": hyps[r["key"]], "ref": references([r])[r["key"]][0]}
@@ -133,17 +135,19 @@ def main(argv=None) -> int:
         if args.qa_model:
             raise SystemExit(f"--qa_model {qa_model}: no config.json there")
         qa_model = None
+    java = False if args.smoke == "true" else "auto"   # METEOR / SPICE start a JVM per call: not in smoke runs
     results: dict = {"decode": {}}
     for name, d in SYSTEMS.items():
         m = exp / d / "final"
         if not (m / "config.json").is_file():
             raise SystemExit(f"{m} is missing: run stages 1-2 first")
-        results[name], results["decode"][name] = evaluate(name, m, data, exp, qa_model, has_questions)
+        results[name], results["decode"][name] = evaluate(name, m, data, exp, qa_model, has_questions, java)
     results["baselines"] = {}
     for name in BASELINES:
         m = exp / name / "final"
         if (m / "config.json").is_file():
-            results["baselines"][name], results["decode"][name] = evaluate(name, m, data, exp, qa_model, has_questions)
+            results["baselines"][name], results["decode"][name] = evaluate(name, m, data, exp, qa_model, has_questions,
+                                                                           java)
     if qa_model is not None and has_questions:
         out = exp / "decode" / "references"
         out.mkdir(parents=True, exist_ok=True)

@@ -4,11 +4,12 @@ espeak-ng voice or a sox beep, and one four-choice question per clip that needs 
 and the sound.
 
 Four tasks (the row's ``Type``), all on a black 64 x 64 picture, 8 fps, 2 or 3 s long, boxes of
-12 x 12 pixels in the cells of a 4 x 4 grid (one cell per 14-pixel patch once the processor
-resizes the frame to 56 x 56):
+28 x 28 pixels in the cells of a 2 x 2 grid (one cell per merged vision token, 2 x 2 patches of
+14 pixels, once the processor resizes the frame to 56 x 56; with 12-pixel boxes in a 4 x 4 grid
+a tiny thinker had not learnt to see them after 1500 warm-up steps):
 
-  count            1-3 red / green / blue boxes of each of 2-3 colours (every colour a different
-                   count); a voice names a colour: "How many boxes of that colour are on screen?"
+  count            two of red / green / blue, one with 1 box and the other with 2 or 3 (or the
+                   reverse; at most the 4 cells); a voice names a colour: "How many boxes of that colour are on screen?"
                    choices 0, 1, 2, 3 (0 when the named colour is not shown)
   colour_by_count  the same kind of picture; a voice says one, two or three: "Which colour has that
                    many boxes?" choices red, green, blue, none of them
@@ -27,7 +28,8 @@ speed 140-200, pitch 30-70.
 Rows: {"key", "video" (relative to the manifest), "task": "av_qa", "question", "choices" (4 strings,
 no letters), "answer" (A-D), "answer_text", "Type", "duration" (s), "dataset": "synthetic",
 "spoken" (the word said, or "beep"), "prompt" (``local/prompt.py``), "target":
-"<think>short reasoning from the clip's parameters</think><answer>X</answer>"}.
+"<think>short reasoning from the clip's parameters</think><answer>X</answer>", "description" (that
+reasoning alone: what is seen and heard)}.
 
 Written under ``--out_dir`` (videos under ``video/``):
 
@@ -88,21 +90,23 @@ QUESTIONS = {"count": "The voice names a colour. How many boxes of that colour a
 SPLITS = ("train", "sft", "dev", "test")
 DEFAULTS = {"train": 1500, "sft": 400, "dev": 100, "test": 300}
 SMOKE = {"train": 32, "sft": 16, "dev": 8, "test": 16}
-SIZE, FPS, CELL, BOX, PAD = 64, 8, 16, 12, 2
+SIZE, FPS, GRID, PAD = 64, 8, 2, 2
+CELL = SIZE // GRID          # 32 px: one 28 x 28 merged vision token once the processor resizes to 56
+BOX = CELL - 2 * PAD
 DURATIONS = (2.0, 3.0)
 BEEP_SECONDS, BEEP_HZ = 0.3, 1000
 DESCRIBE = "Describe what you see and hear."
 
 
 def _cell(i: int) -> tuple[int, int]:
-    return (i % 4) * CELL + PAD, (i // 4) * CELL + PAD
+    return (i % GRID) * CELL + PAD, (i // GRID) * CELL + PAD
 
 
 def _static_scene(rng: random.Random) -> tuple[dict[str, int], list[Box]]:
-    """2-3 colours with different counts (1-3) in distinct grid cells."""
-    cols = rng.sample(COLOURS, rng.choice((2, 3)))
-    counts = dict(zip(cols, rng.sample((1, 2, 3), len(cols))))
-    cells = rng.sample(range(16), sum(counts.values()))
+    """Two colours with different counts (1 and 2-3) in distinct grid cells."""
+    cols = rng.sample(COLOURS, 2)
+    counts = dict(zip(cols, rng.choice(((1, 2), (2, 1), (1, 3), (3, 1)))))
+    cells = rng.sample(range(GRID * GRID), sum(counts.values()))
     boxes, k = [], 0
     for c in cols:
         for _ in range(counts[c]):
@@ -137,7 +141,7 @@ def item_colour_by_count(rng):
 def item_beep_colour(rng, dur):
     c1, c2 = rng.sample(COLOURS, 2)
     half = dur / 2
-    (x1, y1), (x2, y2) = (_cell(i) for i in rng.sample(range(16), 2))
+    (x1, y1), (x2, y2) = (_cell(i) for i in rng.sample(range(GRID * GRID), 2))
     boxes = [Box(c1, x1, y1, BOX, start=0.0, end=half), Box(c2, x2, y2, BOX, start=half, end=dur)]
     second = rng.random() < 0.5
     lo = (half if second else 0.0) + 0.15
@@ -152,7 +156,7 @@ def item_motion(rng):
     horizontal = rng.random() < 0.5
     d1 = rng.choice(("left", "right") if horizontal else ("up", "down"))
     d2 = {"left": "right", "right": "left", "up": "down", "down": "up"}[d1]
-    lanes = rng.sample(range(4), 2)
+    lanes = rng.sample(range(GRID), 2)
     lo, hi = PAD, SIZE - BOX - PAD
     boxes = []
     for c, d, lane in ((c1, d1, lanes[0]), (c2, d2, lanes[1])):
