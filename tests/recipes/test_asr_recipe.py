@@ -13,7 +13,7 @@ def test_asr_recipe_smoke(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="2")
     proc = subprocess.run(["bash", str(ROOT / "recipes/asr/run.sh"), "--smoke", "true",
                            "--data", str(data), "--exp", str(exp)],
-                          capture_output=True, text=True, env=env, timeout=900)
+                          capture_output=True, text=True, env=env, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((exp / "results.json").read_text())
     for name in ("teacher", "student_before", "student_after"):

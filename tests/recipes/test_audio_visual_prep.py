@@ -90,9 +90,10 @@ def _mask(frame, colour):
 def _cell_colours(frame):
     """{colour: boxes} from the centre pixel of each grid cell."""
     out = {c: 0 for c in COLOUR_RGB}
-    for r in range(4):
-        for c in range(4):
-            px = frame[16 * r + 8, 16 * c + 8]
+    grid, cell = synth.GRID, synth.CELL
+    for r in range(grid):
+        for c in range(grid):
+            px = frame[cell * r + cell // 2, cell * c + cell // 2]
             for name, rgb in COLOUR_RGB.items():
                 if all((px[i] > 128) == bool(rgb[i]) for i in range(3)):
                     out[name] += 1
