@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from core import config as C
 from core.backends import DeepSpeedEngine, TorchEngine, fill_ds_config
 from core.data.collate import make_collator
-from core.data.manifest import ManifestError, Problem, read_manifest
+from core.data.manifest import NO_AUDIO_TRACK, ManifestError, Problem, read_manifest
 from core.methods import METHODS, Context, Experience
 from core.models import apply_lora, check_vocab_match, is_peft_model, load_model_and_processor, special_token_ids
 from core.rewards import compute_rewards
@@ -127,53 +127,37 @@ def _load_teacher(cfg: C.TrainConfig, processor, model):
     return LocalTeacher(tm, tp)
 
 
-def _read_rows(path: str, cfg: C.TrainConfig, require=(), require_media: bool = True, key: str = "data.train"):
+def _read_rows(path: str, cfg: C.TrainConfig, require=(), require_media: bool = True, key: str = "data.train",
+               silent_video_ok: bool = False):
     try:
-        return read_manifest(path, require=tuple(require), skip_bad=cfg.data.skip_bad, require_media=require_media)
+        return read_manifest(path, require=tuple(require), skip_bad=cfg.data.skip_bad, require_media=require_media,
+                             silent_video_ok=silent_video_ok)
     except FileNotFoundError as e:
         raise C.ConfigError(f"config key '{key}': {e}") from None
 
 
 def _no_sound_track(p: Problem) -> bool:
-    return p.field == "video" and "has no audio track" in p.message
+    return p.field == "video" and p.message.endswith(NO_AUDIO_TRACK)
 
 
 def read_rows(path: str, cfg: C.TrainConfig, modality: str, require=(), key: str = "data.train") -> list[dict]:
     """The rows of manifest ``path`` for ``modality``, every problem found before training starts.
 
     Media prompts need an ``audio`` or ``video`` path in every row, audio-visual ones a ``video``.
-    The manifest check refuses a video without a sound track (and no ``audio`` path); with
-    ``data.missing_audio: silence`` that one problem is accepted (the collator gives the clip
-    silence), every other problem still stops the run. With ``data.skip_bad`` and other bad
-    lines in the file, the file is read the ordinary way: the videos without sound are then
-    skipped too, written with their reason to the side file, and a warning says so.
+    The manifest check refuses a video without a sound track (and no ``audio`` path), with a note
+    naming ``data.missing_audio: silence``; with that setting such videos are accepted (the
+    collator gives the clip silence) and every other problem still stops the run (or is skipped
+    with ``data.skip_bad``).
     """
     require = tuple(require) + (("video",) if modality == "av" else ())
-    media = modality != "text"
-    if not (modality == "av" and cfg.data.missing_audio == "silence"):
-        try:
-            return _read_rows(path, cfg, require, media, key)
-        except ManifestError as e:
-            if modality != "av" or not any(_no_sound_track(p) for p in e.problems):
-                raise
-            raise ManifestError(e.path, e.problems, note="(data.missing_audio: silence gives a video without a "
-                                                         "sound track silent audio of its length)") from None
+    silent_ok = modality == "av" and cfg.data.missing_audio == "silence"
     try:
-        return read_manifest(path, require=require, skip_bad=False, require_media=media)
-    except FileNotFoundError as e:
-        raise C.ConfigError(f"config key '{key}': {e}") from None
+        return _read_rows(path, cfg, require, modality != "text", key, silent_video_ok=silent_ok)
     except ManifestError as e:
-        if any(not _no_sound_track(p) for p in e.problems):
-            if not cfg.data.skip_bad:
-                raise ManifestError(e.path, [p for p in e.problems if not _no_sound_track(p)]) from None
-            bad_lines = {p.line for p in e.problems if not _no_sound_track(p)}
-            if any(p.line not in bad_lines for p in e.problems):
-                log.warning("%s: data.skip_bad with data.missing_audio silence: the file has other bad lines, so "
-                            "the rows of videos without sound are skipped too (see the side file); fix the other "
-                            "lines to keep them", path)
-            return _read_rows(path, cfg, require, media, key)
-    # every problem was a video without sound: read again without opening the media (already checked)
-    return read_manifest(path, require=require, check_media=False, skip_bad=False, require_media=media)
+        if modality != "av" or not any(_no_sound_track(p) for p in e.problems):
+            raise
+        raise ManifestError(e.path, e.problems, note="(data.missing_audio: silence gives a video without a "
+                                                     "sound track silent audio of its length)") from None
 
 
 def model_kwargs(m: C.ModelConfig) -> dict:

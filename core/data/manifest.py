@@ -184,6 +184,9 @@ def _resolve(p: str, base: str) -> str:
     return os.path.abspath(p if os.path.isabs(p) else os.path.join(base, p))
 
 
+NO_AUDIO_TRACK = "the video has no audio track (give the row an 'audio' path, or a video with sound)"
+
+
 class _MediaChecker:
     """Caches header checks so that many segments of one recording open it once."""
 
@@ -228,14 +231,14 @@ class _MediaChecker:
                 decord.AudioReader(path, ctx=decord.cpu(0), sample_rate=-1, mono=True)
             except Exception as e:  # decord.DECORDError
                 text = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-                msg = (f"{path}: the video has no audio track (give the row an 'audio' path, or a video with "
-                       "sound)" if "audio stream" in text.lower() else f"{path}: unreadable video ({text[:200]})")
+                msg = (f"{path}: {NO_AUDIO_TRACK}" if "audio stream" in text.lower()
+                       else f"{path}: unreadable video ({text[:200]})")
             self._video_audio[path] = msg
         return self._video_audio[path]
 
 
 def _check_row(row: dict, base: str, require: tuple[str, ...], require_media: bool,
-               media: _MediaChecker | None, seen: dict[str, int], lineno: int
+               media: _MediaChecker | None, seen: dict[str, int], lineno: int, silent_video_ok: bool = False
                ) -> list[tuple[str, str]]:
     """Validates one parsed row in place (media paths made absolute); returns (field, problem)s."""
     errs: list[tuple[str, str]] = []
@@ -299,6 +302,8 @@ def _check_row(row: dict, base: str, require: tuple[str, ...], require_media: bo
             msg = media.video(resolved["video"])
             if not msg and "audio" not in resolved:
                 msg = media.video_audio(resolved["video"])
+                if msg and silent_video_ok and msg.endswith(NO_AUDIO_TRACK):
+                    msg = None
             if msg:
                 errs.append(("video", msg))
     return errs
@@ -308,7 +313,8 @@ def _check_row(row: dict, base: str, require: tuple[str, ...], require_media: bo
 
 def read_manifest(path: str | os.PathLike, *, require: Iterable[str] = (), check_media: bool = True,
                   skip_bad: bool = False, bad_lines_out: str | os.PathLike | None = None,
-                  require_media: bool = True, allow_empty: bool = False) -> list[dict]:
+                  require_media: bool = True, allow_empty: bool = False,
+                  silent_video_ok: bool = False) -> list[dict]:
     """Reads and validates a JSONL manifest; returns its rows (media paths made absolute).
 
     Args:
@@ -322,6 +328,8 @@ def read_manifest(path: str | os.PathLike, *, require: Iterable[str] = (), check
             only written when a line was skipped.
         require_media: every row needs an `audio` or a `video` path.
         allow_empty: return [] for a manifest without samples instead of raising.
+        silent_video_ok: a video without an audio track (and no `audio` path) is accepted
+            (the caller gives it silence); an unreadable video is still a problem.
 
     Raises:
         FileNotFoundError: the manifest itself does not exist.
@@ -361,7 +369,7 @@ def read_manifest(path: str | os.PathLike, *, require: Iterable[str] = (), check
                         errs.append(("json", f"expected a JSON object, got {type(row).__name__}"))
                         row = None
             if row is not None:
-                errs = _check_row(row, base, require, require_media, media, seen, lineno)
+                errs = _check_row(row, base, require, require_media, media, seen, lineno, silent_video_ok)
             if errs:
                 problems.extend(Problem(path, lineno, fld, msg) for fld, msg in errs)
                 bad.append({"manifest": os.path.abspath(path), "line": lineno,
