@@ -17,6 +17,13 @@ mostly other work) and each part's share of it.
 real-sized vocabulary, LM head on the completion positions only against the head over the whole
 prompt + completion (a plain Qwen2-Audio forward; it has no ``logits_to_keep``).
 
+``encoder_once``: one OPD step's student forward + backward (``METHODS["opd"].loss`` +
+``TorchEngine.backward``) and LocalTeacher scoring on the rollout's repeated batch, with the audio
+encoder run once per distinct prompt (``completion_logits`` sharing it among the n copies, ours)
+against once per sample (the same batch without its copy groups: the plain forward), in one
+process, same weights and experience, order alternated; the encoder's item counts and the
+losses / gradients of both are reported beside the times.
+
 What it leaves out: the trainer's logging, checkpointing and evaluation (not per-step work).
 """
 from __future__ import annotations
@@ -142,4 +149,72 @@ def run_head_slice(smoke: bool = False) -> dict:
             "repeat": repeat, "warmup": warmup}
 
 
-BENCHMARKS = {"audio_opd_profile": run_profile, "lm_head_slice": run_head_slice}
+def run_encoder_once(smoke: bool = False) -> dict:
+    """Student forward + backward of one OPD step (and the teacher's scoring) with the audio
+    encoder shared among the n copies of each prompt (ours) against run on every copy (reference)."""
+    import dataclasses
+
+    import core.methods as M
+    from core.rollout import shared_encoders
+
+    S = B.opd_setup(smoke)
+    repeat, warmup = S.repeat, S.warmup
+    ctx, engine, student, cfg = S.ctx, S.engine, S.student, S.cfg
+    method = M.METHODS["opd"]
+    student.train()
+    exp = method.experience(ctx, S.rows, 3000)
+    # the reference: the same experience without the record of which rows copy a prompt
+    plain = dataclasses.replace(exp, batch=dataclasses.replace(exp.batch, groups=None))
+    # the items (audios) the student's encoder ran on: a forward hook sees the inputs as cut
+    items: list[int] = []
+    hooks = [e.register_forward_hook(lambda m, a, k, o: items.append(int(a[0].shape[0])), with_kwargs=True)
+             for e in shared_encoders(student)]
+
+    def student_step(e):
+        items.clear()
+        loss, _ = method.loss(ctx, e)
+        engine.backward(loss)
+        grads = {n: p.grad.detach().clone() for n, p in student.named_parameters() if p.grad is not None}
+        student.zero_grad(set_to_none=True)  # no optimizer step: both variants see the same weights
+        return float(loss.detach()), grads, list(items)
+
+    def teacher_step(e):
+        return ctx.teacher.score(e.batch, e.comp, return_logits=True).logits
+
+    t = {"ours": [], "reference": [], "teacher_ours": [], "teacher_reference": []}
+    res = {}
+    try:
+        for it in range(warmup + repeat):
+            for name in (("ours", "reference") if it % 2 == 0 else ("reference", "ours")):
+                e = exp if name == "ours" else plain
+                t0 = time.perf_counter()
+                res[name] = student_step(e)
+                t_student = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                res["teacher_" + name] = teacher_step(e)
+                t_teacher = time.perf_counter() - t0
+                if it >= warmup:
+                    t[name].append(t_student)
+                    t["teacher_" + name].append(t_teacher)
+    finally:
+        for h in hooks:
+            h.remove()
+    (l_ours, g_ours, n_ours), (l_ref, g_ref, n_ref) = res["ours"], res["reference"]
+    grad_diff = max(float((g_ours[k] - g_ref[k]).abs().max()) for k in g_ref)
+    teacher_diff = float((res["teacher_ours"] - res["teacher_reference"]).abs().max())
+    ours, ref = B.best(t["ours"]), B.best(t["reference"])
+    t_ours, t_ref = B.best(t["teacher_ours"]), B.best(t["teacher_reference"])
+    return {"ours_s": ours, "reference_s": ref, "ratio": B.ratio(ours, ref),
+            "ratio_of_medians": B.ratio(B.median(t["ours"]), B.median(t["reference"])),
+            "teacher_ours_s": t_ours, "teacher_reference_s": t_ref, "teacher_ratio": B.ratio(t_ours, t_ref),
+            "encoder_items_ours": n_ours, "encoder_items_reference": n_ref,
+            "same_loss": abs(l_ours - l_ref) <= 1e-5 * max(1.0, abs(l_ref)), "grad_max_abs_diff": grad_diff,
+            "teacher_logits_max_abs_diff": teacher_diff, "stat": "min over repeats",
+            "setup": {"prompts": S.batch_size, "n": S.n, "sequences": len(exp), "max_new_tokens": S.max_new,
+                      "completion_tokens": int(exp.comp.mask.sum()), "form": cfg.opd.form,
+                      "ours": "completion_logits with the audio encoder once per prompt",
+                      "reference": "the same forward with the encoder on every one of the n copies"},
+            "repeat": repeat, "warmup": warmup}
+
+
+BENCHMARKS = {"audio_opd_profile": run_profile, "lm_head_slice": run_head_slice, "encoder_once": run_encoder_once}

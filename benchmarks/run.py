@@ -32,7 +32,7 @@ MODULES = {
     "benchmarks.overhead": ["overhead"],
     "benchmarks.divergence_memory": ["divergence_memory"],
     "benchmarks.rollout_speed": ["rollout"],
-    "benchmarks.audio_opd_profile": ["audio_opd_profile", "lm_head_slice"],
+    "benchmarks.audio_opd_profile": ["audio_opd_profile", "lm_head_slice", "encoder_once"],
 }
 THREADS = 2
 SEED = 0

@@ -12,18 +12,28 @@
   and builds its own from the attention mask and the video grids over the whole prompt +
   completion, which continues the prompt's positions as its ``generate`` does. The LM head runs on
   the completion positions only (``logits_to_keep`` where the model takes it; the head's input
-  sliced by a forward pre-hook for Qwen2-Audio and the Qwen2.5-Omni thinker).
+  sliced by a forward pre-hook for Qwen2-Audio and the Qwen2.5-Omni thinker). The media encoders
+  run once per distinct prompt (``encoders_once``), not once per sample.
+- ``encoders_once(model, batch)``: while it is open, the model's audio / vision encoders
+  (``_SHARED_ENCODERS``: Qwen2-Audio's ``audio_tower``, the Qwen2.5-Omni thinker's ``audio_tower``
+  and ``visual``) see only the distinct prompts of a batch whose rows are copies
+  (``PromptBatch.groups``, set by ``repeat``), and every copy gets its prompt's output back by an
+  ``index_select``, whose backward sums the copies' gradients into the encoder's, as the plain
+  forward does. It works through hooks on the encoder modules, so the call still goes through
+  the model's own forward (and any ZeRO-3 / peft hooks); other models run unchanged.
 
-What it leaves out: any loss, any teacher, any server-side engine (vLLM).
+What it leaves out: any loss, any teacher, any server-side engine (vLLM); sharing the encoders
+during ``generate`` (its prefill runs them once per sample).
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 
 import torch
 
-from core.data.collate import PromptBatch
+from core.data.collate import PromptBatch, segment_rows
 
 
 @dataclass
@@ -165,9 +175,182 @@ def uses_mrope(model) -> bool:
     return callable(getattr(_base_model(model), "get_rope_index", None))
 
 
+# encoder classes whose work can be shared among the copies of one prompt -> how their inputs hold
+# the N items (one audio / one video per sample):
+# - "batch": ``input_features`` [N, mel, frames]; every other tensor argument per item on dim 0
+#   (Qwen2-Audio's attention mask [N, 1, L, L]); outputs [N, ...].
+# - "audio_flat": ``input_features`` [mel, sum of frames], item i owning ``feature_lens[i]``
+#   columns; ``feature_lens`` / ``aftercnn_lens`` [N]; output rows [sum of output lengths, D]
+#   (the Qwen2.5-Omni audio tower, called by ``get_audio_features`` on the unpadded frames).
+# - "patches": ``hidden_states`` [sum of patches, D], item i owning ``prod(grid_thw[i])`` rows;
+#   ``grid_thw`` [N, 3]; output rows per item: its patches (``last_hidden_state``), or its patches
+#   over ``spatial_merge_size ** 2`` (``pooler_output``, the merged tokens the LM receives).
+_SHARED_ENCODERS = {
+    "Qwen2AudioEncoder": "batch",
+    "Qwen2_5OmniAudioEncoder": "audio_flat",
+    "Qwen2_5OmniVisionEncoder": "patches",
+}
+
+
+def shared_encoders(model) -> list[torch.nn.Module]:
+    """The ``_SHARED_ENCODERS`` modules of ``model`` (through DeepSpeed / DDP and peft wrappers):
+    children of the model or of its inner ``model``."""
+    base = _base_model(model)
+    found: dict[int, torch.nn.Module] = {}
+    for owner in (base, getattr(base, "model", None)):
+        if isinstance(owner, torch.nn.Module):
+            for child in owner.children():
+                if type(child).__name__ in _SHARED_ENCODERS:
+                    found.setdefault(id(child), child)
+    return list(found.values())
+
+
+class _EncoderOnce:
+    """The hooks of one encoder: the pre-hook cuts its inputs to the distinct prompts' items
+    (``first``), the forward hook gives every sample its prompt's output rows (``inverse``).
+
+    A call it cannot map (not one item per sample, or a tensor argument it does not know, such as
+    precomputed vision positions) passes through untouched. ``items`` counts the items the
+    encoder ran on (the tests read it).
+    """
+
+    def __init__(self, module: torch.nn.Module, first: list[int], inverse: list[int]):
+        self.module, self.first, self.inverse = module, first, inverse
+        self.layout = _SHARED_ENCODERS[type(module).__name__]
+        self.sig = inspect.signature(module.forward)
+        self.pending: list = []   # per call in flight: the output row sizes of the distinct items, or None
+        self.items = 0
+
+    def pre(self, module, args, kwargs):
+        try:
+            bound = self.sig.bind(*args, **kwargs)
+        except TypeError:
+            bound = None
+        plan = self._cut(bound.arguments) if bound is not None else None
+        self.pending.append(plan)
+        return (bound.args, bound.kwargs) if plan is not None else None
+
+    def post(self, module, args, kwargs, output):
+        plan = self.pending.pop()
+        if plan is None:
+            return None
+        seen: dict[int, object] = {}  # one expansion per tensor (an output may name one tensor twice)
+        return _expand(output, plan, self.inverse, seen)
+
+    def _cut(self, a: dict):
+        """Cut the bound arguments ``a`` in place to the distinct items; returns the candidate
+        per-item output row sizes ``[[sizes of the distinct items], ...]``, or None to pass."""
+        B, first = len(self.inverse), self.first
+        extra = a.get("kwargs", {})
+        if any(isinstance(v, torch.Tensor) for v in extra.values()):
+            return None
+        if self.layout == "batch":
+            names = [k for k, v in a.items() if isinstance(v, torch.Tensor)]
+            x = next(iter(a.values()), None)
+            if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != B:
+                return None
+            if any(a[k].dim() == 0 or a[k].shape[0] not in (B, 1) for k in names):
+                return None
+            for k in names:
+                if a[k].shape[0] == B:
+                    a[k] = a[k].index_select(0, torch.as_tensor(first, device=a[k].device))
+            self.items += len(first)
+            return [[1] * len(first)]
+        if self.layout == "audio_flat":
+            x, lens = a.get("input_features"), a.get("feature_lens")
+            known = {"input_features", "feature_lens", "aftercnn_lens"}
+            if not (isinstance(x, torch.Tensor) and isinstance(lens, torch.Tensor) and lens.dim() == 1
+                    and lens.shape[0] == B and int(lens.sum()) == x.shape[-1]):
+                return None
+            if any(isinstance(v, torch.Tensor) and k not in known for k, v in a.items()):
+                return None
+            sizes = lens.long().cpu()
+            a["input_features"] = x.index_select(-1, segment_rows(sizes, first).to(x.device))
+            for k in ("feature_lens", "aftercnn_lens"):
+                if isinstance(a.get(k), torch.Tensor):
+                    a[k] = a[k].index_select(0, torch.as_tensor(first, device=a[k].device))
+            out_lens = self.module._get_feat_extract_output_lengths(sizes)[1]
+            self.items += len(first)
+            return [out_lens[first].tolist()]
+        # "patches"
+        x, grid = a.get("hidden_states"), a.get("grid_thw")
+        if not (isinstance(x, torch.Tensor) and isinstance(grid, torch.Tensor) and grid.dim() == 2
+                and grid.shape[0] == B):
+            return None
+        if any(isinstance(v, torch.Tensor) and k not in ("hidden_states", "grid_thw") for k, v in a.items()):
+            return None
+        sizes = grid.long().prod(-1).cpu()
+        if int(sizes.sum()) != x.shape[0]:
+            return None
+        a["hidden_states"] = x.index_select(0, segment_rows(sizes, first).to(x.device))
+        a["grid_thw"] = grid.index_select(0, torch.as_tensor(first, device=grid.device))
+        merge = int(getattr(self.module, "spatial_merge_size", 1)) ** 2
+        self.items += len(first)
+        return [sizes[first].tolist(), (sizes[first] // merge).tolist()]
+
+
+def _expand(out, plan: list[list[int]], inverse: list[int], seen: dict):
+    """``out`` (a tensor, a ModelOutput, a tuple of them) with every tensor whose rows are the
+    distinct items' blocks (by one of ``plan``'s row sizes) expanded to the samples' blocks."""
+    if isinstance(out, torch.Tensor):
+        if id(out) in seen:
+            return seen[id(out)]
+        res = out
+        for sizes in plan:
+            if out.dim() > 0 and out.shape[0] == sum(sizes):
+                res = out.index_select(0, segment_rows(sizes, inverse).to(out.device))
+                break
+        seen[id(out)] = res
+        return res
+    if isinstance(out, dict):  # ModelOutput (setting a key sets the attribute too)
+        for k in list(out.keys()):
+            out[k] = _expand(out[k], plan, inverse, seen)
+        return out
+    if isinstance(out, tuple) and not hasattr(out, "_fields"):
+        return tuple(_expand(v, plan, inverse, seen) for v in out)
+    return out
+
+
+@contextlib.contextmanager
+def encoders_once(model, batch: PromptBatch):
+    """Run ``model``'s media encoders once per distinct prompt of ``batch`` while open.
+
+    Yields the ``_EncoderOnce`` of each shared encoder (none when ``batch`` has no copies or the
+    model no ``_SHARED_ENCODERS`` module: then nothing changes). The outputs, and through the
+    ``index_select`` the gradients (the copies' sum), are the plain forward's; only encoder
+    dropout, if a model trains with it, is then drawn once per prompt rather than per copy.
+    """
+    distinct = batch.distinct()
+    if distinct is None:
+        yield []
+        return
+    first, inverse = distinct
+    hooks, handles = [], []
+    try:
+        for enc in shared_encoders(model):
+            h = _EncoderOnce(enc, first, inverse)
+            handles.append(enc.register_forward_pre_hook(h.pre, with_kwargs=True))
+            handles.append(enc.register_forward_hook(h.post, with_kwargs=True))
+            hooks.append(h)
+        yield hooks
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def completion_logits(model, batch: PromptBatch, comp_ids: torch.Tensor, comp_mask: torch.Tensor,
-                      temperature: float = 1.0) -> torch.Tensor:
-    """Logits ``[B, T, V]`` (float32, divided by ``temperature``) predicting each completion token."""
+                      temperature: float = 1.0, *, share_encoders: bool = True) -> torch.Tensor:
+    """Logits ``[B, T, V]`` (float32, divided by ``temperature``) predicting each completion token.
+
+    ``share_encoders``: run the media encoders once per distinct prompt of ``batch``
+    (``encoders_once``); False runs them on every row, as a plain forward does.
+    """
+    with encoders_once(model, batch) if share_encoders else contextlib.nullcontext():
+        return _completion_logits(model, batch, comp_ids, comp_mask, temperature)
+
+
+def _completion_logits(model, batch: PromptBatch, comp_ids: torch.Tensor, comp_mask: torch.Tensor,
+                       temperature: float) -> torch.Tensor:
     inputs = batch.inputs
     p_ids, p_mask = inputs["input_ids"], inputs["attention_mask"]
     P, T = p_ids.shape[1], comp_ids.shape[1]

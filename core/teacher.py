@@ -50,7 +50,11 @@ class Teacher(Protocol):
 
 
 class LocalTeacher:
-    """An in-process transformers model used as the teacher (frozen, eval mode, no grad)."""
+    """An in-process transformers model used as the teacher (frozen, eval mode, no grad).
+
+    It scores through ``completion_logits``, so on the rollout's repeated batch its media encoders
+    run once per distinct prompt, not once per completion (``core.rollout.encoders_once``).
+    """
 
     def __init__(self, model, processor=None, device: str | torch.device | None = None):
         self.model = model.eval()

@@ -13,7 +13,9 @@ data)`` is the one place that picks among them.
 
 ``PromptBatch.repeat`` / ``select`` slice every input per sample, including the flattened
 vision patches (``pixel_values_videos`` ``[sum of patches, D]``), whose rows belong to samples
-by each sample's ``video_grid_thw``.
+by each sample's ``video_grid_thw``. ``repeat`` records which rows are copies of one prompt
+(``PromptBatch.groups``, kept through ``select``), so that a forward can run the media encoders
+once per distinct prompt (``core.rollout.encoders_once``).
 
 What it leaves out: any model maths, video decoding (``core/data/video.py``), several videos or
 images in one prompt.
@@ -30,6 +32,19 @@ from core.data.audio import load_audio
 
 # flattened patch tensors (rows of all samples stacked) -> the per-sample grid that sizes each one's rows
 PATCH_INPUTS = {"pixel_values_videos": "video_grid_thw", "pixel_values": "image_grid_thw"}
+
+
+def segment_rows(sizes, idx: list[int]) -> torch.Tensor:
+    """Row indices ``[sum(sizes[i] for i in idx)]`` of items ``idx`` (in that order, repeats
+    allowed) in a tensor whose rows are items' blocks laid end to end, item ``i`` owning
+    ``sizes[i]`` consecutive rows."""
+    sizes = torch.as_tensor(sizes, dtype=torch.long).cpu()
+    starts = torch.cumsum(sizes, 0) - sizes
+    pick = torch.as_tensor(idx, dtype=torch.long)
+    n = sizes[pick]
+    # each picked block's start, repeated over its rows, plus the row's offset inside the block
+    offset = torch.arange(int(n.sum())) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
+    return torch.repeat_interleave(starts[pick], n) + offset
 
 
 def take_samples(inputs: dict[str, torch.Tensor], idx: list[int]) -> dict[str, torch.Tensor]:
@@ -50,12 +65,9 @@ def take_samples(inputs: dict[str, torch.Tensor], idx: list[int]) -> dict[str, t
                 raise ValueError(f"'{k}' holds {0 if grid is None else grid.shape[0]} grids for {B} prompts; "
                                  "selecting prompts needs exactly one video/image per prompt")
             sizes = grid.long().prod(-1)
-            starts = torch.cumsum(sizes, 0) - sizes
             if int(sizes.sum()) != v.shape[0]:
                 raise ValueError(f"'{k}' has {v.shape[0]} patch rows but '{grid_key}' sums to {int(sizes.sum())}")
-            rows = torch.cat([torch.arange(int(starts[i]), int(starts[i] + sizes[i])) for i in idx]) if idx \
-                else torch.zeros(0, dtype=torch.long)
-            out[k] = v.index_select(0, rows.to(v.device))
+            out[k] = v.index_select(0, segment_rows(sizes, idx).to(v.device))
         else:
             out[k] = v.index_select(0, torch.as_tensor(idx, dtype=torch.long, device=v.device))
     return out
@@ -64,31 +76,52 @@ def take_samples(inputs: dict[str, torch.Tensor], idx: list[int]) -> dict[str, t
 @dataclass
 class PromptBatch:
     """Prompts of one batch: ``inputs`` go to the model; ``rows``, ``texts`` and the decoded media
-    (``audios``: waveforms, ``videos``: ``VideoClip``s) stay for scoring and remote teachers."""
+    (``audios``: waveforms, ``videos``: ``VideoClip``s) stay for scoring and remote teachers.
+
+    ``groups``: rows with the same value hold copies of one prompt (identical inputs), as
+    ``repeat`` makes them; ``None`` (a collator's batch) when no row is known to copy another.
+    """
 
     inputs: dict[str, torch.Tensor]
     rows: list[dict]
     texts: list[str]
     audios: list[Any] = field(default_factory=list)
     videos: list[Any] = field(default_factory=list)
+    groups: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def repeat(self, n: int) -> "PromptBatch":
-        """Each prompt ``n`` times, the copies of one prompt next to each other."""
+        """Each prompt ``n`` times, the copies of one prompt next to each other (and in one group)."""
         if n == 1:
             return self
         idx = [i for i in range(len(self)) for _ in range(n)]
         rep = lambda xs: [x for x in xs for _ in range(n)]  # noqa: E731
+        groups = rep(self.groups if self.groups is not None else list(range(len(self))))
         return PromptBatch(take_samples(self.inputs, idx), rep(self.rows), rep(self.texts), rep(self.audios),
-                           rep(self.videos))
+                           rep(self.videos), groups)
 
     def select(self, idx: list[int]) -> "PromptBatch":
         idx = [int(i) for i in idx]
         pick = lambda xs: [xs[i] for i in idx] if xs else xs  # noqa: E731
         return PromptBatch(take_samples(self.inputs, idx), pick(self.rows), pick(self.texts), pick(self.audios),
-                           pick(self.videos))
+                           pick(self.videos), None if self.groups is None else pick(self.groups))
+
+    def distinct(self) -> tuple[list[int], list[int]] | None:
+        """``(first, inverse)`` over the prompts of ``groups``: ``first[u]`` is the row of the u-th
+        distinct prompt (in order of first appearance), ``inverse[i]`` the u of row ``i``, so
+        ``take_samples(take_samples(inputs, first), inverse)`` is ``inputs``. ``None`` when no
+        row is known to copy another."""
+        if self.groups is None or len(set(self.groups)) == len(self.groups):
+            return None
+        first, where, inverse = [], {}, []
+        for i, g in enumerate(self.groups):
+            if g not in where:
+                where[g] = len(first)
+                first.append(i)
+            inverse.append(where[g])
+        return first, inverse
 
 
 def format_prompt(template: str, row: dict) -> str:
