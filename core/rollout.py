@@ -22,8 +22,10 @@
   forward does. It works through hooks on the encoder modules, so the call still goes through
   the model's own forward (and any ZeRO-3 / peft hooks); other models run unchanged.
 
-What it leaves out: any loss, any teacher, any server-side engine (vLLM); sharing the encoders
-during ``generate`` (its prefill runs them once per sample).
+  ``generate_completions`` opens it around ``generate`` too, so the prefill's encoders run once
+  per prompt as well.
+
+What it leaves out: any loss, any teacher, any server-side engine (vLLM).
 """
 from __future__ import annotations
 
@@ -97,7 +99,9 @@ def generate_completions(model, batch: PromptBatch, tokenizer, *, n: int = 1, te
     if synced_gpus:
         gen_kw["synced_gpus"] = True
     try:
-        out = m.generate(**rep.inputs, **gen_kw)
+        # the prefill's media encoders run once per prompt, not once per sample (encoders_once)
+        with encoders_once(m, rep):
+            out = m.generate(**rep.inputs, **gen_kw)
     finally:
         m.train(was_training)
     P = rep.inputs["input_ids"].shape[1]

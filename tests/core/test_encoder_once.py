@@ -28,7 +28,8 @@ from conftest import REPO, cpu_env
 
 from core.data.collate import AudioPromptCollator, AVPromptCollator, PromptBatch
 from core.models import build_tiny_omni_thinker, load_model_and_processor, special_token_ids, train_tokenizer
-from core.rollout import Completions, completion_logits, encoders_once, shared_encoders, token_logp
+from core.rollout import (Completions, completion_logits, encoders_once, generate_completions, shared_encoders,
+                          token_logp)
 from core.teacher import LocalTeacher
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -243,6 +244,30 @@ def test_omni_thinker_partial_groups(omni):
     sel = rep.select([4, 0, 5, 1])  # prompts 1, 0, 1, 0 (clips of different lengths, interleaved)
     ids, mask = _completions(omni.tok, omni.proc, len(sel), seed=6)
     _assert_same_forward_backward(omni.model, sel, ids, mask, ["audio_tower.", "visual."], distinct=2)
+
+
+@pytest.mark.parametrize("which", ["audio", "omni"])
+def test_generate_prefill_runs_the_encoders_once_per_prompt(which, request):
+    """``generate_completions`` samples n per prompt with the encoders run on the distinct prompts
+    at prefill, and samples what the plain path samples (the repeated batch without copy groups)."""
+    env = request.getfixturevalue(which)
+    model, batch = env.model, env.batch
+    counter = ItemCounter(model)
+    try:
+        kw = dict(n=N, temperature=1.0, max_new_tokens=5, seed=7, suppress_ids=special_token_ids(env.proc))
+        rep, ours = generate_completions(model, batch, env.tok, **kw)
+        seen_ours = counter.take()
+        plain_batch = PromptBatch(rep.inputs, rep.rows, rep.texts)  # no groups: every row runs the encoders
+        kw["n"] = 1
+        _, plain = generate_completions(model, plain_batch, env.tok, **kw)
+        seen_plain = counter.take()
+    finally:
+        counter.remove()
+    assert rep.groups is not None
+    assert seen_ours and all(v == [len(batch)] for v in seen_ours.values()), seen_ours
+    assert all(v == [len(rep)] for v in seen_plain.values()), seen_plain
+    assert torch.equal(ours.ids, plain.ids) and torch.equal(ours.mask, plain.mask)
+    torch.testing.assert_close(ours.logp, plain.logp, atol=1e-5, rtol=0)
 
 
 # ----------------------------------------------------------------------------- DeepSpeed ZeRO-3
