@@ -15,6 +15,11 @@ as the trainer does for ``data.modality: auto``: text for a model without an aud
 for an audio model when no row of the manifest has an ``audio``/``video`` path; av for a model
 with a vision encoder and rows with ``video``; else audio.
 
+Rows are decoded longest first in batches of similar length (audio seconds, else a video row's
+``duration`` field, else the prompt's characters; ``--no_sort`` keeps the manifest's order), so
+short clips are not padded to long ones and a batch stops generating with its longest answer;
+the output keeps the manifest's order.
+
 What it leaves out: beam search, and scoring (``tools/compute_wer.py`` and the recipes' ``local/`` scorers do that).
 """
 from __future__ import annotations
@@ -45,10 +50,33 @@ def decode_modality(model, manifest: str, modality: str = "auto") -> str:
     return resolve_modality(C.TrainConfig(data=C.DataConfig(train=str(manifest), modality=modality)), model)
 
 
+def length_order(rows: list[dict]) -> list[int]:
+    """Indices of ``rows``, longest first: audio seconds (``end_time - begin_time``, else the
+    file's header), else a video row's ``duration`` field, then the prompt's characters."""
+    import soundfile as sf
+
+    def seconds(r: dict) -> float:
+        if r.get("audio"):
+            if r.get("end_time") is not None:
+                return float(r["end_time"]) - float(r.get("begin_time") or 0.0)
+            try:
+                return float(sf.info(str(r["audio"])).duration) - float(r.get("begin_time") or 0.0)
+            except (RuntimeError, OSError):  # already checked by the manifest reader; no reorder on a surprise
+                return 0.0
+        d = r.get("duration")
+        return float(d) if isinstance(d, (int, float)) else 0.0
+
+    def chars(r: dict) -> int:
+        return len(str(r.get("prompt") or r.get("question") or r.get("text") or ""))
+
+    keys = [(seconds(r), chars(r)) for r in rows]
+    return sorted(range(len(rows)), key=lambda i: keys[i], reverse=True)
+
+
 def decode(model_dir: str, manifest: str, out: str, *, prompt: str = "Transcribe the audio.", batch_size: int = 32,
            max_new_tokens: int = 32, target_field: str = "text", as_manifest: bool = False,
            temperature: float = 0.0, seed: int = 0, modality: str = "auto", num_frames: int = 8,
-           missing_audio: str = "error") -> dict:
+           missing_audio: str = "error", sort_by_length: bool = True) -> dict:
     from core import config as C
     from core.data.collate import make_collator
     from core.data.manifest import write_manifest
@@ -65,16 +93,19 @@ def decode(model_dir: str, manifest: str, out: str, *, prompt: str = "Transcribe
     data = C.DataConfig(train=str(manifest), prompt=prompt, num_frames=num_frames, missing_audio=missing_audio)
     rows = read_rows(str(manifest), C.TrainConfig(data=data), mode, key="--manifest")
     col = make_collator(mode, proc, data)
-    hyps = []
+    order = length_order(rows) if sort_by_length else list(range(len(rows)))
+    hyps: list[str] = [""] * len(rows)
     t0 = time.time()
     for i in tqdm(range(0, len(rows), batch_size), desc=f"decode {Path(manifest).name}", leave=False):
-        chunk = rows[i: i + batch_size]
+        idx = order[i: i + batch_size]
+        chunk = [rows[j] for j in idx]
         with torch.no_grad():  # not set_grad_enabled(False): a caller may train in this process afterwards
             _, comp = generate_completions(model, col.prompts(chunk), tok, do_sample=temperature > 0,
                                            temperature=temperature or 1.0, max_new_tokens=max_new_tokens,
                                            suppress_ids=special_token_ids(proc), eos_ids=[tok.eos_token_id],
                                            seed=seed + i, return_logp=False)
-        hyps += comp.texts
+        for j, h in zip(idx, comp.texts):
+            hyps[j] = h
     secs = time.time() - t0
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     if as_manifest:
@@ -107,6 +138,8 @@ def main(argv=None) -> int:
                     help="auto: text for a model without an audio encoder or a manifest without media, av for a "
                          "model with a vision encoder and video rows, else audio")
     ap.add_argument("--num_frames", type=int, default=8, help="av: frames sampled uniformly from each video")
+    ap.add_argument("--no_sort", action="store_true",
+                    help="batch rows in the manifest's order instead of longest first (the output order is the same)")
     ap.add_argument("--missing_audio", choices=("error", "silence"), default="error",
                     help="av: a video without a sound track is an error, or gets silence")
     args = ap.parse_args(argv)
@@ -114,7 +147,8 @@ def main(argv=None) -> int:
         info = decode(args.model, args.manifest, args.out, prompt=args.prompt, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, target_field=args.target_field,
                       as_manifest=args.as_manifest, temperature=args.temperature, modality=args.modality,
-                      num_frames=args.num_frames, missing_audio=args.missing_audio)
+                      num_frames=args.num_frames, missing_audio=args.missing_audio,
+                      sort_by_length=not args.no_sort)
     except (FileNotFoundError, ValueError) as e:  # a missing model or manifest, a bad manifest line (file:line): ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2

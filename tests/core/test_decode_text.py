@@ -139,3 +139,39 @@ def test_audio_model_still_uses_the_audio_collator(tiny, tmp_path):
         torch.set_grad_enabled(True)
     assert [h["text"] for h in _read(out)] == comp.texts
     assert [h["ref"] for h in _read(out)] == [r["text"] for r in rows]
+
+
+def test_length_order_longest_first_output_in_manifest_order(tiny, tmp_path, monkeypatch):
+    """Rows are batched longest audio first (no short clip padded to a long one) and written back
+    in the manifest's order: the same hypotheses as decoding in the manifest's order."""
+    import soundfile as sf
+    from core.bin import decode as D
+    from core.data.collate import AudioPromptCollator
+
+    rows = tiny.rows[:6]
+    secs = [sf.info(r["audio"]).duration for r in rows]
+    assert len(set(secs)) > 1, "the fixture clips should differ in length"
+    order = D.length_order(rows)
+    assert [secs[i] for i in order] == sorted(secs, reverse=True)
+    # a segment's length is its times; a video row's is its duration field; then prompt length
+    assert D.length_order([{"audio": rows[0]["audio"], "begin_time": 0.0, "end_time": 0.1},
+                           {"audio": rows[0]["audio"], "begin_time": 0.0, "end_time": 0.3}]) == [1, 0]
+    assert D.length_order([{"video": "a.mp4", "duration": 2.0}, {"video": "b.mp4", "duration": 5.0},
+                           {"prompt": "x"}, {"prompt": "xyz"}]) == [1, 0, 3, 2]
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    batches = []
+    real = AudioPromptCollator.prompts
+    monkeypatch.setattr(AudioPromptCollator, "prompts",
+                        lambda self, chunk: batches.append([r["key"] for r in chunk]) or real(self, chunk))
+    a, b = tmp_path / "sorted.jsonl", tmp_path / "plain.jsonl"
+    decode(str(tiny.student), str(manifest), str(a), max_new_tokens=5, batch_size=2)
+    assert batches == [[rows[i]["key"] for i in order[k: k + 2]] for k in range(0, 6, 2)]
+    batches.clear()
+    assert main(["--model", str(tiny.student), "--manifest", str(manifest), "--out", str(b),
+                 "--max_new_tokens", "5", "--batch_size", "2", "--no_sort"]) == 0
+    assert batches == [[r["key"] for r in rows[k: k + 2]] for k in range(0, 6, 2)]
+    got, plain = _read(a), _read(b)
+    assert [h["key"] for h in got] == [r["key"] for r in rows] == [h["key"] for h in plain]
+    assert [h["text"] for h in got] == [h["text"] for h in plain]
