@@ -8,8 +8,9 @@
 #               --dailyomni_dir /data/Daily-Omni          # real data: IntentTrain for training,
 #   bash run.sh --corpus real ... --intentbench_json /data/IntentBench.json --intentbench_video_root /data/ib
 #
-# Stage 0: data. Stage 1: tokenizer + tiny Omni thinker (or a real one), SFT warm-up on the output
-# format. Stage 2: GRPO (rewards format 0.1 + exact_alnum 0.9). Stage 3: the fair baseline, plain SFT
+# Stage 0: data. Stage 1: tokenizer + tiny Omni thinker (or a real one), SFT warm-up in two passes
+# (describe clips + labelled questions, then the questions alone). Stage 2: GRPO on clips the
+# warm-up never saw (rewards format 0.1 + exact_alnum 0.9). Stage 3: the fair baseline, plain SFT
 # on the answers for GRPO's wall-clock. Stage 4: greedy decoding of the test set, accuracy overall,
 # by question type and by duration (Daily-Omni rule; IntentBench rules by problem type),
 # results.json, README table, reward curves.
@@ -27,7 +28,7 @@ intentbench_json=""       # real: IntentBench records, scored as a test set
 intentbench_video_root="" # real: folder IntentBench's video paths are relative to
 data=data                 # manifests
 exp=exp                   # models, logs, results
-budget=150                # seconds of GRPO, and of the SFT baseline (equal wall-clock)
+budget=200                # seconds of GRPO, and of the SFT baseline (equal wall-clock)
 baselines=true            # also train the fair baseline (sft_answers)
 num_frames=8              # frames per video (uniformly sampled)
 missing_audio=error       # error | silence: a video without a sound track
@@ -53,10 +54,11 @@ train() {  # config [overrides...]
 }
 fresh() { rm -rf "$@"; }   # a stage that runs again starts from nothing
 
-synth_args=(); sft_over=(); quick=()
+synth_args=(); sft_over=(); qa_over=(); quick=()
 if [ "${smoke}" = "true" ]; then
   synth_args=(--smoke)
   sft_over=(train.max_steps=150 train.batch_size=8 train.save_every=0)
+  qa_over=(train.max_steps=40 train.batch_size=8)
   quick=(train.eval_every=0 data.dev_max_samples=4)
 fi
 # smoke: GRPO takes a fixed number of steps (a loaded machine cannot starve it); the baseline then
@@ -98,7 +100,7 @@ if any(not r.get("answer") for r in rows):
 n_dev = min(200, len(rows) // 5)
 if n_dev < 1 or len(rows) - n_dev < 1:
     sys.exit(f"{src}: {len(rows)} questions are too few to hold out a dev set")
-splits = {"train": rows[:-n_dev], "dev": rows[-n_dev:], "base_sft": rows[:-n_dev][:400]}
+splits = {"train": rows[:-n_dev], "dev": rows[-n_dev:], "base_sft": rows[:-n_dev][:400], "sft": rows[:-n_dev][:400]}
 test = [json.loads(line) for t in tests for line in open(t, encoding="utf-8") if line.strip()]
 for name, part in {**splits, "test": test}.items():
     with open(f"{data}/{name}.jsonl", "w", encoding="utf-8") as f:
@@ -116,10 +118,14 @@ if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
   t0=$(date +%s)
   log "stage 1: tokenizer and the Omni thinker"
   "${PY}" local/build_model.py --conf conf/models.yaml --text "${data}/text_corpus.txt" --exp "${exp}" --seed ${seed}
-  log "stage 1: SFT warm-up on the output format"
+  log "stage 1: SFT warm-up, first pass: describe clips + labelled questions"
   fresh "${exp}/sft"
   train conf/sft.yaml model.path=${exp}/init output_dir=${exp}/sft data.train=${data}/base_sft.jsonl \
     data.dev=${data}/dev.jsonl "${sft_over[@]}" "${quick[@]}"
+  log "stage 1: SFT warm-up, second pass: the labelled questions alone"
+  fresh "${exp}/sft_qa"
+  train conf/sft_qa.yaml model.path=${exp}/sft/final output_dir=${exp}/sft_qa data.train=${data}/sft.jsonl \
+    data.dev=${data}/dev.jsonl "${qa_over[@]}" "${quick[@]}"
   record_time models $(( $(date +%s) - t0 ))
 fi
 
@@ -129,7 +135,7 @@ if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
   t0=$(date +%s)
   log "stage 2: GRPO, ${budget} s"
   fresh "${exp}/grpo"
-  train conf/grpo.yaml model.path=${exp}/sft/final output_dir=${exp}/grpo "${paths[@]}" \
+  train conf/grpo.yaml model.path=${exp}/sft_qa/final output_dir=${exp}/grpo "${paths[@]}" \
     train.max_seconds=${budget} "${quick[@]}" "${grpo_steps[@]}"
   record_time grpo $(( $(date +%s) - t0 ))
 fi
@@ -142,7 +148,7 @@ if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ] && [ "${baselines}" = "true" ];
   t0=$(date +%s)
   log "stage 3: baseline sft_answers, SFT on the answers for ${spent} s"
   fresh "${exp}/sft_answers"
-  train conf/sft_answers.yaml model.path=${exp}/sft/final output_dir=${exp}/sft_answers "${paths[@]}" \
+  train conf/sft_answers.yaml model.path=${exp}/sft_qa/final output_dir=${exp}/sft_answers "${paths[@]}" \
     train.max_seconds=${spent} "${quick[@]}"
   record_time sft_answers $(( $(date +%s) - t0 ))
 fi

@@ -130,6 +130,15 @@ def test_synthetic_smoke(smoke):
     assert counts == {"train": 32, "sft": 16, "dev": 8, "test": 16}
     rows = [r for s in counts for r in _jsonl(smoke / f"{s}.jsonl")]
     assert len({r["key"] for r in rows}) == len(rows) == len({r["video"] for r in rows})
+    # the warm-up describes its own clips: none of them is a GRPO (train), sft, dev or test clip
+    describe = _jsonl(smoke / "describe.jsonl")
+    assert len(describe) == 32 and all(d["task"] == "av_describe" and d["target"] for d in describe)
+    assert not {d["video"] for d in describe} & {r["video"] for r in rows}
+    assert len({d["video"] for d in describe}) == 32
+    for d in describe[:4]:
+        assert load_video(smoke / d["video"], num_frames=8).has_audio
+    base = _jsonl(smoke / "base_sft.jsonl")
+    assert [r["key"] for r in base] == [r["key"] for r in describe + _jsonl(smoke / "sft.jsonl")]
     fields = {"key", "video", "task", "question", "choices", "answer", "answer_text", "Type", "duration",
               "prompt", "target"}
     types = set()
@@ -152,7 +161,7 @@ def test_synthetic_smoke(smoke):
         assert r["prompt"] in corpus and r["target"] in corpus
     assert "<answer>" in corpus.splitlines() and "none of them" in corpus.splitlines()
     stats = json.loads((smoke / "stats.json").read_text())
-    assert stats["counts"] == counts and sum(stats["test"]["Type"].values()) == 16
+    assert stats["counts"] == dict(counts, describe=32) and sum(stats["test"]["Type"].values()) == 16
     assert not (smoke / ".audio_tmp").exists()
     # the videos pass the project's manifest checks (audio track included); answers there are
     # choice texts, so the rows are checked with answer_text in that field

@@ -31,6 +31,7 @@ def test_audio_visual_recipe_smoke(smoke_run):
         assert set(res[name]["by_type"]) == {"count", "colour_by_count", "beep_colour", "motion"}
     assert set(res["baselines"]) == {"sft_answers"}
     tr = res["training"]
+    assert {"sft", "sft_qa", "grpo", "sft_answers"} <= set(tr)   # the warm-up's two passes, GRPO, baseline
     assert tr["sft_answers"]["train_seconds"] >= 0.8 * tr["grpo"]["train_seconds"]
     # every reward component is logged per step, and the training reward rises
     rows = [json.loads(line) for line in (exp / "grpo" / "metrics.jsonl").read_text().splitlines()]

@@ -28,10 +28,11 @@ sys.path.insert(0, str(ROOT))
 from tools.local_module import load_module  # noqa: E402
 from tools.report import refresh_stage_seconds, update_readme  # noqa: E402
 
-SYSTEMS = {"before": ("sft", "SFT warm-up on the output format (the GRPO start)"),
+SYSTEMS = {"before": ("sft_qa", "SFT warm-up: describe + questions, then the questions alone (the GRPO start)"),
            "after": ("grpo", "GRPO (format 0.1 + exact_alnum 0.9)")}
 BASELINES = {"sft_answers": ("sft_answers", "SFT on the answers of GRPO's questions, same wall-clock")}
 MAX_NEW_TOKENS = 40
+WARMUP = ("sft", "sft_qa")   # the two passes of the warm-up: "before"'s train s and steps are their sums
 
 
 def _score_module():
@@ -85,6 +86,8 @@ def fmt_table(results: dict) -> str:
     for name, r, what in rows:
         d = (SYSTEMS.get(name) or BASELINES.get(name))[0]
         t = tr.get(d, {})
+        if name == "before" and all(w in tr for w in WARMUP):
+            t = {k: round(sum(tr[w].get(k, 0) for w in WARMUP), 2) for k in ("train_seconds", "steps")}
         cells = [f"{100 * r['by_type'][ty]['acc']:.1f}" if ty in r.get("by_type", {}) else "" for ty in types]
         lines.append(f"| {name} | {100 * r['acc']:.1f} | " + " | ".join(cells)
                      + f" | {r['unparsed']} | {t.get('train_seconds', '')} | {t.get('steps', '')} | {what} |")
@@ -123,7 +126,7 @@ def main(argv=None) -> int:
             results["baselines"][name] = evaluate(name, m, data, exp, args)
     results["gain"] = round(results["after"]["acc"] - results["before"]["acc"], 4)
     results["training_reward"] = training_reward(exp / "grpo" / "metrics.jsonl")
-    results["training"] = {d: load_json(exp / d / "train_summary.json") for d in ("sft", "grpo", "sft_answers")
+    results["training"] = {d: load_json(exp / d / "train_summary.json") for d in (*WARMUP, "grpo", "sft_answers")
                            if (exp / d / "train_summary.json").is_file()}
     results["settings"] = {"corpus": args.corpus, "smoke": args.smoke == "true", "num_frames": args.num_frames,
                            "missing_audio": args.missing_audio, "model": load_json(exp / "model.json"),

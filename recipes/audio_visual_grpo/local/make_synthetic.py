@@ -33,18 +33,20 @@ reasoning alone: what is seen and heard)}.
 
 Written under ``--out_dir`` (videos under ``video/``):
 
-  train.jsonl     GRPO prompts (default 1500)
-  sft.jsonl       labelled questions of the warm-up (default 400; its own clips, none shared with train)
-  describe.jsonl  every train clip with the task "Describe what you see and hear." (``target`` =
-                  the reasoning of its reference answer: what is seen and heard, without the
-                  question or the answer; keys end in ``_describe``)
-  base_sft.jsonl  describe + sft: what the base policy is SFT-warmed on (it learns to look and
-                  listen on GRPO's clips, and the question format on the sft clips)
+  describe.jsonl  the warm-up's own clips (default 1500) with the task "Describe what you see and
+                  hear." (``target`` = what is seen and heard, the reasoning of the clip's
+                  question without the question or the answer)
+  sft.jsonl       labelled questions of the warm-up (default 400; their own clips)
+  base_sft.jsonl  describe + sft: the warm-up's first pass (it learns to look and listen, and
+                  the question format); its second pass is sft.jsonl alone
+  train.jsonl     GRPO prompts (default 2000), on clips the warm-up never saw: GRPO on the
+                  warm-up's own clips learnt those clips (training accuracy up, test accuracy
+                  down); fresh clips leave only what carries over
   dev.jsonl, test.jsonl   held-out clips (100, 300)
   text_corpus.txt every prompt, target and choice plus the format strings, for the tokenizer
   stats.json      counts per split, task, answer letter and duration; generation seconds
 
-``--smoke``: train 32, sft 16, dev 8, test 16. The output depends only on ``--seed``, the counts
+``--smoke``: describe 32, train 32, sft 16, dev 8, test 16. The output depends only on ``--seed``, the counts
 and ``--shuffle_choices`` (which reorders choices and changes no clip). Left out: noise, real
 footage, circles and other shapes, speech longer than one word, clips longer than 3 s.
 """
@@ -87,9 +89,10 @@ QUESTIONS = {"count": "The voice names a colour. How many boxes of that colour a
              "colour_by_count": "The voice says a number. Which colour has that many boxes on screen?",
              "beep_colour": "What colour is the box on screen when the beep sounds?",
              "motion": "The voice names a colour. Which way does the box of that colour move?"}
-SPLITS = ("train", "sft", "dev", "test")
-DEFAULTS = {"train": 1500, "sft": 400, "dev": 100, "test": 300}
-SMOKE = {"train": 32, "sft": 16, "dev": 8, "test": 16}
+SPLITS = ("describe", "train", "sft", "dev", "test")
+DEFAULTS = {"describe": 1500, "train": 2000, "sft": 400, "dev": 100, "test": 300}
+SMOKE = {"describe": 32, "train": 32, "sft": 16, "dev": 8, "test": 16}
+QA_SPLITS = SPLITS[1:]   # written as question manifests; the describe clips only as describe.jsonl
 SIZE, FPS, GRID, PAD = 64, 8, 2, 2
 CELL = SIZE // GRID          # 32 px: one 28 x 28 merged vision token once the processor resizes to 56
 BOX = CELL - 2 * PAD
@@ -260,15 +263,17 @@ def main(argv=None) -> int:
     render_videos([(VideoSpec(audio=str(out / wav), **spec), str(out / mp4)) for spec, wav, mp4 in videos],
                   workers=args.workers, desc="ffmpeg")
     shutil.rmtree(tmp)
-    for s in SPLITS:
+    for s in QA_SPLITS:
         write_jsonl(out / f"{s}.jsonl", splits[s])
-    # the warm-up: describe every GRPO training clip (what is seen and heard, no question and no
-    # answer), plus the labelled questions of the sft clips
-    describe = [{"key": f"{r['key']}_describe", "video": r["video"], "task": "av_describe", "Type": "describe",
-                 "duration": r["duration"], "prompt": DESCRIBE, "target": r["description"]} for r in splits["train"]]
+    # the warm-up: describe its own clips (what is seen and heard, no question and no answer),
+    # plus the labelled questions of the sft clips
+    describe = [{"key": r["key"], "video": r["video"], "task": "av_describe", "Type": "describe",
+                 "duration": r["duration"], "prompt": DESCRIBE, "target": r["description"]}
+                for r in splits["describe"]]
     write_jsonl(out / "describe.jsonl", describe)
     write_jsonl(out / "base_sft.jsonl", describe + splits["sft"])
-    corpus = [x for s in SPLITS for r in splits[s] for x in (r["prompt"], r["target"])] + [DESCRIBE]
+    corpus = [x for s in QA_SPLITS for r in splits[s] for x in (r["prompt"], r["target"])] + [DESCRIBE]
+    corpus += [r["description"] for r in splits["describe"]]
     corpus += sorted({c for ch in CHOICES.values() for c in ch}) + list(prompt.FORMAT_STRINGS)
     corpus += list(prompt.INSTRUCTIONS.values())
     (out / "text_corpus.txt").write_text("\n".join(corpus) + "\n", encoding="utf-8")
