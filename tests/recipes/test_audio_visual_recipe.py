@@ -48,8 +48,9 @@ def test_audio_visual_recipe_smoke(smoke_run):
     assert (exp / "grpo" / "final" / "model.safetensors").is_file()
 
 
-@pytest.mark.xfail(reason="GRPO does not yet raise the tiny thinker's reward on the synthetic questions "
-                          "(the default run's measurements are in the recipe README)", strict=False)
+@pytest.mark.xfail(reason="the smoke run's warm-up (a minute on 48 rows) leaves its base at chance, and GRPO "
+                          "from there is noise at this size (40 steps of 8 x 4 at lr 1e-3 rose in one try and fell "
+                          "in another); the default run's training reward does rise (recipe README)", strict=False)
 def test_audio_visual_training_reward_rises(smoke_run):
     """NeMo-RL's functional GRPO test asserts that the training reward's maximum passes 0.6; ours:
     the mean reward of the last tenth of the steps above the first tenth's, and a 5-step mean of
