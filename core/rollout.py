@@ -230,7 +230,10 @@ class _EncoderOnce:
             bound = self.sig.bind(*args, **kwargs)
         except TypeError:
             bound = None
-        plan = self._cut(bound.arguments) if bound is not None else None
+        try:
+            plan = self._cut(bound.arguments) if bound is not None else None
+        except Exception:  # noqa: BLE001  a call it cannot map passes through untouched (see above)
+            plan = None
         self.pending.append(plan)
         return (bound.args, bound.kwargs) if plan is not None else None
 

@@ -18,7 +18,8 @@ with a vision encoder and rows with ``video``; else audio.
 Rows are decoded longest first in batches of similar length (audio seconds, else a video row's
 ``duration`` field, else the prompt's characters; ``--no_sort`` keeps the manifest's order), so
 short clips are not padded to long ones and a batch stops generating with its longest answer;
-the output keeps the manifest's order.
+the output keeps the manifest's order. With ``--temperature`` > 0 a row's sample depends on the
+batch it lands in (the seed is per batch), so sorting changes sampled outputs, not greedy ones.
 
 What it leaves out: beam search, and scoring (``tools/compute_wer.py`` and the recipes' ``local/`` scorers do that).
 """
@@ -55,14 +56,19 @@ def length_order(rows: list[dict]) -> list[int]:
     file's header), else a video row's ``duration`` field, then the prompt's characters."""
     import soundfile as sf
 
+    def given(r: dict, name: str):  # None and -1 mean "from the start" / "to the end" (the manifest format)
+        v = r.get(name)
+        return None if v is None or float(v) < 0 else float(v)
+
     def seconds(r: dict) -> float:
         if r.get("audio"):
-            if r.get("end_time") is not None:
-                return float(r["end_time"]) - float(r.get("begin_time") or 0.0)
-            try:
-                return float(sf.info(str(r["audio"])).duration) - float(r.get("begin_time") or 0.0)
-            except (RuntimeError, OSError):  # already checked by the manifest reader; no reorder on a surprise
-                return 0.0
+            begin, end = given(r, "begin_time") or 0.0, given(r, "end_time")
+            if end is None:
+                try:
+                    end = float(sf.info(str(r["audio"])).duration)
+                except (RuntimeError, OSError):  # already checked by the manifest reader; no reorder on a surprise
+                    return 0.0
+            return end - begin
         d = r.get("duration")
         return float(d) if isinstance(d, (int, float)) else 0.0
 

@@ -90,7 +90,8 @@ if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
         tests+=("${data}/test_intentbench.jsonl")
       fi
       # test: every test set given (scored by its own rule); dev: the last min(200, n/5) training
-      # questions; the SFT warm-up (base_sft): the first 400 of the rest
+      # questions; the warm-up's labelled questions (sft = base_sft: no describe set for real
+      # data): the first min(400, half) of the rest; GRPO's (train): the others, unseen by the warm-up
       "${PY}" - "${data}" "${train_json}" "${tests[@]}" <<'PY'
 import json, sys
 data, src, tests = sys.argv[1], sys.argv[2], sys.argv[3:]
@@ -100,7 +101,11 @@ if any(not r.get("answer") for r in rows):
 n_dev = min(200, len(rows) // 5)
 if n_dev < 1 or len(rows) - n_dev < 1:
     sys.exit(f"{src}: {len(rows)} questions are too few to hold out a dev set")
-splits = {"train": rows[:-n_dev], "dev": rows[-n_dev:], "base_sft": rows[:-n_dev][:400], "sft": rows[:-n_dev][:400]}
+rest = rows[:-n_dev]
+n_sft = min(400, len(rest) // 2)
+if n_sft < 1:
+    sys.exit(f"{src}: {len(rows)} questions are too few for a warm-up set, a GRPO set and a dev set")
+splits = {"train": rest[n_sft:], "dev": rows[-n_dev:], "base_sft": rest[:n_sft], "sft": rest[:n_sft]}
 test = [json.loads(line) for t in tests for line in open(t, encoding="utf-8") if line.strip()]
 for name, part in {**splits, "test": test}.items():
     with open(f"{data}/{name}.jsonl", "w", encoding="utf-8") as f:

@@ -156,6 +156,10 @@ def test_length_order_longest_first_output_in_manifest_order(tiny, tmp_path, mon
     # a segment's length is its times; a video row's is its duration field; then prompt length
     assert D.length_order([{"audio": rows[0]["audio"], "begin_time": 0.0, "end_time": 0.1},
                            {"audio": rows[0]["audio"], "begin_time": 0.0, "end_time": 0.3}]) == [1, 0]
+    # -1 means the whole file, as in the manifest format
+    whole = {"audio": rows[0]["audio"], "begin_time": -1, "end_time": -1}
+    assert D.length_order([{"audio": rows[0]["audio"], "begin_time": 0.0, "end_time": 0.01}, whole]) == [1, 0]
+    assert D.length_order([whole, {"audio": rows[0]["audio"], "end_time": secs[0] + 0.5}]) == [1, 0]
     assert D.length_order([{"video": "a.mp4", "duration": 2.0}, {"video": "b.mp4", "duration": 5.0},
                            {"prompt": "x"}, {"prompt": "xyz"}]) == [1, 0, 3, 2]
 

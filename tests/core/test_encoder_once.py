@@ -200,7 +200,7 @@ def test_no_copies_or_no_known_encoder_runs_unchanged(audio):
         with torch.no_grad():
             out = enc(x).last_hidden_state
         assert out.shape[0] == 2 and hooks[0].items == 0
-    # and a batch that is no PromptBatch copy (groups given by hand) is shared by its groups
+    # and a batch that is no PromptBatch copy (groups given by hand) tells its distinct prompts
     hand = PromptBatch(rep.inputs, rep.rows, rep.texts, groups=[0, 0, 1, 1, 2, 2])
     assert hand.distinct() == ([0, 2, 4], [0, 0, 1, 1, 2, 2])
 
