@@ -126,18 +126,9 @@ def run_head_slice(smoke: bool = False) -> dict:
         finally:
             R._sliceable_head = orig
 
-    t_ours, t_full, same = [], [], []
-    for it in range(warmup + repeat):
-        res = {}
-        for sliced in ((True, False) if it % 2 == 0 else (False, True)):
-            t0 = time.perf_counter()
-            loss = step(sliced)
-            res[sliced] = (time.perf_counter() - t0, loss)
-        if it < warmup:
-            continue
-        t_ours.append(res[True][0])
-        t_full.append(res[False][0])
-        same.append(abs(res[True][1] - res[False][1]) < 1e-4)
+    secs, losses = B.alternate({"ours": lambda it: step(True), "full": lambda it: step(False)}, repeat, warmup)
+    t_ours, t_full = secs["ours"], secs["full"]
+    same = [abs(a - b) < 1e-4 for a, b in zip(losses["ours"], losses["full"])]
     ours, full = B.best(t_ours), B.best(t_full)
     seqs = len(batch)
     return {"ours_s": ours, "reference_s": full, "ratio": B.ratio(ours, full), "same_loss": all(same),
@@ -181,24 +172,14 @@ def run_encoder_once(smoke: bool = False) -> dict:
     def teacher_step(e):
         return ctx.teacher.score(e.batch, e.comp, return_logits=True).logits
 
-    t = {"ours": [], "reference": [], "teacher_ours": [], "teacher_reference": []}
-    res = {}
     try:
-        for it in range(warmup + repeat):
-            for name in (("ours", "reference") if it % 2 == 0 else ("reference", "ours")):
-                e = exp if name == "ours" else plain
-                t0 = time.perf_counter()
-                res[name] = student_step(e)
-                t_student = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                res["teacher_" + name] = teacher_step(e)
-                t_teacher = time.perf_counter() - t0
-                if it >= warmup:
-                    t[name].append(t_student)
-                    t["teacher_" + name].append(t_teacher)
+        t, out = B.alternate({"ours": lambda it: student_step(exp), "teacher_ours": lambda it: teacher_step(exp),
+                              "reference": lambda it: student_step(plain),
+                              "teacher_reference": lambda it: teacher_step(plain)}, repeat, warmup)
     finally:
         for h in hooks:
             h.remove()
+    res = {k: v[-1] for k, v in out.items()}
     (l_ours, g_ours, n_ours), (l_ref, g_ref, n_ref) = res["ours"], res["reference"]
     grad_diff = max(float((g_ours[k] - g_ref[k]).abs().max()) for k in g_ref)
     teacher_diff = float((res["teacher_ours"] - res["teacher_reference"]).abs().max())

@@ -89,6 +89,26 @@ class Timer:
         return _Section()
 
 
+def alternate(fns: dict, repeat: int, warmup: int) -> tuple[dict, dict]:
+    """Time the variants ``fns`` (name -> ``fn(round)``) side by side: every round runs each once,
+    in reversed order every other round (no variant always runs first on a warm cache).
+
+    Returns ``(seconds, results)``: for each name, its times and its return values over the
+    ``repeat`` rounds after ``warmup`` untimed ones."""
+    names = list(fns)
+    seconds: dict = {k: [] for k in names}
+    results: dict = {k: [] for k in names}
+    for it in range(warmup + repeat):
+        for name in (names if it % 2 == 0 else names[::-1]):
+            t0 = time.perf_counter()
+            out = fns[name](it)
+            dt = time.perf_counter() - t0
+            if it >= warmup:
+                seconds[name].append(dt)
+                results[name].append(out)
+    return seconds, results
+
+
 def best(xs):
     """The minimum: on a shared, noisy machine the least disturbed run is the most repeatable."""
     return float(min(xs)) if xs else float("nan")

@@ -12,8 +12,6 @@ What it leaves out: prompt collation (both get the same ready ``PromptBatch``).
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
 from benchmarks import common as B
@@ -52,21 +50,11 @@ def run_rollout(smoke: bool = False) -> dict:
         mask = eos_mask(ids, eos)
         return torch.where(mask.bool(), ids, torch.full_like(ids, tok.pad_token_id)), mask
 
-    t_ours, t_plain, n_ours, n_plain, same = [], [], [], [], []
-    for it in range(warmup + repeat):
-        seed = 2000 + it
-        res = {}
-        for name, fn in ((("ours", ours), ("plain", plain)) if it % 2 == 0 else (("plain", plain), ("ours", ours))):
-            t0 = time.perf_counter()
-            ids, mask = fn(seed)
-            res[name] = (time.perf_counter() - t0, ids, mask)
-        if it < warmup:
-            continue
-        t_ours.append(res["ours"][0])
-        t_plain.append(res["plain"][0])
-        n_ours.append(int(res["ours"][2].sum()))
-        n_plain.append(int(res["plain"][2].sum()))
-        same.append(bool(torch.equal(res["ours"][1], res["plain"][1])))
+    secs, res = B.alternate({"ours": lambda it: ours(2000 + it), "plain": lambda it: plain(2000 + it)}, repeat, warmup)
+    t_ours, t_plain = secs["ours"], secs["plain"]
+    n_ours = [int(mask.sum()) for _, mask in res["ours"]]
+    n_plain = [int(mask.sum()) for _, mask in res["plain"]]
+    same = [bool(torch.equal(a, b)) for (a, _), (b, _) in zip(res["ours"], res["plain"])]
     tps_ours = max(k / t for k, t in zip(n_ours, t_ours))
     tps_plain = max(k / t for k, t in zip(n_plain, t_plain))
     r = B.ratio(tps_ours, tps_plain)
