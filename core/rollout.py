@@ -1,19 +1,28 @@
 """Sampling engine and the completion forward pass every method shares.
 
-- ``generate_completions``: batched ``generate`` with n samples per prompt, temperature / top-p /
-  top-k / max-new-tokens, special tokens suppressed (a sampled ``<|AUDIO|>`` breaks the next
-  forward), stop at EOS; returns completion ids, a mask that is 1 up to and including EOS, and
-  the sampled tokens' log-probabilities under ``log_softmax(logits / temperature)``, the same
-  quantity ``completion_logits`` recomputes for training. Deterministic under a seed.
+- ``generate_completions``: n samples per prompt, temperature / top-p / top-k / max-new-tokens,
+  special tokens suppressed (a sampled ``<|AUDIO|>`` breaks the next forward), stop at EOS;
+  returns completion ids, a mask that is 1 up to and including EOS, and the sampled tokens'
+  log-probabilities under ``log_softmax(logits / temperature)``, the same quantity
+  ``completion_logits`` recomputes for training. Deterministic under a seed.
+- ``sample_loop``: our KV-cached sampler behind it. Each distinct prompt is prefilled once and
+  its cache copied to its n samples; then one forward per new token, with the processing steps
+  and random draws of ``model.generate`` (same tokens under the same seed, tested) but without
+  its per-step machinery. Models with multimodal rotary positions (the Qwen2.5-Omni thinker)
+  and ``engine="hf"`` use ``model.generate``. ``synced_gpus`` keeps ZeRO-3 ranks stepping
+  together until all are done.
 - ``completion_logits``: one forward of prompt + completion returning the logits that predict
   each completion token, ``[B, T, V]``. Position ids follow the attention mask, as in
-  ``generate``, so left-padded prompts score exactly as they were sampled; a model with
+  generation, so left-padded prompts score exactly as they were sampled; a model with
   multimodal rotary positions (``get_rope_index``: Qwen2-VL, the Qwen2.5-Omni thinker) gets none
   and builds its own from the attention mask and the video grids over the whole prompt +
   completion, which continues the prompt's positions as its ``generate`` does. The LM head runs on
   the completion positions only (``logits_to_keep`` where the model takes it; the head's input
-  sliced by a forward pre-hook for Qwen2-Audio and the Qwen2.5-Omni thinker). The media encoders
-  run once per distinct prompt (``encoders_once``), not once per sample.
+  sliced by a forward pre-hook for Qwen2-Audio and the Qwen2.5-Omni thinker). When rows are
+  copies of one prompt (the rollout's n samples), each distinct prompt runs once
+  (``shared_prompt_logits``: its layers and encoders once, the copies reading its KV cache), or,
+  for the models with multimodal rotary positions, at least its media encoders
+  (``encoders_once``); the logits and gradients are the plain forward's.
 - ``encoders_once(model, batch)``: while it is open, the model's audio / vision encoders
   (``_SHARED_ENCODERS``: Qwen2-Audio's ``audio_tower``, the Qwen2.5-Omni thinker's ``audio_tower``
   and ``visual``) see only the distinct prompts of a batch whose rows are copies
@@ -21,9 +30,6 @@
   ``index_select``, whose backward sums the copies' gradients into the encoder's, as the plain
   forward does. It works through hooks on the encoder modules, so the call still goes through
   the model's own forward (and any ZeRO-3 / peft hooks); other models run unchanged.
-
-  ``generate_completions`` opens it around ``generate`` too, so the prefill's encoders run once
-  per prompt as well.
 
 What it leaves out: any loss, any teacher, any server-side engine (vLLM).
 """
@@ -76,11 +82,17 @@ def generate_completions(model, batch: PromptBatch, tokenizer, *, n: int = 1, te
                          top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 32,
                          do_sample: bool = True, suppress_ids: list[int] | None = None,
                          eos_ids: list[int] | None = None, seed: int | None = None,
-                         synced_gpus: bool = False, return_logp: bool = True) -> tuple[PromptBatch, Completions]:
+                         synced_gpus: bool = False, return_logp: bool = True,
+                         engine: str = "auto") -> tuple[PromptBatch, Completions]:
     """Sample ``n`` completions per prompt. Returns the repeated ``PromptBatch`` and ``Completions``.
 
     The repeated batch holds the ``n`` copies of prompt i at rows ``i*n .. i*n+n-1``.
+    ``engine``: ``"auto"`` runs our KV-cached loop (``sample_loop``) where the model takes a cache
+    and places tokens with ordinary positions, else ``model.generate``; ``"hf"`` always
+    ``model.generate``. Both sample the same tokens under the same seed.
     """
+    if engine not in ("auto", "hf"):
+        raise ValueError(f"engine must be 'auto' or 'hf', not {engine!r}")
     m = _unwrap(model)
     rep = batch.repeat(n)
     eos_ids = list(eos_ids or [tokenizer.eos_token_id])
@@ -89,6 +101,33 @@ def generate_completions(model, batch: PromptBatch, tokenizer, *, n: int = 1, te
         torch.manual_seed(seed)
     was_training = m.training
     m.eval()
+    try:
+        if engine == "auto" and own_loop_ok(model):
+            ids, step_logp = sample_loop(
+                model, batch, n, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                top_p=top_p, top_k=top_k, suppress_ids=suppress_ids, eos_ids=eos_ids, pad_id=pad_id,
+                synced_gpus=synced_gpus, return_logp=return_logp)
+        else:
+            ids, step_logp = _hf_generate(m, rep, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                          temperature=temperature, top_p=top_p, top_k=top_k,
+                                          suppress_ids=suppress_ids, eos_ids=eos_ids, pad_id=pad_id,
+                                          synced_gpus=synced_gpus, return_logp=return_logp)
+    finally:
+        m.train(was_training)
+    if ids.shape[1] == 0:
+        ids = torch.full((ids.shape[0], 1), eos_ids[0], dtype=torch.long, device=ids.device)
+        step_logp = None
+    mask = eos_mask(ids, eos_ids)
+    ids = torch.where(mask.bool(), ids, torch.full_like(ids, pad_id))
+    logp = None if step_logp is None else step_logp * mask
+    texts = decode_completions(tokenizer, ids, mask)
+    return rep, Completions(ids, mask, logp, texts)
+
+
+def _hf_generate(m, rep: PromptBatch, *, max_new_tokens, do_sample, temperature, top_p, top_k, suppress_ids,
+                 eos_ids, pad_id, synced_gpus, return_logp):
+    """``model.generate`` on the repeated batch: completion ids ``[B, T]`` and the sampled tokens'
+    log-probs ``[B, T]`` (or None)."""
     gen_kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=eos_ids,
                   pad_token_id=pad_id, return_dict_in_generate=True, output_logits=return_logp,
                   use_cache=True)
@@ -98,24 +137,178 @@ def generate_completions(model, batch: PromptBatch, tokenizer, *, n: int = 1, te
         gen_kw["suppress_tokens"] = list(suppress_ids)
     if synced_gpus:
         gen_kw["synced_gpus"] = True
-    try:
-        # the prefill's media encoders run once per prompt, not once per sample (encoders_once)
-        with encoders_once(m, rep):
-            out = m.generate(**rep.inputs, **gen_kw)
-    finally:
-        m.train(was_training)
+    # the prefill's media encoders run once per prompt, not once per sample (encoders_once)
+    with encoders_once(m, rep):
+        out = m.generate(**rep.inputs, **gen_kw)
     P = rep.inputs["input_ids"].shape[1]
     ids = out.sequences[:, P:]
-    if ids.shape[1] == 0:
-        ids = torch.full((ids.shape[0], 1), eos_ids[0], dtype=torch.long)
-    mask = eos_mask(ids, eos_ids)
-    ids = torch.where(mask.bool(), ids, torch.full_like(ids, pad_id))
     logp = None
-    if return_logp and out.logits:
-        logp = _sampled_logp(out.logits, ids, temperature if do_sample else 1.0) * mask
-    del out
-    texts = decode_completions(tokenizer, ids, mask)
-    return rep, Completions(ids, mask, logp, texts)
+    if return_logp and out.logits and ids.shape[1] > 0:
+        logp = _sampled_logp(out.logits, ids, temperature if do_sample else 1.0)
+    return ids, logp
+
+
+# --------------------------------------------------------------------------- our sampling loop
+def _cache_arg(model) -> str | None:
+    """The name under which the model's forward takes a KV cache (transformers 5: ``cache``)."""
+    m = _base_model(model)
+    for name in ("cache", "past_key_values"):
+        if _supports(m, name):
+            return name
+    return None
+
+
+def _out_cache(out):
+    c = getattr(out, "cache", None)
+    return c if c is not None else getattr(out, "past_key_values", None)
+
+
+def own_loop_ok(model) -> bool:
+    """Whether ``sample_loop`` (and the shared prompt forward) can run ``model``: its forward takes
+    a KV cache and explicit 1-D positions (no multimodal rotary positions of its own)."""
+    return _cache_arg(model) is not None and not uses_mrope(model)
+
+
+def _last_logits(model, kw: dict) -> tuple[torch.Tensor, object]:
+    """One forward of ``kw``; returns the logits of the last position ``[B, V]`` (the LM head run
+    on that position only where the model allows it) and the model output."""
+    m = _unwrap(model)
+    if _supports(m, "logits_to_keep"):
+        out = model(**kw, logits_to_keep=1)
+        return out.logits[:, -1], out
+    head = _sliceable_head(model)
+    if head is None:
+        out = model(**kw)
+        return out.logits[:, -1], out
+    handle = head.register_forward_pre_hook(lambda mod, args: (args[0][:, -1:],) + tuple(args[1:]))
+    try:
+        out = model(**kw)
+    finally:
+        handle.remove()
+    return out.logits[:, -1], out
+
+
+def _prefill(model, batch: PromptBatch, rows: list[int] | None):
+    """Forward of the prompts of ``batch`` (of its rows ``rows`` if given) with a KV cache.
+    Returns (last-position logits ``[U, V]``, the cache)."""
+    inputs = batch.inputs if rows is None else batch.select(rows).inputs
+    p_mask = inputs["attention_mask"]
+    kw = dict(input_ids=inputs["input_ids"], attention_mask=p_mask,
+              position_ids=(p_mask.long().cumsum(-1) - 1).clamp(min=0), use_cache=True, **_media_kwargs(inputs))
+    logits, out = _last_logits(model, kw)
+    cache = _out_cache(out)
+    if cache is None:
+        raise RuntimeError(f"{type(_base_model(model)).__name__} returned no KV cache from a forward with use_cache")
+    return logits, cache
+
+
+def _expand_prompts(cache, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """Give row ``i`` of the expanded batch the cache and logits of prompt ``rows[i]``; an
+    ``index_select``, so the copies' gradients sum into the prompt's."""
+    if rows == list(range(logits.shape[0])):
+        return logits
+    idx = torch.as_tensor(rows, dtype=torch.long, device=logits.device)
+    cache.batch_select_indices(idx)
+    return logits.index_select(0, idx)
+
+
+def _filter_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the ``k`` highest scores of each row (ties with the k-th kept); -inf elsewhere."""
+    if k <= 0 or k >= scores.shape[-1]:
+        return scores
+    kth = torch.topk(scores, k, dim=-1).values[..., -1:]
+    return scores.masked_fill(scores < kth, float("-inf"))
+
+
+def _filter_top_p(scores: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus: drop the least likely tokens whose probabilities sum to at most ``1 - p``
+    (the most likely token always stays); -inf there."""
+    if p >= 1.0:
+        return scores
+    ascending, order = torch.sort(scores, dim=-1)
+    drop_sorted = ascending.softmax(-1).cumsum(-1) <= 1.0 - p
+    drop_sorted[..., -1] = False
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return scores.masked_fill(drop, float("-inf"))
+
+
+def _all_ranks_done(done: bool, device) -> bool:
+    import torch.distributed as tdist
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return done
+    flag = torch.tensor([0.0 if done else 1.0], device=device)
+    tdist.all_reduce(flag)
+    return float(flag) == 0.0
+
+
+def sample_loop(model, batch: PromptBatch, n: int, *, max_new_tokens: int, do_sample: bool = True,
+                temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                suppress_ids: list[int] | None = None, eos_ids: list[int], pad_id: int,
+                synced_gpus: bool = False, return_logp: bool = True):
+    """Our KV-cached sampler: ``n`` completions per prompt of ``batch``.
+
+    The prompts are prefilled once each (the distinct prompts of ``batch``; their cache and last
+    logits are then copied to the ``n`` samples), then one forward per new token. Each step:
+    special tokens to -inf, then (sampling) divide by ``temperature``, top-k, top-p, one
+    ``torch.multinomial`` draw from the softmax, or (greedy) argmax; finished rows get ``pad_id``.
+    These are the steps, and the random draws, of ``model.generate`` with the same settings, so
+    the same seed samples the same tokens; a checkpoint's own ``generation_config`` extras
+    (repetition penalty and the like) are not applied: the samples come from the policy's own
+    softmax. The log-probs are the sampled tokens' under ``log_softmax(logits / temperature)``
+    (1 when greedy). ``synced_gpus``: keep stepping until every rank is done (ZeRO-3 gathers).
+
+    Returns ids ``[B*n, T]`` (T <= max_new_tokens, ending when every row has sampled an EOS) and
+    the log-probs ``[B*n, T]`` (None unless ``return_logp``).
+    """
+    inputs = batch.inputs
+    p_mask = inputs["attention_mask"]
+    dev = p_mask.device
+    B0, P = p_mask.shape
+    distinct = batch.distinct()
+    first, inverse = distinct if distinct is not None else (None, list(range(B0)))
+    rows = [inverse[i] for i in range(B0) for _ in range(n)]
+    B = len(rows)
+    if max_new_tokens <= 0:
+        return torch.zeros(B, 0, dtype=torch.long, device=dev), None
+    cache_arg = _cache_arg(model)
+    logits, cache = _prefill(model, batch, first)
+    logits = _expand_prompts(cache, logits, rows)
+    mask = torch.cat([p_mask.index_select(0, torch.as_tensor([i for i in range(B0) for _ in range(n)], device=dev)),
+                      p_mask.new_ones(B, max_new_tokens)], dim=1)
+    pos = mask[:, :P].long().sum(-1, keepdim=True)  # the first new token's position (positions count real tokens)
+    sup = (torch.as_tensor(sorted(set(suppress_ids)), dtype=torch.long, device=dev) if suppress_ids else None)
+    eos = torch.as_tensor(list(eos_ids), dtype=torch.long, device=dev)
+    temp = temperature if do_sample else 1.0
+    finished = torch.zeros(B, dtype=torch.bool, device=dev)
+    toks, lps = [], []
+    for t in range(max_new_tokens):
+        logits = logits.float()
+        scores = logits if sup is None else logits.index_fill(-1, sup, float("-inf"))
+        if do_sample:
+            if temperature != 1.0:
+                scores = scores / temperature
+            scores = _filter_top_p(_filter_top_k(scores, top_k), top_p)
+            nxt = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1)
+        else:
+            nxt = scores.argmax(-1)
+        nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
+        toks.append(nxt)
+        if return_logp:
+            lg = logits / temp if temp != 1.0 else logits
+            lps.append(lg.gather(-1, nxt[:, None]).squeeze(1) - torch.logsumexp(lg, dim=-1))
+        finished |= torch.isin(nxt, eos)
+        done = bool(finished.all())
+        if synced_gpus:
+            done = _all_ranks_done(done, dev)
+        if done or t == max_new_tokens - 1:
+            break
+        out = model(input_ids=nxt[:, None], attention_mask=mask[:, :P + t + 1], position_ids=pos + t,
+                    use_cache=True, **{cache_arg: cache})
+        logits = out.logits[:, -1]
+        new_cache = _out_cache(out)
+        cache = cache if new_cache is None else new_cache
+    ids = torch.stack(toks, dim=1)
+    return ids, (torch.stack(lps, dim=1) if return_logp else None)
 
 
 def _sampled_logp(step_logits, ids: torch.Tensor, temperature: float, chunk: int = 16) -> torch.Tensor:
@@ -345,15 +538,64 @@ def encoders_once(model, batch: PromptBatch):
             handle.remove()
 
 
+SHARE_MODES = ("prompts", "encoders", "none")
+
+
 def completion_logits(model, batch: PromptBatch, comp_ids: torch.Tensor, comp_mask: torch.Tensor,
-                      temperature: float = 1.0, *, share_encoders: bool = True) -> torch.Tensor:
+                      temperature: float = 1.0, *, share: str = "prompts") -> torch.Tensor:
     """Logits ``[B, T, V]`` (float32, divided by ``temperature``) predicting each completion token.
 
-    ``share_encoders``: run the media encoders once per distinct prompt of ``batch``
-    (``encoders_once``); False runs them on every row, as a plain forward does.
+    ``share`` (only matters when rows of ``batch`` are copies of one prompt, ``PromptBatch.groups``):
+    - ``"prompts"``: each distinct prompt runs once, encoders and layers (``shared_prompt_logits``),
+      where the model takes a KV cache with 1-D positions and is not checkpointing activations;
+      else as ``"encoders"``.
+    - ``"encoders"``: the media encoders run once per distinct prompt (``encoders_once``), the
+      layers on every row.
+    - ``"none"``: every row runs everything, a plain forward.
+    All three give the same logits and gradients (up to float rounding).
     """
-    with encoders_once(model, batch) if share_encoders else contextlib.nullcontext():
+    if share not in SHARE_MODES:
+        raise ValueError(f"share must be one of {SHARE_MODES}, not {share!r}")
+    if share == "prompts" and batch.distinct() is not None and _prompt_share_ok(model):
+        return shared_prompt_logits(model, batch, comp_ids, comp_mask, temperature)
+    with encoders_once(model, batch) if share != "none" else contextlib.nullcontext():
         return _completion_logits(model, batch, comp_ids, comp_mask, temperature)
+
+
+def _prompt_share_ok(model) -> bool:
+    base = _base_model(model)
+    flag = "is_activation_checkpointing" if hasattr(type(base), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    checkpointing = bool(getattr(base, flag, False)) and base.training
+    return own_loop_ok(model) and not (checkpointing and torch.is_grad_enabled())
+
+
+def shared_prompt_logits(model, batch: PromptBatch, comp_ids: torch.Tensor, comp_mask: torch.Tensor,
+                         temperature: float = 1.0) -> torch.Tensor:
+    """``completion_logits`` with each distinct prompt of ``batch`` run once.
+
+    Two forwards: the distinct prompts (media encoders included) with a KV cache, whose cache and
+    last-position logits are then ``index_select``-ed to every copy; then the completions
+    (all but the last token) reading that cache. The copies' gradients sum into the prompt's
+    through the ``index_select``, as they would in a plain forward over every row, so logits and
+    gradients equal the plain forward's; the prompt's layers run ``U`` times instead of ``B``.
+    """
+    distinct = batch.distinct()
+    first, inverse = distinct if distinct is not None else (None, list(range(len(batch))))
+    p_mask = batch.inputs["attention_mask"]
+    dev = p_mask.device
+    P, T = p_mask.shape[1], comp_ids.shape[1]
+    last, cache = _prefill(model, batch, first)
+    parts = [_expand_prompts(cache, last, inverse)[:, None]]
+    if T > 1:
+        attn = torch.cat([p_mask, comp_mask.to(dev).to(p_mask.dtype)], dim=1)[:, :P + T - 1]
+        pos = (attn.long().cumsum(-1) - 1).clamp(min=0)[:, P:]
+        out = model(input_ids=comp_ids[:, :-1].to(dev), attention_mask=attn, position_ids=pos, use_cache=True,
+                    **{_cache_arg(model): cache})
+        parts.append(out.logits)
+    logits = torch.cat(parts, dim=1).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logits
 
 
 def _completion_logits(model, batch: PromptBatch, comp_ids: torch.Tensor, comp_mask: torch.Tensor,

@@ -2,8 +2,9 @@
 
 On a tiny Qwen2-Audio student (real clips) and a tiny Qwen2.5-Omni thinker (real mp4 clips with
 sound), prompts repeated n times as the rollout repeats them: ``completion_logits`` with the
-encoders shared gives the logits of the plain forward (``share_encoders=False``, where every row
-runs the encoders) within 1e-5, and the gradient of every parameter (encoder weights included)
+encoders shared (``share="encoders"``) and with the whole prompt forward shared (``"prompts"``,
+Qwen2-Audio: the prompt's KV cache read by its copies) gives the logits of the plain forward
+(``share="none"``, where every row runs everything) within 1e-5, and the gradient of every parameter (encoder weights included)
 within 1e-5; a hook on each encoder counts the items it ran on, B distinct prompts against B*n
 rows on the plain path. Also: ``repeat`` / ``select`` keep the copy groups; a selection of
 partial groups and the LocalTeacher share too; a LoRA (peft) model shares through its wrapper; a
@@ -85,11 +86,11 @@ def _completions(tok, proc, rows: int, T: int = 6, seed: int = 0):
     return ids, mask
 
 
-def _forward_backward(model, batch, ids, mask, share: bool, weights: torch.Tensor):
+def _forward_backward(model, batch, ids, mask, share: str, weights: torch.Tensor):
     """Logits and the gradient of every trainable parameter of a weighted sum of token log-probs
     (weights differ between copies, so each copy sends the encoder its own gradient)."""
     model.zero_grad(set_to_none=True)
-    logits = completion_logits(model, batch, ids, mask, share_encoders=share)
+    logits = completion_logits(model, batch, ids, mask, share=share)
     loss = (token_logp(logits, ids) * mask * weights).sum()
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -97,26 +98,49 @@ def _forward_backward(model, batch, ids, mask, share: bool, weights: torch.Tenso
     return logits.detach(), grads
 
 
-def _assert_same_forward_backward(model, batch, ids, mask, encoder_prefixes, distinct: int):
-    """Shared vs plain: equal logits and gradients (1e-5), encoders on ``distinct`` vs all rows."""
+def _decoder_rows(model):
+    """A forward hook on the first LM decoder layer recording ``(rows, positions)`` per call."""
+    layer = next(m for m in model.modules() if type(m).__name__.endswith("DecoderLayer"))
+    calls = []
+    handle = layer.register_forward_hook(lambda mod, args, kwargs, out: calls.append(
+        tuple((args[0] if args else kwargs["hidden_states"]).shape[:2])), with_kwargs=True)
+    return calls, handle
+
+
+def _assert_same_forward_backward(model, batch, ids, mask, encoder_prefixes, distinct: int,
+                                  prompt_once: bool = True):
+    """Shared vs plain: equal logits and gradients (1e-5), encoders on ``distinct`` vs all rows;
+    for both ways of sharing (``share="encoders"``, and ``"prompts"``: the whole prompt forward
+    once per distinct prompt where the model allows it: ``prompt_once``)."""
     counter = ItemCounter(model)
+    layer_calls, handle = _decoder_rows(model)
+    w = torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) + 0.5
+    B, P, T = len(batch), batch.inputs["input_ids"].shape[1], ids.shape[1]
     try:
-        w = torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) + 0.5
-        ours, g_ours = _forward_backward(model, batch, ids, mask, True, w)
-        seen_ours = counter.take()
-        plain, g_plain = _forward_backward(model, batch, ids, mask, False, w)
+        plain, g_plain = _forward_backward(model, batch, ids, mask, "none", w)
         seen_plain = counter.take()
+        shared = {}
+        for mode in ("encoders", "prompts"):
+            layer_calls.clear()
+            shared[mode] = _forward_backward(model, batch, ids, mask, mode, w)
+            seen = counter.take()
+            assert all(v == [distinct] for v in seen.values()), (mode, seen)
+            if mode == "prompts" and prompt_once:  # the prompt's layers on the distinct prompts only
+                assert layer_calls == [(distinct, P), (B, T - 1)], layer_calls
+            else:
+                assert layer_calls == [(B, P + T)], (mode, layer_calls)
     finally:
         counter.remove()
+        handle.remove()
     B = len(batch)
     assert seen_plain and all(v == [B] for v in seen_plain.values()), seen_plain
-    assert all(v == [distinct] for v in seen_ours.values()), seen_ours
     m = mask.bool()
-    torch.testing.assert_close(ours[m], plain[m], atol=1e-5, rtol=0)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert g_ours.keys() == g_plain.keys() and g_ours.keys() <= trainable
-    for n in g_plain:
-        torch.testing.assert_close(g_ours[n], g_plain[n], atol=1e-5, rtol=1e-5, msg=n)
+    for mode, (ours, g_ours) in shared.items():
+        torch.testing.assert_close(ours[m], plain[m], atol=1e-5, rtol=0, msg=mode)
+        assert g_ours.keys() == g_plain.keys() and g_ours.keys() <= trainable, mode
+        for n in g_plain:
+            torch.testing.assert_close(g_ours[n], g_plain[n], atol=1e-5, rtol=1e-5, msg=f"{mode}: {n}")
     for prefix in encoder_prefixes:  # the encoders do get a gradient, through the shared outputs
         enc = [n for n in g_plain if prefix in n]
         assert enc and any(float(g_plain[n].abs().max()) > 0 for n in enc), prefix
@@ -166,7 +190,7 @@ def test_partial_groups_and_the_local_teacher(audio, tiny):
         scores = teacher.score(rep, Completions(ids, mask, None, [""] * len(rep)), top_k=4, return_logits=True)
         assert counter.take() == {"Qwen2AudioEncoder": [len(audio.batch)]}
         with torch.no_grad():
-            plain = completion_logits(tmodel, rep, ids, mask, share_encoders=False)
+            plain = completion_logits(tmodel, rep, ids, mask, share="none")
         assert counter.take() == {"Qwen2AudioEncoder": [len(rep)]}
     finally:
         counter.remove()
@@ -233,8 +257,9 @@ def test_omni_thinker_shared_encoders_match_the_plain_forward(omni):
     rep = omni.batch.repeat(N)
     assert rep.inputs["video_grid_thw"].shape[0] == len(rep)
     ids, mask = _completions(omni.tok, omni.proc, len(rep), seed=5)
+    # multimodal rotary positions: "prompts" falls back to sharing the encoders only
     _assert_same_forward_backward(omni.model, rep, ids, mask, ["audio_tower.", "visual."],
-                                  distinct=len(omni.batch))
+                                  distinct=len(omni.batch), prompt_once=False)
     names = {type(e).__name__ for e in shared_encoders(omni.model)}
     assert names == {"Qwen2_5OmniAudioEncoder", "Qwen2_5OmniVisionEncoder"}
 
@@ -243,7 +268,8 @@ def test_omni_thinker_partial_groups(omni):
     rep = omni.batch.repeat(N)
     sel = rep.select([4, 0, 5, 1])  # prompts 1, 0, 1, 0 (clips of different lengths, interleaved)
     ids, mask = _completions(omni.tok, omni.proc, len(sel), seed=6)
-    _assert_same_forward_backward(omni.model, sel, ids, mask, ["audio_tower.", "visual."], distinct=2)
+    _assert_same_forward_backward(omni.model, sel, ids, mask, ["audio_tower.", "visual."], distinct=2,
+                                  prompt_once=False)
 
 
 @pytest.mark.parametrize("which", ["audio", "omni"])
@@ -284,7 +310,7 @@ from core.rollout import completion_logits, shared_encoders, token_logp
 
 student, rows = sys.argv[1], json.loads(sys.argv[2])
 out = {}
-for share in (True, False):
+for share in ("prompts", "encoders", "none"):
     model, proc = load_model_and_processor(student)
     rep = AudioPromptCollator(proc).prompts(rows).repeat(3)
     g = torch.Generator().manual_seed(0)
@@ -299,19 +325,21 @@ for share in (True, False):
     seen = []
     enc = shared_encoders(engine)[0]
     h = enc.register_forward_hook(lambda m, a, k, o: seen.append(int(a[0].shape[0])), with_kwargs=True)
-    logits = completion_logits(engine, rep, ids, mask, share_encoders=share)
+    logits = completion_logits(engine, rep, ids, mask, share=share)
     loss = (token_logp(logits, ids) * w).sum()
     engine.backward(loss)
     grads = {n: safe_get_full_grad(p) for n, p in engine.module.named_parameters() if p.requires_grad}
     h.remove()
     grads = {n: g for n, g in grads.items() if g is not None}
     out[str(share)] = {"seen": seen, "logits": logits.detach(), "grads": grads}
-a, b = out["True"], out["False"]
-res = {"seen_shared": a["seen"], "seen_plain": b["seen"], "rows": len(rep),
-       "logits_max_diff": float((a["logits"] - b["logits"]).abs().max()),
-       "grad_names": len(b["grads"]), "same_grad_names": sorted(a["grads"]) == sorted(b["grads"]),
-       "grad_max_diff": max(float((a["grads"][n] - b["grads"][n]).abs().max()) for n in b["grads"]),
+b = out["none"]
+res = {"seen_plain": b["seen"], "rows": len(rep), "grad_names": len(b["grads"]),
        "encoder_grad_max": max(float(g.abs().max()) for n, g in b["grads"].items() if "audio_tower." in n)}
+for mode in ("prompts", "encoders"):
+    a = out[mode]
+    res[mode] = {"seen": a["seen"], "logits_max_diff": float((a["logits"] - b["logits"]).abs().max()),
+                 "same_grad_names": sorted(a["grads"]) == sorted(b["grads"]),
+                 "grad_max_diff": max(float((a["grads"][n] - b["grads"][n]).abs().max()) for n in b["grads"])}
 print("RESULT " + json.dumps(res))
 """
 
@@ -324,7 +352,10 @@ def test_deepspeed_zero3_shares_the_encoder(tiny):
     assert p.returncode == 0, p.stderr[-6000:]
     line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")][-1]
     res = json.loads(line[len("RESULT "):])
-    assert res["seen_shared"] == [2] and res["seen_plain"] == [res["rows"]] == [6], res
-    assert res["logits_max_diff"] <= 1e-5, res
-    assert res["same_grad_names"] and res["grad_names"] > 0, res
-    assert res["grad_max_diff"] <= 1e-5 and res["encoder_grad_max"] > 0, res
+    assert res["seen_plain"] == [res["rows"]] == [6] and res["grad_names"] > 0, res
+    assert res["encoder_grad_max"] > 0, res
+    for mode in ("prompts", "encoders"):  # the whole prompt once per prompt, or only the encoder
+        r = res[mode]
+        assert r["seen"] == [2], (mode, res)
+        assert r["logits_max_diff"] <= 1e-5, (mode, res)
+        assert r["same_grad_names"] and r["grad_max_diff"] <= 1e-5, (mode, res)

@@ -234,3 +234,124 @@ def test_local_teacher_scores_equal_a_direct_forward(eos_prone, student, teacher
     plain = LocalTeacher(tmodel).score(rep, comp, temperature=temperature)
     assert plain.topk_ids is None and plain.logits is None
     torch.testing.assert_close(plain.logp, scores.logp, atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------------------- our loop vs generate
+@pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.7, top_k=20),
+                                dict(temperature=1.3, top_p=0.8), dict(temperature=1.0, top_k=50, top_p=0.9),
+                                dict(do_sample=False)], ids=["plain", "top_k", "top_p", "both", "greedy"])
+def test_our_loop_samples_what_generate_samples(eos_prone, student, batch, kw):
+    """``sample_loop`` (prefill once per prompt, our filters, one multinomial draw a step) against
+    ``model.generate`` on the repeated batch: same tokens, masks, texts and log-probs."""
+    from core.rollout import own_loop_ok
+    _, proc = student
+    assert own_loop_ok(eos_prone)
+    common = dict(n=3, max_new_tokens=12, seed=11, **kw)
+    _, ours = _gen(eos_prone, batch, proc, **common)
+    _, hf = _gen(eos_prone, batch, proc, engine="hf", **common)
+    assert torch.equal(ours.ids, hf.ids) and torch.equal(ours.mask, hf.mask)
+    assert ours.texts == hf.texts
+    torch.testing.assert_close(ours.logp, hf.logp, atol=1e-5, rtol=0)
+    lens = ours.mask.sum(-1)
+    if kw.get("do_sample", True):  # (greedy, the EOS-prone model stops at once)
+        assert int(lens.min()) < int(lens.max()), "some completions should end early"
+
+
+def test_filters_keep_what_they_should():
+    from core.rollout import _filter_top_k, _filter_top_p
+    s = torch.tensor([[0.0, 3.0, 1.0, 2.0, 2.0], [5.0, 0.0, 0.0, 0.0, 0.0]])
+    k = _filter_top_k(s, 2)
+    assert torch.isfinite(k).tolist() == [[False, True, False, True, True],  # a tie with the 2nd stays
+                                          [True, True, True, True, True]]  # four tied for 2nd
+    assert torch.equal(_filter_top_k(s, 0), s) and torch.equal(_filter_top_k(s, 9), s)
+    s = torch.tensor([[0.0, 3.0, 1.0, 2.0, 2.5], [5.0, 0.1, 0.2, 0.3, 0.4]])  # no ties
+    p = torch.softmax(s, -1)
+    kept = torch.isfinite(_filter_top_p(s, 0.7))
+    for row, keep in zip(p, kept):  # the most likely tokens until their mass reaches 0.7
+        order = row.argsort(descending=True)
+        mass = row[order].cumsum(0)
+        n_keep = int((mass < 0.7).sum()) + 1
+        assert keep[order[:n_keep]].all() and not keep[order[n_keep:]].any()
+    assert torch.isfinite(_filter_top_p(s, 1e-6)).sum(-1).tolist() == [1, 1]  # the top token always stays
+    assert torch.equal(_filter_top_p(s, 1.0), s)
+
+
+def test_mask_and_engine_choice(tiny):
+    from core.rollout import own_loop_ok
+    model, proc = load_model_and_processor(tiny.student)
+    with pytest.raises(ValueError, match="engine"):
+        generate_completions(model, AudioPromptCollator(proc).prompts(tiny.rows[:1]), proc.tokenizer, engine="vllm")
+    assert own_loop_ok(model)
+    assert not own_loop_ok(torch.nn.Linear(2, 2))
+
+
+ZERO3_SYNCED = r"""
+import json, sys
+import torch
+from core.utils import dist
+dist.init("gloo", use_deepspeed=True)
+import deepspeed
+import torch.distributed as tdist
+from core.data.collate import AudioPromptCollator
+from core.models import load_model_and_processor, special_token_ids
+from core.rollout import generate_completions
+
+student, rows = sys.argv[1], json.loads(sys.argv[2])
+rank = tdist.get_rank()
+model, proc = load_model_and_processor(student)
+old = model.get_output_embeddings()
+head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+with torch.no_grad():  # EOS made likely (same weights on both ranks): completions end at various steps
+    head.weight.copy_(old.weight)
+    head.bias.zero_()
+    head.bias[proc.tokenizer.eos_token_id] = 5.0
+model.set_output_embeddings(head)
+plain = __import__("copy").deepcopy(model)
+batch = AudioPromptCollator(proc).prompts(rows[rank::2])
+kw = dict(n=2, max_new_tokens=10, seed=5 + rank, suppress_ids=special_token_ids(proc))
+cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "train_batch_size": 2,
+       "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+       "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+opt = torch.optim.SGD(model.parameters(), lr=0.0)
+engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+steps = []
+h = engine.module.get_output_embeddings().register_forward_hook(lambda *a: steps.append(1))
+_, comp = generate_completions(engine, batch, proc.tokenizer, synced_gpus=True, **kw)
+h.remove()
+_, ref = generate_completions(plain, batch, proc.tokenizer, **kw)
+T = int(ref.mask.sum(-1).max())
+print("RESULT " + json.dumps({"rank": rank, "forwards": len(steps), "own_len": int(comp.mask.sum(-1).max()),
+      "same_ids": torch.equal(comp.ids[:, :T], ref.ids[:, :T]) and bool((comp.mask[:, T:] == 0).all()),
+      "same_mask": torch.equal(comp.mask[:, :T], ref.mask[:, :T]),
+      "logp_diff": float((comp.logp[:, :T] - ref.logp[:, :T]).abs().max())}))
+"""
+
+
+def test_zero3_two_ranks_step_together_until_both_are_done(tiny):
+    """Two ZeRO-3 ranks (gloo, CPU) whose completions end at different steps: the synced loop
+    keeps both stepping (the parameter gathers are collective) until both are done, and each
+    rank's samples equal a plain one-process run of the same model and seed."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO, cpu_env
+    pytest.importorskip("deepspeed")
+    env = cpu_env(1)
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
+    procs = []
+    for rank in range(2):
+        e = dict(env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+        procs.append(subprocess.Popen([sys.executable, "-c", ZERO3_SYNCED, str(tiny.student), json.dumps(tiny.rows[:4])],
+                                      cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    res = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-6000:]
+        res.append(json.loads([x for x in out.splitlines() if x.startswith("RESULT ")][-1][len("RESULT "):]))
+    res.sort(key=lambda r: r["rank"])
+    assert res[0]["own_len"] != res[1]["own_len"], res  # one rank is done first ...
+    longest = max(r["own_len"] for r in res)
+    assert res[0]["forwards"] == res[1]["forwards"] == longest, res  # ... and steps on with the other
+    for r in res:
+        assert r["same_ids"] and r["same_mask"] and r["logp_diff"] <= 1e-5, r
