@@ -28,7 +28,7 @@ from pathlib import Path
 
 # module -> the benchmark names it is expected to provide (used to name an import failure)
 MODULES = {
-    "benchmarks.trl_compare": ["opd_step", "grpo_step"],
+    "benchmarks.trl_compare": ["opd_step", "grpo_step", "opd_step_long_prompt", "grpo_step_long_prompt"],
     "benchmarks.overhead": ["overhead"],
     "benchmarks.divergence_memory": ["divergence_memory"],
     "benchmarks.rollout_speed": ["rollout"],

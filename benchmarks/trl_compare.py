@@ -1,6 +1,7 @@
 """Seconds per training step, our loop against TRL, on the same tiny text models on the CPU.
 
-``BENCHMARKS = {"opd_step": fn, "grpo_step": fn}``, each ``fn(smoke=False) -> dict``.
+``BENCHMARKS``: ``opd_step``, ``grpo_step`` and their ``*_long_prompt`` variants, each
+``fn(smoke=False) -> dict``.
 
 - ``opd_step``: on-policy distillation, reverse KL over the full vocabulary, one completion per
   prompt. Ours: ``core.trainer.Trainer`` with ``method: opd`` (rollout -> teacher score ->
@@ -14,9 +15,14 @@
   optimisation pass per step. TRL: ``trl.GRPOTrainer`` (``loss_type="dapo"``, TRL's token-mean,
   ``scale_rewards="group"``, ``beta=0``, ``num_iterations=1``, one generation per step).
 
+- ``*_long_prompt``: the same steps with every prompt opened by a passage of 160 random words
+  (about 250 tokens; the short prompts are about 20), the shape of an audio prompt, whose
+  hundreds of audio positions come before a short answer.
+
 Both sides: the same ``Qwen2ForCausalLM`` student (and teacher) folders built from config with
 one tokenizer trained here, the same chat-formatted prompts, batch size, ``max_new_tokens``,
-temperature 1.0, top-k/top-p off, AdamW with a constant learning rate, gradient clipping at 1.0,
+temperature 1.0, top-k/top-p off, AdamW with a constant learning rate (each side's default
+implementation: ours the fused kernel, ``optim.fused``; TRL's ``adamw_torch``), gradient clipping at 1.0,
 float32, ``torch.set_num_threads(2)``, no gradient checkpointing. TRL step time: a
 ``TrainerCallback`` from ``on_step_begin`` to ``on_step_end`` (it excludes TRL's data loading,
 which favours TRL slightly). Ours: ``step_seconds`` from the trainer's ``metrics.jsonl`` (batch
@@ -30,7 +36,7 @@ Each result: ``ours_s``, ``trl_*_s``, ``reference`` (the faster TRL trainer), ``
 step), per-step and per-round times, completion lengths, losses and ``step_contents``.
 
 What it leaves out: GPUs, vLLM, memory measurements, and any timing assertion. Run
-``python -m benchmarks.trl_compare [--smoke] [opd_step|grpo_step]`` to print the JSON.
+``python -m benchmarks.trl_compare [--smoke] [NAME ...]`` to print the JSON.
 """
 from __future__ import annotations
 
@@ -65,10 +71,13 @@ GOAL = 2.0  # ours at least this many times faster than the faster TRL trainer
 
 SIZES = {
     False: dict(vocab=2048, hidden=256, layers=4, heads=4, prompts=8, max_new_tokens=32, group=4,
-                grpo_prompts=4, warmup=2, steps=5, rounds=2),
+                grpo_prompts=4, warmup=2, steps=5, rounds=2, context_words=0),
     True: dict(vocab=300, hidden=32, layers=1, heads=4, prompts=2, max_new_tokens=8, group=2,
-               grpo_prompts=2, warmup=1, steps=1, rounds=1),
+               grpo_prompts=2, warmup=1, steps=1, rounds=1, context_words=0),
 }
+# the ``*_long_prompt`` variants: each prompt starts with a passage of this many words (about 250
+# tokens here), as an audio prompt holds hundreds of audio positions before a short answer
+LONG_CONTEXT_WORDS = {False: 160, True: 24}
 LR = 1e-5
 
 WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
@@ -120,7 +129,9 @@ def _setup(root: Path, sz: dict, n_rows: int) -> dict:
     rows = []
     for i in range(n_rows):
         words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8)))
-        rows.append({"key": f"r{i}", "task": "qa", "prompt": f"Repeat: {words}", "text": words})
+        context = " ".join(rng.choice(WORDS) for _ in range(sz.get("context_words", 0)))
+        prompt = f"{context}\nRepeat: {words}" if context else f"Repeat: {words}"
+        rows.append({"key": f"r{i}", "task": "qa", "prompt": prompt, "text": words})
     manifest = root / "train.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {"student": root / "student", "teacher": root / "teacher", "manifest": manifest, "rows": rows,
@@ -311,7 +322,7 @@ def _best(res: dict) -> float:
     return min(res["step_s_rounds"]) if res.get("step_s_rounds") else _median(res["step_s"])
 
 
-def _report(name: str, ours: dict, refs: dict, sz: dict, contents: dict) -> dict:
+def _report(name: str, ours: dict, refs: dict, sz: dict, contents: dict, prompt_tokens: float) -> dict:
     ours_s = _best(ours)
     ref_name = min(refs, key=lambda k: _best(refs[k]))
     ref_s = _best(refs[ref_name])
@@ -329,6 +340,7 @@ def _report(name: str, ours: dict, refs: dict, sz: dict, contents: dict) -> dict
                 "round_medians_s": {"ours": ours["step_s_rounds"], **{k: v["step_s_rounds"] for k, v in refs.items()}},
                 "threads": THREADS, "device": "cpu",
                 "model": {k: sz[k] for k in ("vocab", "hidden", "layers", "heads")},
+                "prompt_tokens_median": prompt_tokens, "context_words": sz["context_words"],
                 "step_s_all": {"ours": [round(x, 4) for x in ours["step_s"]],
                                **{k: [round(x, 4) for x in v["step_s"]] for k, v in refs.items()}},
                 "completion_len": {"ours": ours.get("completion_len"),
@@ -338,13 +350,26 @@ def _report(name: str, ours: dict, refs: dict, sz: dict, contents: dict) -> dict
     return out
 
 
-def opd_step(smoke: bool = False) -> dict:
+def _sizes(smoke: bool, long_prompt: bool) -> dict:
+    sz = dict(SIZES[bool(smoke)])
+    if long_prompt:
+        sz["context_words"] = LONG_CONTEXT_WORDS[bool(smoke)]
+    return sz
+
+
+def _prompt_tokens(env: dict) -> float:
+    tok = env["tokenizer"]
+    return _median([len(tok(_chat_prompt(tok, r), add_special_tokens=False)["input_ids"]) for r in env["rows"]])
+
+
+def opd_step(smoke: bool = False, long_prompt: bool = False) -> dict:
     _quiet()
-    sz = SIZES[bool(smoke)]
+    sz = _sizes(smoke, long_prompt)
     P, T = sz["prompts"], sz["max_new_tokens"]
     with tempfile.TemporaryDirectory(prefix="trl_compare_opd_") as d:
         root = Path(d)
         env = _setup(root, sz, P * (sz["warmup"] + sz["steps"]))
+        prompt_tokens = _prompt_tokens(env)
         res = _rounds({
             "ours": lambda out: _ours(env, out, "opd", sz, teacher={"path": str(env["teacher"])},
                                       rollout={"n": 1}, train={"batch_size": P},
@@ -355,32 +380,34 @@ def opd_step(smoke: bool = False) -> dict:
         ours = res.pop("ours")
         refs = res
     gen = (f"{P} prompts -> {P} completions (1 per prompt), up to {T} tokens each (up to {P * T} sampled tokens; "
-           f"random-init models rarely stop early): KV-cached generate, 1 prefill + up to {T - 1} decode forwards "
+           f"random-init models rarely stop early): KV-cached sampling, 1 prefill + up to {T - 1} decode forwards "
            f"of the student over {P} rows")
     contents = {
-        "ours": f"{gen} with output logits kept for sampled-token logprobs; teacher: 1 no-grad forward over "
-                f"prompt+completion keeping the {T}+1 completion logits (full vocabulary); student: 1 forward with "
-                "grad keeping only the completion logits; reverse KL over the full vocabulary (chunked), "
-                "token-mean; 1 backward; grad-norm clip; 1 AdamW step",
+        "ours": f"{gen} (our sampling loop over the model's forward, sampled-token logprobs from each step's "
+                f"logits); teacher: 1 no-grad forward over prompt+completion keeping the {T}+1 completion logits "
+                "(full vocabulary); student: 1 forward with grad keeping only the completion logits; reverse KL "
+                "over the full vocabulary (chunked), token-mean; 1 backward; grad-norm clip; 1 fused AdamW step",
         "trl_gkd": f"{gen}; student: 1 forward with grad over the whole sequence (logits at every position); "
                    "teacher: 1 no-grad forward over the whole sequence; generalised JSD with beta=1 (reverse KL, "
-                   "full vocabulary) on the completion positions; 1 backward; grad-norm clip; 1 AdamW step",
+                   "full vocabulary) on the completion positions; 1 backward; grad-norm clip; 1 AdamW step (torch's "
+                   "default, adamw_torch)",
         "trl_distillation": f"{gen}; student: 1 backbone forward with grad (hidden states of the completion "
                             "positions); teacher: 1 no-grad backbone forward; both LM heads projected chunk by "
                             "chunk inside the chunked beta=1 (reverse KL) loss; 1 backward; grad-norm clip; "
-                            "1 AdamW step",
+                            "1 AdamW step (adamw_torch)",
     }
-    return _report("opd_step", ours, refs, sz, contents)
+    return _report("opd_step_long_prompt" if long_prompt else "opd_step", ours, refs, sz, contents, prompt_tokens)
 
 
-def grpo_step(smoke: bool = False) -> dict:
+def grpo_step(smoke: bool = False, long_prompt: bool = False) -> dict:
     _quiet()
-    sz = SIZES[bool(smoke)]
+    sz = _sizes(smoke, long_prompt)
     P, G, T = sz["grpo_prompts"], sz["group"], sz["max_new_tokens"]
     import core.rewards  # noqa: F401  (registers wer)
     with tempfile.TemporaryDirectory(prefix="trl_compare_grpo_") as d:
         root = Path(d)
         env = _setup(root, sz, P * (sz["warmup"] + sz["steps"]))
+        prompt_tokens = _prompt_tokens(env)
         res = _rounds({
             "ours": lambda out: _ours(env, out, "grpo", sz, rollout={"n": G}, train={"batch_size": P},
                                       grpo={"rewards": {"wer": 1.0}, "scale": "std", "clip_low": 0.2,
@@ -390,20 +417,32 @@ def grpo_step(smoke: bool = False) -> dict:
         ours = res.pop("ours")
         refs = res
     gen = (f"{P} prompts x {G} = {P * G} completions, up to {T} tokens each (up to {P * G * T} sampled tokens): "
-           f"KV-cached generate, 1 prefill + up to {T - 1} decode forwards of the policy over {P * G} rows")
+           "KV-cached sampling")
     contents = {
-        "ours": f"{gen}, sampled-token logprobs from the generation logits (no extra old-policy forward); "
-                f"wer reward on {P * G} completions; group-std advantages; 1 policy forward with grad (completion "
-                "logits only); clipped loss token-mean; 1 backward; grad-norm clip; 1 AdamW step",
-        "trl_grpo": f"{gen}; wer reward on {P * G} completions; group-std advantages (scale_rewards=group); "
+        "ours": f"{gen}: our loop, 1 prefill of the {P} distinct prompts (cache copied to their {G} samples) + up "
+                f"to {T - 1} decode forwards over {P * G} rows, sampled-token logprobs from each step's logits (no "
+                f"extra old-policy forward); wer reward on {P * G} completions; group-std advantages; 1 policy "
+                f"forward with grad in two calls: the {P} distinct prompts once (their KV cache, with grad, copied "
+                f"to the {G} samples), then the {P * G} completions reading it (completion logits only); clipped "
+                "loss token-mean; 1 backward; grad-norm clip; 1 fused AdamW step",
+        "trl_grpo": f"{gen}: generate, 1 prefill of {P * G} rows + up to {T - 1} decode forwards over {P * G} rows; wer reward on {P * G} completions; group-std advantages (scale_rewards=group); "
                     "no old-policy forward (num_iterations=1, one generation per step: TRL uses the detached "
                     "current logprobs); no reference model (beta=0); 1 policy forward with grad (logits_to_keep); "
-                    "clipped loss (dapo = token-mean); 1 backward; grad-norm clip; 1 AdamW step",
+                    "clipped loss (dapo = token-mean); 1 backward; grad-norm clip; 1 AdamW step (adamw_torch)",
     }
-    return _report("grpo_step", ours, refs, sz, contents)
+    return _report("grpo_step_long_prompt" if long_prompt else "grpo_step", ours, refs, sz, contents, prompt_tokens)
 
 
-BENCHMARKS = {"opd_step": opd_step, "grpo_step": grpo_step}
+def opd_step_long_prompt(smoke: bool = False) -> dict:
+    return opd_step(smoke, long_prompt=True)
+
+
+def grpo_step_long_prompt(smoke: bool = False) -> dict:
+    return grpo_step(smoke, long_prompt=True)
+
+
+BENCHMARKS = {"opd_step": opd_step, "grpo_step": grpo_step, "opd_step_long_prompt": opd_step_long_prompt,
+              "grpo_step_long_prompt": grpo_step_long_prompt}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,8 @@ from core import advantages as A
 from core import losses as L
 from core.data.collate import PromptBatch
 from core.rewards import compute_rewards
-from core.rollout import Completions, completion_logits, generate_completions, token_logp
+from core.rollout import (Completions, completion_hidden, completion_logits, fusable_head, generate_completions,
+                          token_logp)
 
 
 @dataclass
@@ -107,6 +108,23 @@ class SFT:
         return loss, {"loss": float(loss.detach()), "tokens": float(mask.sum())}
 
 
+FUSED_HEAD_MIN_VOCAB = 32768  # opd.fused_head auto: from here [B, T, V] logits cost more than the chunked head
+
+
+def fused_head(ctx: Context, tensors: dict) -> bool:
+    """Whether OPD's distribution loss runs fused with the student's LM head (``opd.fused_head``)."""
+    c = ctx.cfg.opd
+    if c.fused_head == "off" or c.support != "full" or tensors.get("teacher_logits") is None:
+        return False
+    head = fusable_head(ctx.forward_model)
+    if c.fused_head == "on":
+        if head is None:
+            raise ValueError("opd.fused_head on: the student's LM head is no plain bias-free nn.Linear held whole "
+                             "here (peft-wrapped or ZeRO-3-partitioned); use auto or off")
+        return True
+    return head is not None and tensors.get("base_adv") is None and head.out_features >= FUSED_HEAD_MIN_VOCAB
+
+
 class OPD:
     name = "opd"
 
@@ -135,7 +153,13 @@ class OPD:
     def loss(self, ctx: Context, exp: Experience):
         c, t = ctx.cfg.opd, exp.tensors
         mask = t["mask"]
-        if c.form == "distribution":
+        if c.form == "distribution" and fused_head(ctx, t):
+            # the divergence fused with the LM head: no [B, T, V] student logits (large vocabularies)
+            hidden, weight = completion_hidden(ctx.forward_model, exp.batch, exp.comp.ids, exp.comp.mask)
+            loss, m = L.distill_loss_from_hidden(hidden, weight, t["teacher_logits"], mask=mask,
+                                                 divergence=c.divergence, beta=c.beta, temperature=c.temperature,
+                                                 chunk_size=c.chunk_size)
+        elif c.form == "distribution":
             logits = completion_logits(ctx.forward_model, exp.batch, exp.comp.ids, exp.comp.mask)
             loss, m = L.distill_loss(
                 logits, t.get("teacher_logits"), teacher_topk_ids=t.get("teacher_topk_ids"),

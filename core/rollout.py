@@ -635,6 +635,44 @@ def _completion_logits(model, batch: PromptBatch, comp_ids: torch.Tensor, comp_m
     return logits
 
 
+def output_head(model):
+    """The model's LM head module (through DeepSpeed / peft wrappers), or None."""
+    base = _base_model(model)
+    get = getattr(base, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head if isinstance(head, torch.nn.Module) else None
+
+
+def fusable_head(model) -> torch.nn.Linear | None:
+    """The LM head when a loss can take its place (``completion_hidden``): a plain bias-free
+    ``nn.Linear`` whose weight is whole here (not a ZeRO-3 partition, not a peft wrapper)."""
+    head = output_head(model)
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return None
+    w = head.weight
+    if w.dim() != 2 or w.numel() == 0 or w.shape[1] != head.in_features or hasattr(w, "ds_id"):
+        return None
+    return head
+
+
+def completion_hidden(model, batch: PromptBatch, comp_ids: torch.Tensor, comp_mask: torch.Tensor, *,
+                      share: str = "prompts") -> tuple[torch.Tensor, torch.Tensor]:
+    """The last hidden states that predict each completion token ``[B, T, H]`` (float32) and the
+    LM head weight ``[V, H]``: ``completion_logits`` with the head's forward replaced by the
+    identity while it runs, for a loss fused with the head (``distill_loss_from_hidden``), so
+    that ``hidden @ weight.T`` are the logits ``completion_logits`` would give."""
+    head = fusable_head(model)
+    if head is None:
+        raise ValueError(f"{type(_base_model(model)).__name__}'s LM head is no plain bias-free nn.Linear held "
+                         "whole here (peft-wrapped or ZeRO-3-partitioned): use the logits")
+    head.forward = lambda x: x  # an instance attribute: nn.Module.__call__ runs it instead of Linear.forward
+    try:
+        hidden = completion_logits(model, batch, comp_ids, comp_mask, share=share)
+    finally:
+        del head.forward
+    return hidden, head.weight
+
+
 def token_logp(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Log-probabilities of ``ids`` ``[B, T]`` under ``logits`` ``[B, T, V]``."""
     return torch.log_softmax(logits, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)

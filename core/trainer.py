@@ -315,7 +315,9 @@ class Trainer:
         cfg, o = self.cfg, self.cfg.optim
         from transformers import get_scheduler
         params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        fused = o.fused and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+        opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
+                                **({"fused": True} if fused else {}))
         sched = get_scheduler(o.scheduler, opt, num_warmup_steps=o.warmup_steps,
                               num_training_steps=cfg.train.max_steps)
         if cfg.backend.name == "deepspeed":

@@ -143,3 +143,54 @@ def test_modality_audio_on_text_rows_fails_at_start_up(text_pair, tmp_path):
 def test_modality_is_validated(text_pair, tmp_path):
     with pytest.raises(C.ConfigError, match="data.modality"):
         _cfg(text_pair, tmp_path / "bad2", "sft", data={"modality": "video"})
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd"])
+def test_opd_loss_fused_with_the_lm_head_equals_the_logits_path(text_pair, tmp_path, divergence):
+    """``opd.fused_head: on`` (the divergence computed chunk by chunk from the student's last hidden
+    states and its LM head weight) against ``off`` (logits, then ``distill_loss``) on one
+    experience of n=2 samples per prompt: the same loss and the same gradient of every parameter."""
+    from core import methods as Mth
+    opd = {"fused_head": "on", "divergence": divergence, "beta": 0.3, "temperature": 1.5, "chunk_size": 5}
+    t = Trainer(_cfg(text_pair, tmp_path / f"fused_{divergence}", "opd", opd=opd))
+    method, ctx = METHODS["opd"], t.ctx
+    torch.manual_seed(0)
+    exp = method.experience(ctx, text_pair.rows[:4], seed=0)
+    model = ctx.forward_model.train()
+    assert Mth.fused_head(ctx, exp.tensors)
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss, metrics = method.loss(ctx, exp)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return float(loss.detach()), metrics, grads
+
+    fused = loss_and_grads()
+    ctx.cfg.opd.fused_head = "off"
+    assert not Mth.fused_head(ctx, exp.tensors)
+    plain = loss_and_grads()
+    assert math.isclose(fused[0], plain[0], rel_tol=1e-5) and plain[0] > 0
+    assert fused[2].keys() == plain[2].keys() and "lm_head.weight" in plain[2]
+    for n in plain[2]:
+        torch.testing.assert_close(fused[2][n], plain[2][n], atol=1e-6, rtol=1e-4, msg=n)
+    # auto: only from a large vocabulary on (this one has 300 entries)
+    ctx.cfg.opd.fused_head = "auto"
+    assert not Mth.fused_head(ctx, exp.tensors)
+    big = Mth.FUSED_HEAD_MIN_VOCAB
+    old = Mth.FUSED_HEAD_MIN_VOCAB
+    try:
+        Mth.FUSED_HEAD_MIN_VOCAB = 300
+        assert Mth.fused_head(ctx, exp.tensors)
+        assert not Mth.fused_head(ctx, dict(exp.tensors, base_adv=torch.zeros(len(exp))))  # a reward term
+    finally:
+        Mth.FUSED_HEAD_MIN_VOCAB = old
+    assert big == 32768
+
+
+def test_fused_head_config_is_checked(text_pair, tmp_path):
+    with pytest.raises(C.ConfigError, match="opd.fused_head"):
+        _cfg(text_pair, tmp_path / "f1", "opd", opd={"fused_head": "yes"})
+    with pytest.raises(C.ConfigError, match="opd.fused_head"):
+        _cfg(text_pair, tmp_path / "f2", "opd", opd={"fused_head": "on", "support": "teacher_topk", "top_k": 4})
