@@ -212,6 +212,28 @@ def _expand_prompts(cache, logits: torch.Tensor, rows: list[int]) -> torch.Tenso
     return logits.index_select(0, idx)
 
 
+def _static_cache(model, cache, rows: list[int], length: int):
+    """A ``StaticCache`` of ``length`` positions holding, for row i, the prompt cache of ``cache``'s
+    row ``rows[i]`` (copied layer by layer), or None where the model's cache is not a plain
+    ``DynamicCache``. Decoding then writes each new key and value in place instead of growing
+    (copying) every layer's cache at every step, about a sixth of a decode step here."""
+    from transformers import DynamicCache, StaticCache
+    if type(cache) is not DynamicCache:
+        return None
+    config = _base_model(model).config
+    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    try:
+        static = StaticCache(config=config, max_cache_len=length)
+        if len(static.layers) != len(cache.layers):
+            return None
+        idx = torch.as_tensor(rows, dtype=torch.long, device=cache.layers[0].keys.device)
+        for dst, src in zip(static.layers, cache.layers):
+            dst.update(src.keys.index_select(0, idx), src.values.index_select(0, idx))
+    except (TypeError, ValueError, AttributeError, IndexError):  # a cache layout this transformers build lacks
+        return None
+    return static
+
+
 def _filter_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the ``k`` highest scores of each row (ties with the k-th kept); -inf elsewhere."""
     if k <= 0 or k >= scores.shape[-1]:
@@ -272,7 +294,11 @@ def sample_loop(model, batch: PromptBatch, n: int, *, max_new_tokens: int, do_sa
         return torch.zeros(B, 0, dtype=torch.long, device=dev), None
     cache_arg = _cache_arg(model)
     logits, cache = _prefill(model, batch, first)
-    logits = _expand_prompts(cache, logits, rows)
+    static = _static_cache(model, cache, rows, P + max_new_tokens)
+    if static is not None:  # the prompts' keys and values copied once into buffers of the final length
+        cache, logits = static, logits.index_select(0, torch.as_tensor(rows, dtype=torch.long, device=dev))
+    else:
+        logits = _expand_prompts(cache, logits, rows)
     mask = torch.cat([p_mask.index_select(0, torch.as_tensor([i for i in range(B0) for _ in range(n)], device=dev)),
                       p_mask.new_ones(B, max_new_tokens)], dim=1)
     pos = mask[:, :P].long().sum(-1, keepdim=True)  # the first new token's position (positions count real tokens)
@@ -302,8 +328,8 @@ def sample_loop(model, batch: PromptBatch, n: int, *, max_new_tokens: int, do_sa
             done = _all_ranks_done(done, dev)
         if done or t == max_new_tokens - 1:
             break
-        out = model(input_ids=nxt[:, None], attention_mask=mask[:, :P + t + 1], position_ids=pos + t,
-                    use_cache=True, **{cache_arg: cache})
+        out = model(input_ids=nxt[:, None], attention_mask=mask if static is not None else mask[:, :P + t + 1],
+                    position_ids=pos + t, use_cache=True, **{cache_arg: cache})
         logits = out.logits[:, -1]
         new_cache = _out_cache(out)
         cache = cache if new_cache is None else new_cache

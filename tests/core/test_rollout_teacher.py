@@ -355,3 +355,21 @@ def test_zero3_two_ranks_step_together_until_both_are_done(tiny):
     assert res[0]["forwards"] == res[1]["forwards"] == longest, res  # ... and steps on with the other
     for r in res:
         assert r["same_ids"] and r["same_mask"] and r["logp_diff"] <= 1e-5, r
+
+
+def test_decoding_writes_into_a_static_cache(eos_prone, student, batch, monkeypatch):
+    """After the prefill the prompts' keys and values go into buffers of the final length once
+    (``StaticCache``); the token-for-token test above then covers its decoding."""
+    import core.rollout as R
+    seen = []
+    real = R._static_cache
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        seen.append(type(out).__name__)
+        return out
+
+    monkeypatch.setattr(R, "_static_cache", spy)
+    _, proc = student
+    _gen(eos_prone, batch, proc, n=2, max_new_tokens=4, seed=0)
+    assert seen == ["StaticCache"]
