@@ -6,9 +6,10 @@
   log-probabilities under ``log_softmax(logits / temperature)``, the same quantity
   ``completion_logits`` recomputes for training. Deterministic under a seed.
 - ``sample_loop``: our KV-cached sampler behind it. Each distinct prompt is prefilled once and
-  its cache copied to its n samples; then one forward per new token, with the processing steps
-  and random draws of ``model.generate`` (same tokens under the same seed, tested) but without
-  its per-step machinery. Models with multimodal rotary positions (the Qwen2.5-Omni thinker)
+  its cache copied into buffers of the final length for its n samples; then one forward per new
+  token, with the processing steps of ``model.generate`` (with its ``multinomial`` draw, the same
+  tokens under the same seed, tested) but without its per-step machinery, and an inverse-CDF draw
+  (``draw``) that samples the same distribution much faster on a CPU. Models with multimodal rotary positions (the Qwen2.5-Omni thinker)
   and ``engine="hf"`` use ``model.generate``. ``synced_gpus`` keeps ZeRO-3 ranks stepping
   together until all are done.
 - ``completion_logits``: one forward of prompt + completion returning the logits that predict
@@ -254,6 +255,24 @@ def _filter_top_p(scores: torch.Tensor, p: float) -> torch.Tensor:
     return scores.masked_fill(drop, float("-inf"))
 
 
+def draw(probs: torch.Tensor) -> torch.Tensor:
+    """One index per row of ``probs`` ``[B, V]`` (rows summing to about 1), index j with
+    probability ``probs[:, j]``; zero entries are never drawn.
+
+    Inverse-CDF sampling: one uniform per row against the row's cumulative sums (in float64, so
+    the smallest probabilities of a 150k vocabulary keep their share). The distribution of
+    ``torch.multinomial(probs, 1)`` at a fraction of its CPU cost (measured here: 0.09 ms against
+    1.3 ms for [16, 2048], 1.6 ms against 72 ms for [16, 151936]), and deterministic under
+    ``torch.manual_seed``; the draws themselves differ from ``multinomial``'s.
+    """
+    cdf = probs.to(torch.float64).cumsum(-1)
+    total = cdf[:, -1:]
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # strictly below the total
+    # the first index whose cumulative sum exceeds u: a zero entry never does before its neighbour
+    return torch.searchsorted(cdf, u, right=True).squeeze(1)
+
+
 def _all_ranks_done(done: bool, device) -> bool:
     import torch.distributed as tdist
     if not (tdist.is_available() and tdist.is_initialized()):
@@ -271,13 +290,14 @@ def sample_loop(model, batch: PromptBatch, n: int, *, max_new_tokens: int, do_sa
 
     The prompts are prefilled once each (the distinct prompts of ``batch``; their cache and last
     logits are then copied to the ``n`` samples), then one forward per new token. Each step:
-    special tokens to -inf, then (sampling) divide by ``temperature``, top-k, top-p, one
-    ``torch.multinomial`` draw from the softmax, or (greedy) argmax; finished rows get ``pad_id``.
-    These are the steps, and the random draws, of ``model.generate`` with the same settings, so
-    the same seed samples the same tokens; a checkpoint's own ``generation_config`` extras
-    (repetition penalty and the like) are not applied: the samples come from the policy's own
-    softmax. The log-probs are the sampled tokens' under ``log_softmax(logits / temperature)``
-    (1 when greedy). ``synced_gpus``: keep stepping until every rank is done (ZeRO-3 gathers).
+    special tokens to -inf, then (sampling) divide by ``temperature``, top-k, top-p, one draw from
+    the softmax (``draw``: inverse CDF, the distribution of ``torch.multinomial`` at a fraction of
+    its CPU cost), or (greedy) argmax; finished rows get ``pad_id``. These are the steps of
+    ``model.generate`` with the same settings (with ``multinomial`` as the draw, the same seed
+    samples the same tokens, tested); a checkpoint's own ``generation_config`` extras (repetition
+    penalty and the like) are not applied: the samples come from the policy's own softmax. The
+    log-probs are the sampled tokens' under ``log_softmax(logits / temperature)`` (1 when greedy).
+    ``synced_gpus``: keep stepping until every rank is done (ZeRO-3 gathers).
 
     Returns ids ``[B*n, T]`` (T <= max_new_tokens, ending when every row has sampled an EOS) and
     the log-probs ``[B*n, T]`` (None unless ``return_logp``).
@@ -314,7 +334,7 @@ def sample_loop(model, batch: PromptBatch, n: int, *, max_new_tokens: int, do_sa
             if temperature != 1.0:
                 scores = scores / temperature
             scores = _filter_top_p(_filter_top_k(scores, top_k), top_p)
-            nxt = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1)
+            nxt = draw(torch.softmax(scores, dim=-1))
         else:
             nxt = scores.argmax(-1)
         nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)

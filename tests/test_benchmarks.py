@@ -19,6 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 EXPECTED = {
     "opd_step": ("benchmarks.trl_compare", ["ratio", "goal", "met"]),
     "grpo_step": ("benchmarks.trl_compare", ["ratio", "goal", "met"]),
+    "opd_step_long_prompt": ("benchmarks.trl_compare", ["ratio", "goal", "met", "prompt_tokens_median"]),
+    "grpo_step_long_prompt": ("benchmarks.trl_compare", ["ratio", "goal", "met", "prompt_tokens_median"]),
     "overhead": ("benchmarks.overhead", ["ours_s", "reference_s", "ratio", "goal", "met", "reference_parts_s",
                                          "same_tokens", "step"]),
     "divergence_memory": ("benchmarks.divergence_memory", []),
@@ -75,6 +77,9 @@ def test_smoke_run_writes_every_result(tmp_path):
     if "rollout" in present:
         assert benches["rollout"]["same_tokens"] is True
         assert benches["rollout"]["generated_tokens"] > 0
+    for kind in ("opd_step", "grpo_step"):  # the long-prompt variants do have the longer prompts
+        if kind in benches and f"{kind}_long_prompt" in benches:
+            assert benches[f"{kind}_long_prompt"]["prompt_tokens_median"] > benches[kind]["prompt_tokens_median"]
     # every table row was printed
     for name in benches:
         assert name in p.stdout

@@ -34,6 +34,11 @@ def _starts_with_h(completions, **kwargs):
     return [1.0 if c.strip().startswith("h") else 0.0 for c in completions]
 
 
+@register_reward("test_length")
+def _length(completions, **kwargs):  # differs between samples whatever they are: non-zero advantages
+    return [len(c) / 10.0 for c in completions]
+
+
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory):
     root = tmp_path_factory.mktemp("grpo")
@@ -96,10 +101,12 @@ def test_grpo_step_raises_the_logp_of_the_rewarded_completion(policy, tmp_path):
 def test_grpo_epochs_and_minibatches_through_the_loop(policy, tmp_path):
     out = tmp_path / "loop"
     t = _trainer(policy, out, grpo={"epochs": 2, "minibatches": 2, "kl_beta": 0.05, "kl_kind": "k3",
-                                    "agg": "seq-mean-token-sum-norm", "scale": "none"})
+                                    "agg": "seq-mean-token-sum-norm", "scale": "none",
+                                    "rewards": {"format": 0.1, "mcq_accuracy": 1.0, "test_length": 0.5}})
     s = t.train()
     assert s["steps"] == 2 and s["skipped_steps"] == 0
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(x["advantage_abs_mean"] > 0 for x in lines)
     assert all("reward/mcq_accuracy" in x and "reward/format" in x for x in lines)
     assert all("train/kl_ref" in x for x in lines)
     # two epochs x two minibatches: the later passes use importance ratios of an updated policy

@@ -240,10 +240,13 @@ def test_local_teacher_scores_equal_a_direct_forward(eos_prone, student, teacher
 @pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.7, top_k=20),
                                 dict(temperature=1.3, top_p=0.8), dict(temperature=1.0, top_k=50, top_p=0.9),
                                 dict(do_sample=False)], ids=["plain", "top_k", "top_p", "both", "greedy"])
-def test_our_loop_samples_what_generate_samples(eos_prone, student, batch, kw):
-    """``sample_loop`` (prefill once per prompt, our filters, one multinomial draw a step) against
-    ``model.generate`` on the repeated batch: same tokens, masks, texts and log-probs."""
+def test_our_loop_samples_what_generate_samples(eos_prone, student, batch, kw, monkeypatch):
+    """``sample_loop`` (prefill once per prompt, static cache, our filters) with ``generate``'s
+    draw (``torch.multinomial``) in place of ours against ``model.generate`` on the repeated
+    batch: same tokens, masks, texts and log-probs."""
+    import core.rollout as R
     from core.rollout import own_loop_ok
+    monkeypatch.setattr(R, "draw", lambda probs: torch.multinomial(probs, 1).squeeze(1))
     _, proc = student
     assert own_loop_ok(eos_prone)
     common = dict(n=3, max_new_tokens=12, seed=11, **kw)
@@ -373,3 +376,36 @@ def test_decoding_writes_into_a_static_cache(eos_prone, student, batch, monkeypa
     _, proc = student
     _gen(eos_prone, batch, proc, n=2, max_new_tokens=4, seed=0)
     assert seen == ["StaticCache"]
+
+
+def test_inverse_cdf_draw_samples_the_distribution():
+    """``draw`` against the probabilities it is given: frequencies within 5 standard deviations,
+    zero entries (first, middle, last: suppressed or filtered tokens) never drawn, and over a
+    150k vocabulary with a long tail the draws land in tenths of the CDF as its mass says."""
+    from core.rollout import draw
+    torch.manual_seed(0)
+    p = torch.tensor([0.0, 0.1, 0.0, 0.2, 0.3, 0.4, 0.0])
+    n = 100_000
+    got = draw(p.expand(n, -1).contiguous())
+    counts = torch.bincount(got, minlength=len(p)).double()
+    assert counts[p == 0].sum() == 0
+    sd = (n * p * (1 - p)).sqrt()
+    assert ((counts - n * p).abs() <= 5 * sd + 1e-9).all(), counts
+    # a large vocabulary with a long tail: where each draw falls in the row's CDF is uniform
+    V, rows = 151_936, 4_000
+    probs = torch.softmax(torch.randn(V) * 3, -1)
+    cdf = probs.double().cumsum(0)
+    idx = torch.cat([draw(probs.expand(200, -1)) for _ in range(rows // 200)])  # 200 rows a call: 0.25 GB
+    # tokens binned by where the middle of their slice of [0, 1) falls; each bin's expected share
+    # is the mass of its tokens
+    bins = ((cdf - probs.double() / 2) * 10).long().clamp(max=9)
+    want = torch.zeros(10, dtype=torch.float64).index_add_(0, bins, probs.double())
+    got = torch.bincount(bins[idx], minlength=10).double()
+    assert ((got - rows * want).abs() <= 5 * (rows * want * (1 - want)).sqrt() + 1).all(), (got, rows * want)
+    # deterministic under a seed, and another seed draws otherwise
+    torch.manual_seed(3)
+    a = draw(probs.expand(64, -1))
+    torch.manual_seed(3)
+    assert torch.equal(a, draw(probs.expand(64, -1)))
+    torch.manual_seed(4)
+    assert not torch.equal(a, draw(probs.expand(64, -1)))
