@@ -21,6 +21,7 @@ and any reference implementation (each benchmark module writes its own).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import json
 import os
@@ -107,6 +108,20 @@ def alternate(fns: dict, repeat: int, warmup: int) -> tuple[dict, dict]:
                 seconds[name].append(dt)
                 results[name].append(out)
     return seconds, results
+
+
+@contextlib.contextmanager
+def multinomial_draw():
+    """While open, ``core.rollout.sample_loop`` draws with ``torch.multinomial`` (as
+    ``model.generate`` does) instead of its inverse-CDF ``draw``: both then sample the same tokens
+    under the same seed."""
+    import core.rollout as R
+    real = R.draw
+    R.draw = lambda probs: torch.multinomial(probs, 1).squeeze(1)
+    try:
+        yield
+    finally:
+        R.draw = real
 
 
 def best(xs):

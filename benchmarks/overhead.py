@@ -10,8 +10,9 @@ same tokens: the collator's prompts (the data a loader hands over), ``model.gene
 same sampling settings and seed, one teacher forward under ``inference_mode``, one student
 forward + the reverse KL over the full vocabulary written inline + backward, and
 ``clip_grad_norm_`` + ``AdamW.step`` + ``zero_grad``. Before each timed run the student and its
-optimizer are restored to the same state, so both sides sample the same tokens (checked and
-reported as ``same_tokens``). Ours and the reference alternate; the minimum over repeats is the headline (the machine is
+optimizer are restored to the same state, and ours samples with ``generate``'s draw
+(``torch.multinomial``; its default inverse-CDF draw is faster still, see ``rollout``), so both
+sides sample the same tokens (checked and reported as ``same_tokens``). Ours and the reference alternate; the minimum over repeats is the headline (the machine is
 shared), the ratio of medians is reported beside it.
 
 What it leaves out: a GPU (the ratio on a 2-core CPU is dominated by per-call Python overhead
@@ -108,7 +109,8 @@ def run_overhead(smoke: bool = False) -> dict:
             engine.optimizer.load_state_dict(snap[1])
             if side == "ours":
                 t0 = time.perf_counter()
-                exp = _ours(ctx, engine, rows, seed)
+                with B.multinomial_draw():  # generate's draw: the reference samples the same tokens
+                    exp = _ours(ctx, engine, rows, seed)
                 res["ours"] = (time.perf_counter() - t0, exp.comp.ids, exp.comp.mask)
             else:
                 timer = B.Timer()

@@ -2,11 +2,14 @@
 ``model.generate`` call on the same model and batch.
 
 Both sample with the same settings (temperature, top-p, top-k, special tokens suppressed, EOS,
-``max_new_tokens``) and the same seed, so they produce the same tokens (checked). Ours also
-returns the sampled-token log-probabilities, the EOS mask and the decoded texts, as the trainer
-uses it. Throughput counts real generated tokens: up to and including the first EOS of each row.
-The two alternate; the best run of each is the headline (the machine is shared), the ratio of
-medians is reported beside it.
+``max_new_tokens``) and the same seed. Ours draws by inverse CDF (``core.rollout.draw``), the
+same distribution as ``generate``'s ``torch.multinomial`` but other draws; a third variant,
+``ours_multinomial``, runs our loop with ``multinomial`` and samples exactly ``generate``'s
+tokens (checked: ``same_tokens_with_multinomial_draw``), which splits the gain between the loop
+and the draw. Ours also returns the sampled-token log-probabilities, the EOS mask and the decoded
+texts, as the trainer uses it. Throughput counts real generated tokens: up to and including the
+first EOS of each row. The variants alternate; the best run of each is the headline (the machine
+is shared), the ratio of medians is reported beside it.
 
 What it leaves out: prompt collation (both get the same ready ``PromptBatch``).
 """
@@ -50,26 +53,35 @@ def run_rollout(smoke: bool = False) -> dict:
         mask = eos_mask(ids, eos)
         return torch.where(mask.bool(), ids, torch.full_like(ids, tok.pad_token_id)), mask
 
-    secs, res = B.alternate({"ours": lambda it: ours(2000 + it), "plain": lambda it: plain(2000 + it)}, repeat, warmup)
-    t_ours, t_plain = secs["ours"], secs["plain"]
+    def ours_multinomial(seed):
+        with B.multinomial_draw():
+            return ours(seed)
+
+    secs, res = B.alternate({"ours": lambda it: ours(2000 + it), "plain": lambda it: plain(2000 + it),
+                             "ours_multinomial": lambda it: ours_multinomial(2000 + it)}, repeat, warmup)
+    t_ours, t_plain, t_mult = secs["ours"], secs["plain"], secs["ours_multinomial"]
     n_ours = [int(mask.sum()) for _, mask in res["ours"]]
     n_plain = [int(mask.sum()) for _, mask in res["plain"]]
-    same = [bool(torch.equal(a, b)) for (a, _), (b, _) in zip(res["ours"], res["plain"])]
+    n_mult = [int(mask.sum()) for _, mask in res["ours_multinomial"]]
+    same = [bool(torch.equal(a, b)) for (a, _), (b, _) in zip(res["ours_multinomial"], res["plain"])]
     tps_ours = max(k / t for k, t in zip(n_ours, t_ours))
     tps_plain = max(k / t for k, t in zip(n_plain, t_plain))
+    tps_mult = max(k / t for k, t in zip(n_mult, t_mult))
     r = B.ratio(tps_ours, tps_plain)
     return {
         "ours_tokens_per_s": tps_ours, "reference_tokens_per_s": tps_plain, "ratio": r,
+        "ours_multinomial_tokens_per_s": tps_mult, "ratio_multinomial": B.ratio(tps_mult, tps_plain),
         "goal": f">= {GOAL}x (not slower, within noise)", "met": bool(r >= GOAL),
         "stat": "best over repeats (the machine is shared)",
         "ratio_of_medians": B.ratio(B.median([k / t for k, t in zip(n_ours, t_ours)]),
                                     B.median([k / t for k, t in zip(n_plain, t_plain)])),
         "ours_s": B.best(t_ours), "reference_s": B.best(t_plain),
-        "generated_tokens": B.median(n_ours), "same_tokens": all(same),
+        "generated_tokens": B.median(n_ours), "same_tokens_with_multinomial_draw": all(same),
         "setup": {"prompts": batch_size, "n": n, "sequences": batch_size * n, "max_new_tokens": max_new,
                   "temperature": temperature, "top_p": top_p, "top_k": top_k, "suppressed_ids": len(suppress),
                   "model": "Qwen2Audio tiny student (hidden 48, 2+2 layers)",
-                  "ours": "generate_completions (ids, EOS mask, sampled-token logp, texts)",
+                  "ours": "generate_completions (ids, EOS mask, sampled-token logp, texts), inverse-CDF draw",
+                  "ours_multinomial": "the same with torch.multinomial as the draw",
                   "reference": "model.generate(...) sequences only, EOS mask computed after"},
         "repeat": repeat, "warmup": warmup,
     }
