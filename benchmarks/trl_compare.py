@@ -21,8 +21,8 @@
 
 Both sides: the same ``Qwen2ForCausalLM`` student (and teacher) folders built from config with
 one tokenizer trained here, the same chat-formatted prompts, batch size, ``max_new_tokens``,
-temperature 1.0, top-k/top-p off, AdamW with a constant learning rate (each side's default
-implementation: ours the fused kernel, ``optim.fused``; TRL's ``adamw_torch``), gradient clipping at 1.0,
+temperature 1.0, top-k/top-p off, AdamW with a constant learning rate (the fused kernel on both
+sides: ours ``optim.fused``, TRL ``optim="adamw_torch_fused"``), gradient clipping at 1.0,
 float32, ``torch.set_num_threads(2)``, no gradient checkpointing. TRL step time: a
 ``TrainerCallback`` from ``on_step_begin`` to ``on_step_end`` (it excludes TRL's data loading,
 which favours TRL slightly). Ours: ``step_seconds`` from the trainer's ``metrics.jsonl`` (batch
@@ -205,7 +205,7 @@ def _common_args(out: Path, steps: int) -> dict:
                 warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, gradient_accumulation_steps=1,
                 logging_steps=1, report_to="none", save_strategy="no", eval_strategy="no",
                 disable_tqdm=True, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
-                dataloader_num_workers=0, seed=0, optim="adamw_torch")
+                dataloader_num_workers=0, seed=0, optim="adamw_torch_fused")
 
 
 def _load(path: Path):
@@ -389,12 +389,12 @@ def opd_step(smoke: bool = False, long_prompt: bool = False) -> dict:
                 "over the full vocabulary (chunked), token-mean; 1 backward; grad-norm clip; 1 fused AdamW step",
         "trl_gkd": f"{gen}; student: 1 forward with grad over the whole sequence (logits at every position); "
                    "teacher: 1 no-grad forward over the whole sequence; generalised JSD with beta=1 (reverse KL, "
-                   "full vocabulary) on the completion positions; 1 backward; grad-norm clip; 1 AdamW step (torch's "
-                   "default, adamw_torch)",
+                   "full vocabulary) on the completion positions; 1 backward; grad-norm clip; 1 fused AdamW step "
+                   "(adamw_torch_fused)",
         "trl_distillation": f"{gen}; student: 1 backbone forward with grad (hidden states of the completion "
                             "positions); teacher: 1 no-grad backbone forward; both LM heads projected chunk by "
                             "chunk inside the chunked beta=1 (reverse KL) loss; 1 backward; grad-norm clip; "
-                            "1 AdamW step (adamw_torch)",
+                            "1 fused AdamW step (adamw_torch_fused)",
     }
     return _report("opd_step_long_prompt" if long_prompt else "opd_step", ours, refs, sz, contents, prompt_tokens)
 
@@ -425,10 +425,12 @@ def grpo_step(smoke: bool = False, long_prompt: bool = False) -> dict:
                 f"forward with grad in two calls: the {P} distinct prompts once (their KV cache, with grad, copied "
                 f"to the {G} samples), then the {P * G} completions reading it (completion logits only); clipped "
                 "loss token-mean; 1 backward; grad-norm clip; 1 fused AdamW step",
-        "trl_grpo": f"{gen}: generate, 1 prefill of {P * G} rows + up to {T - 1} decode forwards over {P * G} rows; wer reward on {P * G} completions; group-std advantages (scale_rewards=group); "
+        "trl_grpo": f"{gen}: generate, 1 prefill of {P * G} rows + up to {T - 1} decode forwards over {P * G} "
+                    f"rows; wer reward on {P * G} completions; group-std advantages (scale_rewards=group); "
                     "no old-policy forward (num_iterations=1, one generation per step: TRL uses the detached "
                     "current logprobs); no reference model (beta=0); 1 policy forward with grad (logits_to_keep); "
-                    "clipped loss (dapo = token-mean); 1 backward; grad-norm clip; 1 AdamW step (adamw_torch)",
+                    "clipped loss (dapo = token-mean); 1 backward; grad-norm clip; 1 fused AdamW step "
+                    "(adamw_torch_fused)",
     }
     return _report("grpo_step_long_prompt" if long_prompt else "grpo_step", ours, refs, sz, contents, prompt_tokens)
 

@@ -108,7 +108,10 @@ class TorchEngine:
                                    "was it written with another model.lora?")
         else:
             self.module.load_state_dict(s["model"])
+        impl = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(s["optimizer"])
+        for g, kept in zip(self.optimizer.param_groups, impl):  # the implementation is this run's (optim.fused),
+            g.update(kept)                                       # not the checkpoint's
         self.scheduler.load_state_dict(s["scheduler"])
 
     def export(self, out_dir: Path, processor, base_loader=None) -> None:

@@ -152,8 +152,8 @@ class OptimConfig:
     grad_clip: float = _f(1.0, "max gradient norm (0 = off)")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     fused: bool = _f(True, "AdamW's fused kernel (one pass over all parameters; CPU and CUDA, floating-point "
-                           "parameters): about 3x faster a step than the default loop over parameters, same "
-                           "update up to float rounding; false = torch's default AdamW")
+                           "parameters): on the 2-core CPU about 3x faster a step than torch's default there "
+                           "(a loop over parameters), same update up to float rounding; false = torch's default")
 
 
 @dataclass
@@ -239,6 +239,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         bad("method", f"'{cfg.method}' is not one of {', '.join(METHODS)}")
     if not cfg.model.path:
         bad("model.path", "required")
+    if not cfg.rollout.temperature > 0:
+        bad("rollout.temperature", "must be > 0 (the rollout samples; greedy decoding is core.bin.decode's "
+                                   "--temperature 0)")
     if not cfg.data.train and cfg.method != "calibrate":
         bad("data.train", "required")
     if cfg.method in ("opd", "calibrate"):

@@ -9,9 +9,9 @@
   its cache copied into buffers of the final length for its n samples; then one forward per new
   token, with the processing steps of ``model.generate`` (with its ``multinomial`` draw, the same
   tokens under the same seed, tested) but without its per-step machinery, and an inverse-CDF draw
-  (``draw``) that samples the same distribution much faster on a CPU. Models with multimodal rotary positions (the Qwen2.5-Omni thinker)
-  and ``engine="hf"`` use ``model.generate``. ``synced_gpus`` keeps ZeRO-3 ranks stepping
-  together until all are done.
+  (``draw``) that samples the same distribution much faster on a CPU. Models with multimodal
+  rotary positions (the Qwen2.5-Omni thinker) and ``engine="hf"`` use ``model.generate``.
+  ``synced_gpus`` keeps ZeRO-3 ranks stepping together until all are done.
 - ``completion_logits``: one forward of prompt + completion returning the logits that predict
   each completion token, ``[B, T, V]``. Position ids follow the attention mask, as in
   generation, so left-padded prompts score exactly as they were sampled; a model with
@@ -90,7 +90,7 @@ def generate_completions(model, batch: PromptBatch, tokenizer, *, n: int = 1, te
     The repeated batch holds the ``n`` copies of prompt i at rows ``i*n .. i*n+n-1``.
     ``engine``: ``"auto"`` runs our KV-cached loop (``sample_loop``) where the model takes a cache
     and places tokens with ordinary positions, else ``model.generate``; ``"hf"`` always
-    ``model.generate``. Both sample the same tokens under the same seed.
+    ``model.generate``. Both sample the same distribution; their draws differ (``draw``).
     """
     if engine not in ("auto", "hf"):
         raise ValueError(f"engine must be 'auto' or 'hf', not {engine!r}")
@@ -173,8 +173,7 @@ def own_loop_ok(model) -> bool:
 def _last_logits(model, kw: dict) -> tuple[torch.Tensor, object]:
     """One forward of ``kw``; returns the logits of the last position ``[B, V]`` (the LM head run
     on that position only where the model allows it) and the model output."""
-    m = _unwrap(model)
-    if _supports(m, "logits_to_keep"):
+    if _takes_logits_to_keep(model):
         out = model(**kw, logits_to_keep=1)
         return out.logits[:, -1], out
     head = _sliceable_head(model)
@@ -223,12 +222,20 @@ def _static_cache(model, cache, rows: list[int], length: int):
         return None
     config = _base_model(model).config
     config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    # the full-length mask below is what sdpa / eager attention read; flash attention would take
+    # an all-ones mask for "no mask" and attend the empty slots. Sliding-window layers keep only
+    # the window: their positions would not be the prompt's.
+    if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+        return None
     try:
-        static = StaticCache(config=config, max_cache_len=length)
-        if len(static.layers) != len(cache.layers):
+        lens = {int(layer.get_seq_length()) for layer in cache.layers}
+        if any(getattr(layer, "is_sliding", False) for layer in cache.layers) or len(lens) != 1:
             return None
-        idx = torch.as_tensor(rows, dtype=torch.long, device=cache.layers[0].keys.device)
+        static = StaticCache(config=config, max_cache_len=length)
+        if len(static.layers) != len(cache.layers) or any(getattr(x, "is_sliding", False) for x in static.layers):
+            return None
         for dst, src in zip(static.layers, cache.layers):
+            idx = torch.as_tensor(rows, dtype=torch.long, device=src.keys.device)
             dst.update(src.keys.index_select(0, idx), src.values.index_select(0, idx))
     except (TypeError, ValueError, AttributeError, IndexError):  # a cache layout this transformers build lacks
         return None
@@ -267,6 +274,9 @@ def draw(probs: torch.Tensor) -> torch.Tensor:
     """
     cdf = probs.to(torch.float64).cumsum(-1)
     total = cdf[:, -1:]
+    if not bool(torch.isfinite(total).all() and (total > 0).all()):
+        raise ValueError("sampling probabilities are NaN, infinite or all zero (non-finite logits, or a "
+                         "temperature of 0 with sampling on)")
     u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device) * total
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # strictly below the total
     # the first index whose cumulative sum exceeds u: a zero entry never does before its neighbour
@@ -322,7 +332,9 @@ def sample_loop(model, batch: PromptBatch, n: int, *, max_new_tokens: int, do_sa
     mask = torch.cat([p_mask.index_select(0, torch.as_tensor([i for i in range(B0) for _ in range(n)], device=dev)),
                       p_mask.new_ones(B, max_new_tokens)], dim=1)
     pos = mask[:, :P].long().sum(-1, keepdim=True)  # the first new token's position (positions count real tokens)
-    sup = (torch.as_tensor(sorted(set(suppress_ids)), dtype=torch.long, device=dev) if suppress_ids else None)
+    V = logits.shape[-1]  # suppressed ids past the LM head's rows (added tokens) cannot be sampled anyway
+    sup = sorted(i for i in set(suppress_ids or []) if 0 <= i < V)
+    sup = torch.as_tensor(sup, dtype=torch.long, device=dev) if sup else None
     eos = torch.as_tensor(list(eos_ids), dtype=torch.long, device=dev)
     temp = temperature if do_sample else 1.0
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -392,6 +404,12 @@ def _supports(model, name: str) -> bool:
         except (TypeError, ValueError):
             _SUPPORTS[key] = False
     return _SUPPORTS[key]
+
+
+def _takes_logits_to_keep(model) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (asked of the model inside a peft
+    wrapper, whose forward hands its keyword arguments through)."""
+    return _supports(_base_model(model), "logits_to_keep")
 
 
 # transformers classes whose forward is exactly ``logits = self.lm_head(self.model(...)[0])`` and
@@ -610,7 +628,8 @@ def completion_logits(model, batch: PromptBatch, comp_ids: torch.Tensor, comp_ma
 
 def _prompt_share_ok(model) -> bool:
     base = _base_model(model)
-    flag = "is_activation_checkpointing" if hasattr(type(base), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    flag = ("is_activation_checkpointing" if hasattr(type(base), "is_activation_checkpointing")
+            else "is_gradient_checkpointing")
     checkpointing = bool(getattr(base, flag, False)) and base.training
     return own_loop_ok(model) and not (checkpointing and torch.is_grad_enabled())
 
@@ -624,6 +643,8 @@ def shared_prompt_logits(model, batch: PromptBatch, comp_ids: torch.Tensor, comp
     (all but the last token) reading that cache. The copies' gradients sum into the prompt's
     through the ``index_select``, as they would in a plain forward over every row, so logits and
     gradients equal the plain forward's; the prompt's layers run ``U`` times instead of ``B``.
+    Dropout in the prompt's layers (LoRA dropout, say), if a model trains with it, is then drawn
+    once per prompt rather than per copy.
     """
     distinct = batch.distinct()
     first, inverse = distinct if distinct is not None else (None, list(range(len(batch))))
@@ -655,9 +676,9 @@ def _completion_logits(model, batch: PromptBatch, comp_ids: torch.Tensor, comp_m
     kw = dict(input_ids=input_ids, attention_mask=attn, use_cache=False, **_media_kwargs(inputs))
     if not uses_mrope(model):
         kw["position_ids"] = (attn.long().cumsum(-1) - 1).clamp(min=0)
-    m = _unwrap(model)
-    head = None if _supports(m, "logits_to_keep") else _sliceable_head(model)
-    if _supports(m, "logits_to_keep"):
+    keep = _takes_logits_to_keep(model)
+    head = None if keep else _sliceable_head(model)
+    if keep:
         kw["logits_to_keep"] = T + 1
         logits = model(**kw).logits[:, :-1]
     elif head is not None:
@@ -681,6 +702,10 @@ def _completion_logits(model, batch: PromptBatch, comp_ids: torch.Tensor, comp_m
     return logits
 
 
+# config keys of models whose logits are not the head's output as it is (softcapping, scaling)
+_LOGIT_SCALES = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
 def output_head(model):
     """The model's LM head module (through DeepSpeed / peft wrappers), or None."""
     base = _base_model(model)
@@ -694,6 +719,10 @@ def fusable_head(model) -> torch.nn.Linear | None:
     ``nn.Linear`` whose weight is whole here (not a ZeRO-3 partition, not a peft wrapper)."""
     head = output_head(model)
     if type(head) is not torch.nn.Linear or head.bias is not None:
+        return None
+    config = getattr(_base_model(model), "config", None)
+    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    if any(getattr(config, k, None) not in (None, 1.0) for k in _LOGIT_SCALES):  # logits changed after the head
         return None
     w = head.weight
     if w.dim() != 2 or w.numel() == 0 or w.shape[1] != head.in_features or hasattr(w, "ds_id"):
@@ -710,12 +739,16 @@ def completion_hidden(model, batch: PromptBatch, comp_ids: torch.Tensor, comp_ma
     head = fusable_head(model)
     if head is None:
         raise ValueError(f"{type(_base_model(model)).__name__}'s LM head is no plain bias-free nn.Linear held "
-                         "whole here (peft-wrapped or ZeRO-3-partitioned): use the logits")
+                         "whole here (peft-wrapped, ZeRO-3-partitioned, or logits scaled after it): use the logits")
+    had = head.__dict__.get("forward")  # e.g. an accelerate hook's wrapper: put back afterwards
     head.forward = lambda x: x  # an instance attribute: nn.Module.__call__ runs it instead of Linear.forward
     try:
         hidden = completion_logits(model, batch, comp_ids, comp_mask, share=share)
     finally:
-        del head.forward
+        if had is None:
+            del head.forward
+        else:
+            head.forward = had
     return hidden, head.weight
 
 

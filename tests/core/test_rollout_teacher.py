@@ -409,3 +409,18 @@ def test_inverse_cdf_draw_samples_the_distribution():
     assert torch.equal(a, draw(probs.expand(64, -1)))
     torch.manual_seed(4)
     assert not torch.equal(a, draw(probs.expand(64, -1)))
+
+
+def test_bad_probabilities_and_out_of_range_suppress_ids(eos_prone, student, batch):
+    from core.rollout import draw
+    with pytest.raises(ValueError, match="NaN"):
+        draw(torch.tensor([[0.5, float("nan")], [0.5, 0.5]]))
+    with pytest.raises(ValueError, match="all zero"):
+        draw(torch.zeros(1, 4))
+    # a suppressed id past the LM head's rows (an added token) is ignored, as generate ignores it
+    _, proc = student
+    V = eos_prone.get_output_embeddings().out_features
+    _, a = _gen(eos_prone, batch, proc, n=2, max_new_tokens=5, seed=9)
+    _, b = _gen(eos_prone, batch, proc, n=2, max_new_tokens=5, seed=9,
+                suppress_ids=special_token_ids(proc) + [V, V + 7])
+    assert torch.equal(a.ids, b.ids)

@@ -194,3 +194,44 @@ def test_fused_head_config_is_checked(text_pair, tmp_path):
         _cfg(text_pair, tmp_path / "f1", "opd", opd={"fused_head": "yes"})
     with pytest.raises(C.ConfigError, match="opd.fused_head"):
         _cfg(text_pair, tmp_path / "f2", "opd", opd={"fused_head": "on", "support": "teacher_topk", "top_k": 4})
+
+
+def test_fused_head_refused_where_logits_are_scaled_after_the_head(text_pair):
+    """A model whose config scales or softcaps its logits after the LM head (Gemma 2, Cohere,
+    Granite) cannot have its head replaced by a loss on the hidden states."""
+    from core.rollout import completion_hidden, fusable_head
+    model, _ = load_model_and_processor(text_pair.student)
+    assert fusable_head(model) is model.get_output_embeddings()
+    model.config.final_logit_softcapping = 30.0
+    assert fusable_head(model) is None
+    with pytest.raises(ValueError, match="scaled"):
+        completion_hidden(model, None, torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1))
+
+
+def test_rollout_temperature_must_be_positive(text_pair, tmp_path):
+    with pytest.raises(C.ConfigError, match="rollout.temperature"):
+        _cfg(text_pair, tmp_path / "t0", "grpo", rollout={"temperature": 0.0})
+
+
+def test_resume_keeps_this_runs_optimizer_implementation(tmp_path):
+    """A checkpoint written by torch's default AdamW, resumed with ``optim.fused``: the state comes
+    from the checkpoint, the implementation from this run (and the other way round)."""
+    from transformers import get_scheduler
+
+    from core.backends import TorchEngine
+
+    def engine(fused: bool):
+        model = torch.nn.Linear(4, 3)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, **({"fused": True} if fused else {}))
+        return TorchEngine(model, opt, get_scheduler("constant", opt), grad_clip=1.0)
+
+    for saved, resumed in ((False, True), (True, False)):
+        a = engine(saved)
+        a.backward(a.module(torch.ones(2, 4)).sum())
+        a.step()
+        a.save_state(tmp_path)
+        b = engine(resumed)
+        b.load_state(tmp_path)
+        assert bool(b.optimizer.param_groups[0].get("fused")) is resumed
+        state_a, state_b = a.optimizer.state_dict()["state"][0], b.optimizer.state_dict()["state"][0]
+        assert torch.equal(state_b["exp_avg"], state_a["exp_avg"])
