@@ -120,7 +120,7 @@ def fused_head(ctx: Context, tensors: dict) -> bool:
     if c.fused_head == "on":
         if head is None:
             raise ValueError("opd.fused_head on: the student's LM head is no plain bias-free nn.Linear held whole "
-                             "here (peft-wrapped or ZeRO-3-partitioned); use auto or off")
+                             "here (peft-wrapped, ZeRO-3-partitioned, or logits scaled after it); use auto or off")
         return True
     return head is not None and tensors.get("base_adv") is None and head.out_features >= FUSED_HEAD_MIN_VOCAB
 
