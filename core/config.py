@@ -73,6 +73,10 @@ class DataConfig:
     skip_bad: bool = _f(False, "skip bad manifest lines (written with reasons to <manifest>.bad.jsonl)")
     max_target_tokens: int = _f(64, "truncate reference completions to this many tokens")
     dev_max_samples: int = _f(200, "use at most this many dev samples in evaluation")
+    length_group: int = _f(0, "batch rows of similar length in training: each window of this many global batches "
+                              "of the epoch's shuffled order is sorted by length (audio seconds, video duration, "
+                              "prompt characters) and cut into batches, whose order is shuffled again (less "
+                              "padding of prompts and audio); 0 = off")
     modality: str = _f("auto", "auto | audio | av | text: audio prompts (rows need 'audio'), audio-visual prompts "
                                "(rows need 'video'; its frames and, as a separate input, its sound track or the "
                                "row's 'audio') or text-only prompts (no media); auto = av when the model has a "
@@ -239,6 +243,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         bad("method", f"'{cfg.method}' is not one of {', '.join(METHODS)}")
     if not cfg.model.path:
         bad("model.path", "required")
+    if cfg.data.length_group < 0:
+        bad("data.length_group", "must be >= 0 (0 = off)")
     if not cfg.rollout.temperature > 0:
         bad("rollout.temperature", "must be > 0 (the rollout samples; greedy decoding is core.bin.decode's "
                                    "--temperature 0)")

@@ -57,18 +57,34 @@ def seed_all(seed: int) -> None:
 
 
 class DataOrder:
-    """A seeded permutation per epoch; ``next_global(k)`` yields the next ``k`` indices."""
+    """A seeded permutation per epoch; ``next_global(k)`` yields the next ``k`` indices.
 
-    def __init__(self, n: int, seed: int):
+    With ``lengths`` and ``group`` > 0 (``data.length_group``), each window of ``group * batch``
+    indices of the permutation is sorted by length, longest first, and cut into runs of
+    ``batch``, whose order within the window is shuffled again (seeded): a batch then holds rows
+    of similar length, every row still comes once per epoch, and the order stays random between
+    batches. ``batch`` must be the ``k`` that ``next_global`` is called with."""
+
+    def __init__(self, n: int, seed: int, lengths: list | None = None, group: int = 0, batch: int = 0):
         if n == 0:
             raise TrainingError("the training manifest has no samples")
         self.n, self.seed = n, seed
+        self.lengths, self.group, self.batch = lengths, int(group), int(batch)
         self.epoch, self.pos = 0, 0
         self._perm = self._make()
 
     def _make(self):
         g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
-        return torch.randperm(self.n, generator=g).tolist()
+        perm = torch.randperm(self.n, generator=g).tolist()
+        if not (self.group > 0 and self.batch > 0 and self.lengths):
+            return perm
+        out, window = [], self.group * self.batch
+        for w in range(0, self.n, window):
+            part = sorted(perm[w: w + window], key=lambda i: self.lengths[i], reverse=True)
+            runs = [part[j: j + self.batch] for j in range(0, len(part), self.batch)]
+            for r in torch.randperm(len(runs), generator=g).tolist():
+                out += runs[r]
+        return out
 
     def next_global(self, k: int) -> list[int]:
         out = []
@@ -418,7 +434,12 @@ class Trainer:
         accum = cfg.optim.grad_accum
         epochs = cfg.grpo.epochs if cfg.method == "grpo" else 1
         minibatches = cfg.grpo.minibatches if cfg.method == "grpo" else 1
-        order = DataOrder(len(self.rows), tc.seed)
+        global_k = tc.batch_size * accum * self.world
+        lengths = None
+        if cfg.data.length_group > 0:
+            from core.data.manifest import length_keys
+            lengths = length_keys(self.rows)
+        order = DataOrder(len(self.rows), tc.seed, lengths, cfg.data.length_group, global_k)
         ckdir = self.out / "checkpoints"
         step, train_seconds, bad_in_a_row, skipped_total = 0, 0.0, 0, 0
         resume_from = None
@@ -437,7 +458,6 @@ class Trainer:
             # rows of steps after the checkpoint are redone: drop them (and a line cut by a kill)
             self.logger.truncate_after(step)
             log.info("resumed from %s at step %d", resume_from, step)
-        global_k = tc.batch_size * accum * self.world
         # a wall-clock budget shows as seconds spent of the budget, otherwise steps of max_steps
         by_time = bool(tc.max_seconds)
         bar = tqdm(total=round(tc.max_seconds) if by_time else tc.max_steps,

@@ -52,30 +52,10 @@ def decode_modality(model, manifest: str, modality: str = "auto") -> str:
 
 
 def length_order(rows: list[dict]) -> list[int]:
-    """Indices of ``rows``, longest first: audio seconds (``end_time - begin_time``, else the
-    file's header), else a video row's ``duration`` field, then the prompt's characters."""
-    import soundfile as sf
+    """Indices of ``rows``, longest first (``core.data.manifest.length_keys``)."""
+    from core.data.manifest import length_keys
 
-    def given(r: dict, name: str):  # None and -1 mean "from the start" / "to the end" (the manifest format)
-        v = r.get(name)
-        return None if v is None or float(v) < 0 else float(v)
-
-    def seconds(r: dict) -> float:
-        if r.get("audio"):
-            begin, end = given(r, "begin_time") or 0.0, given(r, "end_time")
-            if end is None:
-                try:
-                    end = float(sf.info(str(r["audio"])).duration)
-                except (RuntimeError, OSError):  # already checked by the manifest reader; no reorder on a surprise
-                    return 0.0
-            return end - begin
-        d = r.get("duration")
-        return float(d) if isinstance(d, (int, float)) else 0.0
-
-    def chars(r: dict) -> int:
-        return len(str(r.get("prompt") or r.get("question") or r.get("text") or ""))
-
-    keys = [(seconds(r), chars(r)) for r in rows]
+    keys = length_keys(rows)
     return sorted(range(len(rows)), key=lambda i: keys[i], reverse=True)
 
 

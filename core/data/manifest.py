@@ -483,3 +483,31 @@ def load_manifest_dataset(path: str | os.PathLike, **options):
         if not problems:
             raise
         raise ManifestError(path, problems) from e
+
+
+def length_keys(rows: list[dict]) -> list[tuple[float, int]]:
+    """A sortable length per row: ``(audio seconds, prompt characters)``. The seconds are
+    ``end_time - begin_time``, else the audio file's header, else a video row's ``duration``
+    field (0 when none is known); the characters those of ``prompt``, ``question`` or ``text``."""
+    import soundfile as sf
+
+    def given(r: dict, name: str):  # None and -1 mean "from the start" / "to the end" (the manifest format)
+        v = r.get(name)
+        return None if v is None or float(v) < 0 else float(v)
+
+    def seconds(r: dict) -> float:
+        if r.get("audio"):
+            begin, end = given(r, "begin_time") or 0.0, given(r, "end_time")
+            if end is None:
+                try:
+                    end = float(sf.info(str(r["audio"])).duration)
+                except (RuntimeError, OSError):  # already checked by the manifest reader; no reorder on a surprise
+                    return 0.0
+            return end - begin
+        d = r.get("duration")
+        return float(d) if isinstance(d, (int, float)) else 0.0
+
+    def chars(r: dict) -> int:
+        return len(str(r.get("prompt") or r.get("question") or r.get("text") or ""))
+
+    return [(seconds(r), chars(r)) for r in rows]

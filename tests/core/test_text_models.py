@@ -235,3 +235,43 @@ def test_resume_keeps_this_runs_optimizer_implementation(tmp_path):
         assert bool(b.optimizer.param_groups[0].get("fused")) is resumed
         state_a, state_b = a.optimizer.state_dict()["state"][0], b.optimizer.state_dict()["state"][0]
         assert torch.equal(state_b["exp_avg"], state_a["exp_avg"])
+
+
+def test_length_grouped_data_order():
+    """``data.length_group``: every row once per epoch, batches of similar length, a seeded order
+    that a resumed run rebuilds; without it the plain permutation."""
+    from core.trainer import DataOrder
+    g = torch.Generator().manual_seed(0)
+    n, k = 48, 4
+    lengths = [(float(x), 0) for x in torch.randint(0, 1000, (n,), generator=g).tolist()]
+    plain = DataOrder(n, seed=3)
+    grouped = DataOrder(n, seed=3, lengths=lengths, group=3, batch=k)
+    assert DataOrder(n, seed=3, lengths=lengths, group=0, batch=k)._perm == plain._perm
+
+    def spread(order):  # mean length range inside a batch over one epoch
+        idx = [order.next_global(k) for _ in range(n // k)]
+        assert sorted(i for b in idx for i in b) == list(range(n))
+        return sum(max(lengths[i][0] for i in b) - min(lengths[i][0] for i in b) for b in idx) / len(idx), idx
+
+    s_plain, _ = spread(plain)
+    s_grouped, batches = spread(grouped)
+    assert s_grouped < 0.5 * s_plain, (s_grouped, s_plain)
+    # inside a window (3 batches) the batches are not left longest first: their order is shuffled
+    heads = [lengths[b[0]][0] for b in batches]
+    windows = [heads[w: w + 3] for w in range(0, len(heads), 3)]
+    assert any(win != sorted(win, reverse=True) for win in windows), windows
+    again = DataOrder(n, seed=3, lengths=lengths, group=3, batch=k)
+    assert [again.next_global(k) for _ in range(n // k)] == batches  # seeded
+    resumed = DataOrder(n, seed=3, lengths=lengths, group=3, batch=k)
+    resumed.load({"epoch": 0, "pos": 2 * k})
+    assert resumed.next_global(k) == batches[2]
+    assert any(DataOrder(n, seed=s, lengths=lengths, group=3, batch=k).next_global(k) != batches[0] for s in (4, 5, 6))
+
+
+def test_length_group_through_the_trainer(text_pair, tmp_path):
+    t = Trainer(_cfg(text_pair, tmp_path / "lg", "sft", data={"length_group": 2},
+                     train={"batch_size": 2, "max_steps": 3}))
+    s = t.train()
+    assert s["steps"] == 3 and s["skipped_steps"] == 0
+    with pytest.raises(C.ConfigError, match="data.length_group"):
+        _cfg(text_pair, tmp_path / "lg2", "sft", data={"length_group": -1})
