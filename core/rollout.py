@@ -170,22 +170,31 @@ def own_loop_ok(model) -> bool:
     return _cache_arg(model) is not None and not uses_mrope(model)
 
 
-def _last_logits(model, kw: dict) -> tuple[torch.Tensor, object]:
-    """One forward of ``kw``; returns the logits of the last position ``[B, V]`` (the LM head run
-    on that position only where the model allows it) and the model output."""
-    if _takes_logits_to_keep(model):
-        out = model(**kw, logits_to_keep=1)
-        return out.logits[:, -1], out
+def _head_logits(model, kw: dict, start: int, stop: int) -> tuple[torch.Tensor, object]:
+    """One forward of ``kw`` (``L`` positions); returns the logits of positions ``start..stop-1``
+    and the model output. The LM head runs on those positions only where the model allows it
+    (``logits_to_keep`` when ``stop`` is ``L`` or ``L - 1``; for ``_SLICE_HEAD_CLASSES`` a forward
+    pre-hook slices the head's input, so the call still goes through the model's own forward and
+    any ZeRO-3 / peft hooks on it): no ``[B, L, V]`` logits over a long (audio) prompt."""
+    L = kw["input_ids"].shape[1]
+    if _takes_logits_to_keep(model) and stop >= L - 1:
+        out = model(**kw, logits_to_keep=L - start)
+        return out.logits[:, : stop - start], out
     head = _sliceable_head(model)
     if head is None:
         out = model(**kw)
-        return out.logits[:, -1], out
-    handle = head.register_forward_pre_hook(lambda mod, args: (args[0][:, -1:],) + tuple(args[1:]))
+        return out.logits[:, start:stop], out
+    handle = head.register_forward_pre_hook(lambda mod, args: (args[0][:, start:stop],) + tuple(args[1:]))
     try:
         out = model(**kw)
     finally:
         handle.remove()
-    return out.logits[:, -1], out
+    return out.logits, out
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that follow the attention mask (left padding), as ``generate`` builds them."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def _prefill(model, batch: PromptBatch, rows: list[int] | None):
@@ -193,9 +202,11 @@ def _prefill(model, batch: PromptBatch, rows: list[int] | None):
     Returns (last-position logits ``[U, V]``, the cache)."""
     inputs = batch.inputs if rows is None else batch.select(rows).inputs
     p_mask = inputs["attention_mask"]
-    kw = dict(input_ids=inputs["input_ids"], attention_mask=p_mask,
-              position_ids=(p_mask.long().cumsum(-1) - 1).clamp(min=0), use_cache=True, **_media_kwargs(inputs))
-    logits, out = _last_logits(model, kw)
+    L = p_mask.shape[1]
+    kw = dict(input_ids=inputs["input_ids"], attention_mask=p_mask, position_ids=_positions(p_mask), use_cache=True,
+              **_media_kwargs(inputs))
+    logits, out = _head_logits(model, kw, L - 1, L)
+    logits = logits[:, -1]
     cache = _out_cache(out)
     if cache is None:
         raise RuntimeError(f"{type(_base_model(model)).__name__} returned no KV cache from a forward with use_cache")
@@ -329,8 +340,7 @@ def sample_loop(model, batch: PromptBatch, n: int, *, max_new_tokens: int, do_sa
         cache, logits = static, logits.index_select(0, torch.as_tensor(rows, dtype=torch.long, device=dev))
     else:
         logits = _expand_prompts(cache, logits, rows)
-    mask = torch.cat([p_mask.index_select(0, torch.as_tensor([i for i in range(B0) for _ in range(n)], device=dev)),
-                      p_mask.new_ones(B, max_new_tokens)], dim=1)
+    mask = torch.cat([p_mask.repeat_interleave(n, dim=0), p_mask.new_ones(B, max_new_tokens)], dim=1)
     pos = mask[:, :P].long().sum(-1, keepdim=True)  # the first new token's position (positions count real tokens)
     V = logits.shape[-1]  # suppressed ids past the LM head's rows (added tokens) cannot be sampled anyway
     sup = sorted(i for i in set(suppress_ids or []) if 0 <= i < V)
@@ -655,7 +665,7 @@ def shared_prompt_logits(model, batch: PromptBatch, comp_ids: torch.Tensor, comp
     parts = [_expand_prompts(cache, last, inverse)[:, None]]
     if T > 1:
         attn = torch.cat([p_mask, comp_mask.to(dev).to(p_mask.dtype)], dim=1)[:, :P + T - 1]
-        pos = (attn.long().cumsum(-1) - 1).clamp(min=0)[:, P:]
+        pos = _positions(attn)[:, P:]
         out = model(input_ids=comp_ids[:, :-1].to(dev), attention_mask=attn, position_ids=pos, use_cache=True,
                     **{_cache_arg(model): cache})
         parts.append(out.logits)
@@ -675,27 +685,8 @@ def _completion_logits(model, batch: PromptBatch, comp_ids: torch.Tensor, comp_m
     attn = torch.cat([p_mask, comp_mask.to(dev).to(p_mask.dtype)], dim=1)
     kw = dict(input_ids=input_ids, attention_mask=attn, use_cache=False, **_media_kwargs(inputs))
     if not uses_mrope(model):
-        kw["position_ids"] = (attn.long().cumsum(-1) - 1).clamp(min=0)
-    keep = _takes_logits_to_keep(model)
-    head = None if keep else _sliceable_head(model)
-    if keep:
-        kw["logits_to_keep"] = T + 1
-        logits = model(**kw).logits[:, :-1]
-    elif head is not None:
-        # the LM head on the completion positions only: no [B, P + T, V] logits over the prompt
-        # (hundreds of audio positions times the vocabulary), forward or backward. A pre-hook
-        # slices the head's input, so the call still goes through the model's own forward (and
-        # through any ZeRO-3 / peft hooks on it).
-        def _slice(mod, args):
-            return (args[0][:, P - 1: P + T - 1],) + tuple(args[1:])
-
-        handle = head.register_forward_pre_hook(_slice)
-        try:
-            logits = model(**kw).logits
-        finally:
-            handle.remove()
-    else:
-        logits = model(**kw).logits[:, P - 1: P + T - 1]
+        kw["position_ids"] = _positions(attn)
+    logits, _ = _head_logits(model, kw, P - 1, P + T - 1)
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
