@@ -181,6 +181,8 @@ class BackendConfig:
     name: str = _f("torch", "torch | deepspeed")
     ds_config: str = _f("", "DeepSpeed JSON (ZeRO-2/3); 'auto' values are filled from this config")
     dist_backend: str = _f("", "gloo | nccl (default: nccl with CUDA, else gloo)")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N: where the policy, teacher and reference run (auto: this "
+                             "process's GPU when there is one, else the CPU; DeepSpeed takes its own accelerator)")
 
 
 @dataclass
@@ -311,6 +313,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         bad("data.video_max_pixels", f"must be >= {28 * 28} (one 28x28 merged patch), got {cfg.data.video_max_pixels}")
     if cfg.backend.name not in ("torch", "deepspeed"):
         bad("backend.name", "torch | deepspeed")
+    try:
+        from core.utils.dist import device as _device
+        _device(cfg.backend.device)
+    except ValueError as e:
+        bad("backend.device", str(e))
+    if cfg.backend.name == "deepspeed" and cfg.backend.device not in ("auto", ""):
+        bad("backend.device", "DeepSpeed places the model on its own accelerator (the GPU when there is one); "
+                              "leave backend.device auto")
     if cfg.backend.name == "deepspeed" and not cfg.backend.ds_config:
         bad("backend.ds_config", "required with backend deepspeed")
     if cfg.backend.name == "deepspeed":

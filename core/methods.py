@@ -56,11 +56,18 @@ class Context:
     suppress_ids: list = field(default_factory=list)
     eos_ids: list = field(default_factory=list)
     synced_gpus: bool = False
+    device: torch.device | None = None  # where the policy runs: batches and per-sample tensors go there
+
+
+def prompts(ctx: Context, rows) -> PromptBatch:
+    """The collated prompts of ``rows`` on the policy's device."""
+    batch = ctx.collator.prompts(rows)
+    return batch if ctx.device is None else batch.to(ctx.device)
 
 
 def _rollout(ctx: Context, rows, seed: int, n: int):
     r = ctx.cfg.rollout
-    batch = ctx.collator.prompts(rows)
+    batch = prompts(ctx, rows)
     return generate_completions(
         ctx.model, batch, ctx.tokenizer, n=n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
         max_new_tokens=r.max_new_tokens, do_sample=True, suppress_ids=ctx.suppress_ids,
@@ -79,10 +86,11 @@ def reward_fields(rows: list[dict]) -> dict:
 
 
 def _rewards(weights: dict, comp: Completions, rows: list[dict]):
+    """Per-sample total rewards ``[B]`` (on the completions' device) and their metrics."""
     total, parts = compute_rewards(weights, comp.texts, **reward_fields(rows))
     metrics = {f"reward/{k}": float(sum(v) / max(1, len(v))) for k, v in parts.items()}
     metrics["reward"] = float(sum(total) / max(1, len(total)))
-    return torch.tensor(total, dtype=torch.float32), metrics
+    return torch.tensor(total, dtype=torch.float32, device=comp.ids.device), metrics
 
 
 class SFT:
@@ -90,7 +98,7 @@ class SFT:
 
     def experience(self, ctx: Context, rows: list[dict], seed: int) -> Experience:
         d = ctx.cfg.data
-        batch = ctx.collator.prompts(rows)
+        batch = prompts(ctx, rows)
         texts = []
         for r in rows:
             t = r.get(d.target_field)
@@ -98,6 +106,8 @@ class SFT:
                 t = t[0]
             texts.append(t)
         ids, mask = ctx.collator.targets(texts, max_len=d.max_target_tokens)
+        if ctx.device is not None:
+            ids, mask = ids.to(ctx.device), mask.to(ctx.device)
         return Experience(batch, Completions(ids, mask, None, texts))
 
     def loss(self, ctx: Context, exp: Experience):
@@ -133,7 +143,7 @@ class OPD:
         rep, comp = _rollout(ctx, rows, seed, ctx.cfg.rollout.n)
         need_logits = c.form == "distribution" and c.support in ("full", "student_topk", "union_topk")
         top_k = c.top_k if c.support == "teacher_topk" else None
-        scores = ctx.teacher.score(rep, comp, top_k=top_k, return_logits=need_logits)
+        scores = ctx.teacher.score(rep, comp, top_k=top_k, return_logits=need_logits).to(comp.ids.device)
         valid = scores.valid.to(torch.float32)
         mask = comp.mask.to(torch.float32) * valid[:, None]
         tensors = {"mask": mask, "teacher_logp": scores.logp.float(), "old_logp": comp.logp,

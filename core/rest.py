@@ -106,6 +106,9 @@ def grow(cfg: C.TrainConfig, model_path: str, round_i: int, time_left) -> tuple[
     """
     r, tc = cfg.rest, cfg.train
     model, processor = load_model_and_processor(model_path, **model_kwargs(cfg.model))
+    device = dist.device(cfg.backend.device)
+    if not cfg.model.load_in_4bit:  # a 4-bit model is loaded onto this process's GPU
+        model.to(device)
     tok = tokenizer_of(processor)
     modality = resolve_modality(cfg, model)
     rows = read_rows(cfg.data.train, cfg, modality)
@@ -118,7 +121,7 @@ def grow(cfg: C.TrainConfig, model_path: str, round_i: int, time_left) -> tuple[
             complete = False
             break
         rep, comp = generate_completions(
-            model, collator.prompts(mine[i: i + tc.batch_size]), tok, n=r.samples, temperature=r.temperature,
+            model, collator.prompts(mine[i: i + tc.batch_size]).to(device), tok, n=r.samples, temperature=r.temperature,
             top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens,
             suppress_ids=suppress, eos_ids=[tok.eos_token_id], seed=step_seed(tc.seed, round_i, b, dist.rank()),
             return_logp=False)

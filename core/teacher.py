@@ -42,6 +42,11 @@ class TeacherScores:
     topk_logp: torch.Tensor | None = None  # [B, T, k]
     logits: torch.Tensor | None = None    # [B, T, V]
 
+    def to(self, device) -> "TeacherScores":
+        """Every tensor on ``device`` (a remote teacher's scores arrive on the CPU)."""
+        mv = lambda x: None if x is None else x.to(device)  # noqa: E731
+        return TeacherScores(mv(self.logp), mv(self.valid), mv(self.topk_ids), mv(self.topk_logp), mv(self.logits))
+
 
 @runtime_checkable
 class Teacher(Protocol):
@@ -57,21 +62,23 @@ class LocalTeacher:
     """
 
     def __init__(self, model, processor=None, device: str | torch.device | None = None):
-        self.model = model.eval()
+        self.model = model.eval() if device is None else model.to(device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.processor = processor
-        self.device = device
+        self.device = None if device is None else torch.device(device)
 
     @torch.no_grad()
     def score(self, batch: PromptBatch, completions: Completions, top_k: int | None = None,
               return_logits: bool = False, temperature: float = 1.0) -> TeacherScores:
+        if self.device is not None:  # scores come back on the teacher's device
+            batch = batch.to(self.device)
         logits = completion_logits(self.model, batch, completions.ids, completions.mask, temperature)
         # log-probs as logit - logsumexp: no [B, T, V] log-softmax copy of the logits
         lse = torch.logsumexp(logits, dim=-1, keepdim=True)
         logp = logits.gather(-1, completions.ids.unsqueeze(-1).to(logits.device)) - lse
         logp = logp.squeeze(-1) * completions.mask.to(logp)
-        out = TeacherScores(logp=logp, valid=torch.ones(logp.shape[0], dtype=torch.bool))
+        out = TeacherScores(logp=logp, valid=torch.ones(logp.shape[0], dtype=torch.bool, device=logp.device))
         if top_k:
             k = min(int(top_k), logits.shape[-1])
             top_logits, out.topk_ids = logits.topk(k, dim=-1)

@@ -34,7 +34,7 @@ from core import config as C
 from core.backends import DeepSpeedEngine, TorchEngine, fill_ds_config
 from core.data.collate import make_collator
 from core.data.manifest import NO_AUDIO_TRACK, ManifestError, Problem, read_manifest
-from core.methods import METHODS, Context, Experience
+from core.methods import METHODS, Context, Experience, prompts
 from core.models import apply_lora, check_vocab_match, is_peft_model, load_model_and_processor, special_token_ids
 from core.rewards import compute_rewards
 from core.rollout import completion_logits, generate_completions, token_logp
@@ -109,7 +109,7 @@ def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 10_007 + micro * 101 + rank) % (2**31 - 1)
 
 
-def _load_teacher(cfg: C.TrainConfig, processor, model):
+def _load_teacher(cfg: C.TrainConfig, processor, model, device=None):
     t = cfg.teacher
     if t.kind == "remote":
         from core.teacher import RemoteTeacher
@@ -140,7 +140,7 @@ def _load_teacher(cfg: C.TrainConfig, processor, model):
         check_vocab_match(processor, tp, student_model=model, teacher_model=tm)
     except ValueError as e:
         raise C.ConfigError(f"config keys 'teacher.path' ({t.path}) and 'model.path' ({cfg.model.path}): {e}") from None
-    return LocalTeacher(tm, tp)
+    return LocalTeacher(tm, tp, device=device)
 
 
 def _read_rows(path: str, cfg: C.TrainConfig, require=(), require_media: bool = True, key: str = "data.train",
@@ -275,12 +275,16 @@ class Trainer:
         use_ds = cfg.backend.name == "deepspeed"
         dist.init(cfg.backend.dist_backend, use_deepspeed=use_ds)
         self.rank, self.world = dist.rank(), dist.world_size()
+        # where this process computes: its GPU when there is one (DeepSpeed's accelerator is the same)
+        self.device = dist.device(cfg.backend.device)
         self.out = Path(cfg.output_dir)  # written only once every input has been checked
         seed_all(cfg.train.seed)
         try:
             model, processor = load_model_and_processor(cfg.model.path, **model_kwargs(cfg.model))
         except FileNotFoundError as e:
             raise C.ConfigError(f"config key 'model.path': {e}") from None
+        if not cfg.model.load_in_4bit:  # a 4-bit model is loaded onto this process's GPU
+            model.to(self.device)
         if cfg.model.lora:
             model = apply_lora(model, cfg.model.lora, kbit=cfg.model.load_in_4bit)
         self.processor = processor
@@ -296,7 +300,7 @@ class Trainer:
             raise C.ConfigError(f"config key 'data.modality': av needs a model with a vision encoder; "
                                 f"{type(model).__name__} has none")
         self.collator = make_collator(self.modality, processor, cfg.data)
-        teacher = _load_teacher(cfg, processor, model) if cfg.method in ("opd", "calibrate") else None
+        teacher = _load_teacher(cfg, processor, model, self.device) if cfg.method in ("opd", "calibrate") else None
         ref = None
         if cfg.method == "grpo" and cfg.grpo.kl_beta > 0 and is_peft_model(model):
             ref = AdapterDisabled(model)
@@ -318,7 +322,8 @@ class Trainer:
         self.ctx = Context(model=fwd, forward_model=fwd, processor=processor, tokenizer=self.tokenizer,
                            collator=self.collator, cfg=cfg, teacher=teacher, ref_model=ref,
                            suppress_ids=special_token_ids(processor), eos_ids=[self.tokenizer.eos_token_id],
-                           synced_gpus=bool(self.engine and self.engine.zero3 and self.world > 1))
+                           synced_gpus=bool(self.engine and self.engine.zero3 and self.world > 1),
+                           device=self.device)
         if dist.is_main():
             self.out.mkdir(parents=True, exist_ok=True)
             C.dump_config(cfg, self.out / "config.yaml")
@@ -357,10 +362,11 @@ class Trainer:
         has_ref = all(r.get(cfg.data.target_field) for r in rows)
         for i in range(0, len(rows), bs):
             chunk = rows[i: i + bs]
-            batch = self.collator.prompts(chunk)
+            batch = prompts(self.ctx, chunk)
             if has_ref:
                 ids, mask = self.collator.targets([_first(r[cfg.data.target_field]) for r in chunk],
                                                   max_len=cfg.data.max_target_tokens)
+                ids, mask = ids.to(self.device), mask.to(self.device)
                 lp = token_logp(completion_logits(model, batch, ids, mask), ids)
                 nll -= float((lp * mask).sum())
                 ntok += float(mask.sum())
@@ -392,13 +398,13 @@ class Trainer:
         tot = {"kl_sampled": 0.0, "kl_full": 0.0, "tokens": 0.0, "student_logp": 0.0, "teacher_logp": 0.0}
         lens = []
         for i in tqdm(range(0, len(rows), bs), desc="calibrate", disable=not dist.is_main()):
-            batch = self.collator.prompts(rows[i: i + bs])
+            batch = prompts(self.ctx, rows[i: i + bs])
             rep, comp = generate_completions(
                 self.model, batch, self.tokenizer, n=cfg.rollout.n, temperature=cfg.rollout.temperature,
                 top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens,
                 suppress_ids=self.ctx.suppress_ids, eos_ids=self.ctx.eos_ids,
                 seed=step_seed(cfg.train.seed, 0, i, self.rank))
-            s = self.teacher.score(rep, comp, return_logits=True)
+            s = self.teacher.score(rep, comp, return_logits=True).to(comp.ids.device)
             st_logits = completion_logits(self.model, rep, comp.ids, comp.mask)
             m = comp.mask.float() * s.valid.float()[:, None]
             sl = torch.log_softmax(st_logits, -1)

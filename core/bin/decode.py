@@ -62,17 +62,19 @@ def length_order(rows: list[dict]) -> list[int]:
 def decode(model_dir: str, manifest: str, out: str, *, prompt: str = "Transcribe the audio.", batch_size: int = 32,
            max_new_tokens: int = 32, target_field: str = "text", as_manifest: bool = False,
            temperature: float = 0.0, seed: int = 0, modality: str = "auto", num_frames: int = 8,
-           missing_audio: str = "error", sort_by_length: bool = True) -> dict:
+           missing_audio: str = "error", sort_by_length: bool = True, device: str = "auto") -> dict:
     from core import config as C
     from core.data.collate import make_collator
     from core.data.manifest import write_manifest
     from core.trainer import read_rows
     from core.models import load_model_and_processor, special_token_ids
     from core.rollout import generate_completions
+    from core.utils.dist import device as pick_device
     from core.utils.logging import setup_console
 
     setup_console()
-    model, proc = load_model_and_processor(model_dir)
+    dev = pick_device(device)  # a ValueError naming the choice before the model is loaded
+    model, proc = load_model_and_processor(model_dir, device=str(dev))
     model.eval()
     tok = getattr(proc, "tokenizer", proc)
     mode = decode_modality(model, manifest, modality)
@@ -86,7 +88,7 @@ def decode(model_dir: str, manifest: str, out: str, *, prompt: str = "Transcribe
         idx = order[i: i + batch_size]
         chunk = [rows[j] for j in idx]
         with torch.no_grad():  # not set_grad_enabled(False): a caller may train in this process afterwards
-            _, comp = generate_completions(model, col.prompts(chunk), tok, do_sample=temperature > 0,
+            _, comp = generate_completions(model, col.prompts(chunk).to(dev), tok, do_sample=temperature > 0,
                                            temperature=temperature or 1.0, max_new_tokens=max_new_tokens,
                                            suppress_ids=special_token_ids(proc), eos_ids=[tok.eos_token_id],
                                            seed=seed + i, return_logp=False)
@@ -128,13 +130,15 @@ def main(argv=None) -> int:
                     help="batch rows in the manifest's order instead of longest first (the output order is the same)")
     ap.add_argument("--missing_audio", choices=("error", "silence"), default="error",
                     help="av: a video without a sound track is an error, or gets silence")
+    ap.add_argument("--device", default="auto",
+                    help="auto (this process's GPU when there is one, else the CPU) | cpu | cuda | cuda:N")
     args = ap.parse_args(argv)
     try:
         info = decode(args.model, args.manifest, args.out, prompt=args.prompt, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, target_field=args.target_field,
                       as_manifest=args.as_manifest, temperature=args.temperature, modality=args.modality,
                       num_frames=args.num_frames, missing_audio=args.missing_audio,
-                      sort_by_length=not args.no_sort)
+                      sort_by_length=not args.no_sort, device=args.device)
     except (FileNotFoundError, ValueError) as e:  # a missing model or manifest, a bad manifest line (file:line): ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2

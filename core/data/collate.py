@@ -108,6 +108,15 @@ class PromptBatch:
         return PromptBatch(take_samples(self.inputs, idx), pick(self.rows), pick(self.texts), pick(self.audios),
                            pick(self.videos), None if self.groups is None else pick(self.groups))
 
+    def to(self, device) -> "PromptBatch":
+        """The same prompts with every input tensor on ``device`` (this batch itself when they are
+        all there already); the rows, texts and decoded media stay as they are."""
+        device = torch.device(device)
+        if all(not isinstance(v, torch.Tensor) or v.device == device for v in self.inputs.values()):
+            return self
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.inputs.items()}
+        return PromptBatch(inputs, self.rows, self.texts, self.audios, self.videos, self.groups)
+
     def distinct(self) -> tuple[list[int], list[int]] | None:
         """``(first, inverse)`` over the prompts of ``groups``: ``first[u]`` is the row of the u-th
         distinct prompt (in order of first appearance), ``inverse[i]`` the u of row ``i``, so

@@ -2,6 +2,7 @@
 
 On a machine without CUDA the backend is gloo. Gradients of the plain PyTorch backend are
 averaged by ``all_reduce_grads`` (no DDP wrapper, so the trainer may call sub-modules freely).
+``device`` is where this process computes: its GPU (``cuda:LOCAL_RANK``) when there is one.
 """
 from __future__ import annotations
 
@@ -17,6 +18,43 @@ def world_size() -> int:
 
 def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+DEVICE_CHOICES = "auto | cpu | cuda | cuda:N"
+
+
+def device(choice: str = "auto") -> torch.device:
+    """The device this process computes on. ``auto``: ``cuda:LOCAL_RANK`` when CUDA is available,
+    else the CPU; ``cuda`` (this process's GPU), ``cuda:N`` or ``cpu`` as given. A CUDA choice on a
+    machine without CUDA raises ``ValueError``."""
+    choice = (choice or "auto").strip()
+    if choice == "auto":
+        return torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(choice)
+    except RuntimeError:
+        raise ValueError(f"{choice!r} is not a device ({DEVICE_CHOICES})") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"{choice!r} is not a device this project trains on ({DEVICE_CHOICES})")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{choice!r}: this machine has no CUDA GPU (torch {torch.__version__}); use auto or cpu")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank())
+        if dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{choice!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def _comm_device() -> torch.device:
+    """Where a tensor for a collective must live: NCCL reduces GPU tensors only."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def is_main() -> bool:
@@ -40,7 +78,7 @@ def init(backend: str = "", use_deepspeed: bool = False) -> None:
     elif ws > 1:
         dist.init_process_group(backend=backend)
     if torch.cuda.is_available() and dist.is_initialized():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local_rank())
 
 
 def _free_port() -> int:
@@ -63,7 +101,7 @@ def all_reduce_grads(params) -> None:
 def mean_across(x: float) -> float:
     if world_size() == 1:
         return float(x)
-    t = torch.tensor([float(x)], dtype=torch.float64)
+    t = torch.tensor([float(x)], dtype=torch.float64, device=_comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return float(t.item() / world_size())
 
