@@ -13,7 +13,12 @@
 - ``opd_config(...)``: the ``TrainConfig`` of an OPD step (the recipe's defaults: distribution
   form, reverse KL over the full vocabulary) and ``opd_context(...)``: the trainer's ``Context``
   and ``TorchEngine`` for it.
-- ``machine()``: platform, CPU count, threads and library versions for ``results.json``.
+- ``machine()``: platform, CPU count, threads and library versions for ``results.json`` (and the
+  GPU's name in a GPU run).
+- ``RUN`` / ``configure(device, dtype, zero)``: where the benchmarks run, set once by
+  ``benchmarks.run`` (``--device cuda``: bf16 and DeepSpeed ZeRO-2 unless told otherwise);
+  ``sync()`` waits for the GPU before a timer stops; ``ds_config(folder)`` writes the DeepSpeed
+  JSON of the run (both sides of a comparison get the same one).
 
 What it leaves out: timing assertions (benchmarks report numbers, tests never threshold them)
 and any reference implementation (each benchmark module writes its own).
@@ -50,6 +55,68 @@ SEED = 0
 THREADS = 2
 
 
+# --------------------------------------------------------------------------- where the benchmarks run
+RUN = SimpleNamespace(device="cpu", dtype="float32", zero=0)
+DTYPES = ("float32", "bfloat16")
+
+
+def configure(device: str = "cpu", dtype: str | None = None, zero: int | None = None) -> SimpleNamespace:
+    """Set ``RUN``: ``device`` cpu | cuda; ``dtype`` (default float32 on the CPU, bfloat16 on a GPU);
+    ``zero``: the DeepSpeed ZeRO stage of the training-step comparisons (0 = no DeepSpeed; default
+    0 on the CPU, 2 on a GPU). A GPU asked for on a machine without one is a ``ValueError``."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda, not {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device cuda: this machine has no CUDA GPU (torch {torch.__version__})")
+    dtype = dtype or ("bfloat16" if device == "cuda" else "float32")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    zero = (2 if device == "cuda" else 0) if zero is None else int(zero)
+    if zero not in (0, 2, 3):
+        raise ValueError(f"zero must be 0, 2 or 3, not {zero!r}")
+    if zero and device != "cuda":
+        raise ValueError("--zero: the DeepSpeed comparisons run on a GPU (--device cuda)")
+    RUN.device, RUN.dtype, RUN.zero = device, dtype, zero
+    return RUN
+
+
+def on_gpu() -> bool:
+    return RUN.device == "cuda"
+
+
+def sync() -> None:
+    """Wait for the GPU's queued work (a timer stopped before it would time the launches only)."""
+    if on_gpu():
+        torch.cuda.synchronize()
+
+
+def ds_config(folder: Path) -> Path | None:
+    """The DeepSpeed JSON of this run in ``folder`` (ZeRO ``RUN.zero``, bf16 as ``RUN.dtype``), or
+    None without DeepSpeed. ``"auto"`` values are filled by each trainer from its own arguments."""
+    if not RUN.zero:
+        return None
+    cfg = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+           "train_batch_size": "auto", "gradient_clipping": "auto", "zero_allow_untested_optimizer": True,
+           "bf16": {"enabled": RUN.dtype == "bfloat16"},
+           "zero_optimization": {"stage": RUN.zero, "overlap_comm": False, "contiguous_gradients": True},
+           "steps_per_print": 1000000, "wall_clock_breakdown": False}
+    path = Path(folder) / f"ds_zero{RUN.zero}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cfg, indent=2))
+    return path
+
+
+def one_process_group_env() -> None:
+    """The rendezvous variables of a one-process DeepSpeed run (ours and TRL's join the same group)."""
+    import socket
+    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(k, v)
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+
+
 # --------------------------------------------------------------------------- timing
 def median(xs):
     return float(statistics.median(xs)) if xs else float("nan")
@@ -67,6 +134,7 @@ def timeit(fn, repeat: int = 5, warmup: int = 1):
     for _ in range(max(1, repeat)):
         t = time.perf_counter()
         out = fn()
+        sync()
         samples.append(time.perf_counter() - t)
     return median(samples), samples, out
 
@@ -103,6 +171,7 @@ def alternate(fns: dict, repeat: int, warmup: int) -> tuple[dict, dict]:
         for name in (names if it % 2 == 0 else names[::-1]):
             t0 = time.perf_counter()
             out = fns[name](it)
+            sync()
             dt = time.perf_counter() - t0
             if it >= warmup:
                 seconds[name].append(dt)
@@ -145,7 +214,9 @@ def machine() -> dict:
             "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "transformers": transformers.__version__, "trl": trl_v,
-            "core": str(Path(__import__("core").__file__).parent)}
+            "core": str(Path(__import__("core").__file__).parent),
+            "run": {"device": RUN.device, "dtype": RUN.dtype, "zero": RUN.zero},
+            **({"gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda} if on_gpu() else {})}
 
 
 # --------------------------------------------------------------------------- tiny models and clips

@@ -11,6 +11,9 @@ texts, as the trainer uses it. Throughput counts real generated tokens: up to an
 first EOS of each row. The variants alternate; the best run of each is the headline (the machine
 is shared), the ratio of medians is reported beside it.
 
+On a GPU (``benchmarks.run --device cuda``): the model in ``RUN.dtype`` on the GPU, the batch
+there too, each timed call waited for (``common.sync``).
+
 What it leaves out: prompt collation (both get the same ready ``PromptBatch``).
 """
 from __future__ import annotations
@@ -31,10 +34,10 @@ def run_rollout(smoke: bool = False) -> dict:
     repeat, warmup = (1, 1) if smoke else (9, 2)
     temperature, top_p, top_k = 1.0, 0.95, 50
     model, proc, _ = B.load_pair()
-    model.eval()
+    model.to(B.RUN.device, getattr(torch, B.RUN.dtype)).eval()
     tok = proc.tokenizer
     suppress, eos = special_token_ids(proc), [tok.eos_token_id]
-    batch = AudioPromptCollator(proc).prompts(B.rows_for(batch_size))
+    batch = AudioPromptCollator(proc).prompts(B.rows_for(batch_size)).to(B.RUN.device)
     rep = batch.repeat(n)
     P = rep.inputs["input_ids"].shape[1]
 
@@ -79,7 +82,8 @@ def run_rollout(smoke: bool = False) -> dict:
         "generated_tokens": B.median(n_ours), "same_tokens_with_multinomial_draw": all(same),
         "setup": {"prompts": batch_size, "n": n, "sequences": batch_size * n, "max_new_tokens": max_new,
                   "temperature": temperature, "top_p": top_p, "top_k": top_k, "suppressed_ids": len(suppress),
-                  "model": "Qwen2Audio tiny student (hidden 48, 2+2 layers)",
+                  "model": "Qwen2Audio tiny student (hidden 48, 2+2 layers)", "device": B.RUN.device,
+                  "dtype": B.RUN.dtype,
                   "ours": "generate_completions (ids, EOS mask, sampled-token logp, texts), inverse-CDF draw",
                   "ours_multinomial": "the same with torch.multinomial as the draw",
                   "reference": "model.generate(...) sequences only, EOS mask computed after"},

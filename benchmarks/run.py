@@ -1,6 +1,7 @@
 """Run every benchmark in one process and write ``results.json``.
 
     python -m benchmarks.run [--smoke] [--only NAME ...] [--out benchmarks/results.json]
+    python -m benchmarks.run --device cuda [--dtype bfloat16] [--zero 2]   # on a GPU
 
 Each benchmark module exposes ``BENCHMARKS = {name: fn}`` with ``fn(smoke: bool = False) -> dict``.
 All run in this one invocation with the same settings (``torch.set_num_threads(2)``, the same
@@ -10,6 +11,11 @@ recorded with its error and the run goes on; the exit code is 1 at the end if an
 
 Prints a table (benchmark, ours, reference, ratio, goal, met) and writes the date, the machine
 (platform, CPU count, threads, torch / transformers / trl versions) and each benchmark's dict.
+
+``--device cuda`` runs the GPU-ready benchmarks (``GPU_READY``: the training steps against TRL,
+in bf16 under DeepSpeed ZeRO-2 on both sides unless ``--dtype`` / ``--zero`` say otherwise, and
+the rollout) on this process's GPU and writes ``benchmarks/results_gpu.json``, so the CPU table
+stays beside it; the others are listed as skipped.
 
 What it leaves out: any threshold on timings (a missed goal is reported, not an error).
 """
@@ -36,6 +42,8 @@ MODULES = {
 }
 THREADS = 2
 SEED = 0
+# the benchmarks that run on a GPU too; the others measure the CPU (process RSS, CPU kernels)
+GPU_READY = ("opd_step", "grpo_step", "opd_step_long_prompt", "grpo_step_long_prompt", "rollout")
 
 
 def _seed_all(seed: int = SEED) -> None:
@@ -103,6 +111,9 @@ def table(results: dict) -> str:
         if "error" in r:
             rows.append([name, "ERROR", "-", "-", "-", r["error"][:60]])
             continue
+        if "skipped" in r:
+            rows.append([name, "skipped", "-", "-", "-", r["skipped"][:60]])
+            continue
         ours = _first(r, ["ours", "ours_tokens_per_s", "ours_s", "step_s", "ours_"])
         ref = _first(r, ["reference", "reference_tokens_per_s", "reference_s", "ref", "trl", "reference_", "trl_"])
         rows.append([name, _fmt(ours), _fmt(ref), _fmt(r.get("ratio")), _fmt(r.get("goal")), _fmt(r.get("met"))])
@@ -115,7 +126,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny sizes and few repeats (a quick check, not numbers)")
     ap.add_argument("--only", nargs="+", default=None, help="benchmark or module names to run")
-    ap.add_argument("--out", default="benchmarks/results.json", help="where to write the results")
+    ap.add_argument("--out", default=None,
+                    help="where to write the results (default benchmarks/results.json, on a GPU "
+                         "benchmarks/results_gpu.json)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help=f"cuda: run {', '.join(GPU_READY)} on this process's GPU")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                    help="weights and compute (default float32 on the CPU, bfloat16 on a GPU)")
+    ap.add_argument("--zero", type=int, choices=(0, 2, 3), default=None,
+                    help="DeepSpeed ZeRO stage of the training-step comparisons, both sides (0 = no DeepSpeed; "
+                         "default 0 on the CPU, 2 on a GPU)")
     args = ap.parse_args(argv)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -123,6 +143,13 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(THREADS)
     from benchmarks import common
+    try:
+        common.configure(args.device, args.dtype, args.zero)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.out is None:
+        args.out = "benchmarks/results_gpu.json" if args.device == "cuda" else "benchmarks/results.json"
 
     started = time.time()
     results, failed = {}, []
@@ -135,6 +162,9 @@ def main(argv=None) -> int:
             results[name] = dict(err, module=module)
             failed.append(name)
             print(f"[bench] {name}: import failed: {err['error']}", file=sys.stderr, flush=True)
+            continue
+        if common.on_gpu() and name not in GPU_READY:
+            results[name] = {"skipped": "a CPU benchmark (run without --device cuda)", "module": module}
             continue
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         torch.set_num_threads(THREADS)

@@ -35,7 +35,13 @@ Each result: ``ours_s``, ``trl_*_s``, ``reference`` (the faster TRL trainer), ``
 (reference / ours), ``goal``, ``met``, ``ours_experience_s`` (the rollout + scoring part of our
 step), per-step and per-round times, completion lengths, losses and ``step_contents``.
 
-What it leaves out: GPUs, vLLM, memory measurements, and any timing assertion. Run
+On a GPU (``benchmarks.run --device cuda``, ``common.RUN``): the same steps on this process's GPU,
+both sides in ``RUN.dtype`` (bf16) and, with ``RUN.zero`` (2 by default), under DeepSpeed with the
+same ZeRO JSON (``common.ds_config``): ours ``backend.name: deepspeed`` with ``model.dtype`` and
+``teacher.dtype``; TRL ``deepspeed=`` that JSON with ``bf16=True`` on float32-loaded models (DeepSpeed
+casts them; both keep float32 master weights). Step timers wait for the GPU (``common.sync``).
+
+What it leaves out: vLLM, memory measurements, and any timing assertion. Run
 ``python -m benchmarks.trl_compare [--smoke] [NAME ...]`` to print the JSON.
 """
 from __future__ import annotations
@@ -65,6 +71,8 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from benchmarks import common as B  # noqa: E402
 
 THREADS = 2
 GOAL = 2.0  # ours at least this many times faster than the faster TRL trainer
@@ -162,6 +170,11 @@ def _ours(env: dict, out: Path, method: str, sz: dict, **over) -> dict:
         "optim": {"lr": LR, "scheduler": "constant", "grad_clip": 1.0, "weight_decay": 0.0},
         "train": {"max_steps": steps, "resume": "never", "seed": 0, "log_every": 1},
     }
+    if B.on_gpu() or B.RUN.dtype != "float32":
+        ds = B.ds_config(out.parent / "ds")
+        cfg["model"]["dtype"] = B.RUN.dtype
+        cfg["teacher"] = {"dtype": B.RUN.dtype}  # used by OPD only
+        cfg["backend"] = ({"name": "deepspeed", "ds_config": str(ds)} if ds else {"device": B.RUN.device})
     cfg = C.deep_merge(cfg, over)
     torch.set_num_threads(THREADS)
     with _silenced():
@@ -186,10 +199,12 @@ def _timer_callback():
             self._t0 = None
 
         def on_step_begin(self, args, state, control, **kw):
+            B.sync()
             self._t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
             if self._t0 is not None:
+                B.sync()
                 self.times.append(time.perf_counter() - self._t0)
             self._t0 = None
 
@@ -201,16 +216,23 @@ def _timer_callback():
 
 
 def _common_args(out: Path, steps: int) -> dict:
+    ds = B.ds_config(out.parent / "ds")
     return dict(output_dir=str(out), max_steps=steps, learning_rate=LR, lr_scheduler_type="constant",
                 warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, gradient_accumulation_steps=1,
                 logging_steps=1, report_to="none", save_strategy="no", eval_strategy="no",
-                disable_tqdm=True, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
-                dataloader_num_workers=0, seed=0, optim="adamw_torch_fused")
+                disable_tqdm=True, use_cpu=not B.on_gpu(), bf16=bool(ds) and B.RUN.dtype == "bfloat16", fp16=False,
+                gradient_checkpointing=False, dataloader_num_workers=0, seed=0, optim="adamw_torch_fused",
+                **({"deepspeed": str(ds)} if ds else {}))
 
 
 def _load(path: Path):
+    """A model folder and its tokenizer: float32 (under DeepSpeed, which casts to bf16 itself) or
+    ``RUN.dtype`` without it, on the run's device."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    dtype = torch.float32 if B.RUN.zero else getattr(torch, B.RUN.dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    if B.on_gpu() and not B.RUN.zero:
+        model.to(B.RUN.device)
     tok = AutoTokenizer.from_pretrained(str(path))
     tok.padding_side = "left"
     return model, tok
@@ -338,7 +360,7 @@ def _report(name: str, ours: dict, refs: dict, sz: dict, contents: dict, prompt_
                 "met": bool(ratio >= GOAL), "timed_steps": sz["steps"] * sz["rounds"], "warmup_steps": sz["warmup"],
                 "rounds": sz["rounds"],
                 "round_medians_s": {"ours": ours["step_s_rounds"], **{k: v["step_s_rounds"] for k, v in refs.items()}},
-                "threads": THREADS, "device": "cpu",
+                "threads": THREADS, "device": B.RUN.device, "dtype": B.RUN.dtype, "zero": B.RUN.zero,
                 "model": {k: sz[k] for k in ("vocab", "hidden", "layers", "heads")},
                 "prompt_tokens_median": prompt_tokens, "context_words": sz["context_words"],
                 "step_s_all": {"ours": [round(x, 4) for x in ours["step_s"]],
@@ -364,6 +386,8 @@ def _prompt_tokens(env: dict) -> float:
 
 def opd_step(smoke: bool = False, long_prompt: bool = False) -> dict:
     _quiet()
+    if B.RUN.zero:
+        B.one_process_group_env()
     sz = _sizes(smoke, long_prompt)
     P, T = sz["prompts"], sz["max_new_tokens"]
     with tempfile.TemporaryDirectory(prefix="trl_compare_opd_") as d:
@@ -401,6 +425,8 @@ def opd_step(smoke: bool = False, long_prompt: bool = False) -> dict:
 
 def grpo_step(smoke: bool = False, long_prompt: bool = False) -> dict:
     _quiet()
+    if B.RUN.zero:
+        B.one_process_group_env()
     sz = _sizes(smoke, long_prompt)
     P, G, T = sz["grpo_prompts"], sz["group"], sz["max_new_tokens"]
     import core.rewards  # noqa: F401  (registers wer)

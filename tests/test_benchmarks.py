@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 # benchmark name -> (module, keys its result dict must have)
@@ -84,3 +86,67 @@ def test_smoke_run_writes_every_result(tmp_path):
     # every table row was printed
     for name in benches:
         assert name in p.stdout
+
+
+def _bench_env() -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=str(REPO))
+    return env
+
+
+def test_bf16_smoke_runs_both_sides_in_bf16(tmp_path):
+    """``--dtype bfloat16`` (the GPU default) on the CPU: our trainer with ``model.dtype`` and
+    TRL's models loaded in bf16, and the rollout's model in bf16; the results name the run."""
+    out = tmp_path / "bf16.json"
+    cmd = [sys.executable, "-m", "benchmarks.run", "--smoke", "--dtype", "bfloat16", "--out", str(out),
+           "--only", "opd_step", "rollout"]
+    p = subprocess.run(cmd, cwd=REPO, env=_bench_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-6000:]
+    res = json.loads(out.read_text())
+    assert res["machine"]["run"] == {"device": "cpu", "dtype": "bfloat16", "zero": 0}
+    b = res["benchmarks"]
+    assert b["opd_step"]["dtype"] == "bfloat16" and "error" not in b["opd_step"]
+    assert b["rollout"]["setup"]["dtype"] == "bfloat16" and b["rollout"]["generated_tokens"] > 0
+
+
+def test_run_settings_are_checked():
+    import torch
+
+    from benchmarks import common
+    try:
+        if not torch.cuda.is_available():
+            with pytest.raises(ValueError, match="no CUDA GPU"):
+                common.configure("cuda")
+        with pytest.raises(ValueError, match="run on a GPU"):
+            common.configure("cpu", zero=2)
+        with pytest.raises(ValueError, match="dtype"):
+            common.configure("cpu", dtype="float16")
+        run = common.configure("cpu")
+        assert (run.device, run.dtype, run.zero) == ("cpu", "float32", 0)
+        assert common.ds_config(Path("/nonexistent")) is None  # no DeepSpeed: nothing written
+    finally:
+        common.configure("cpu")
+
+
+def test_ds_config_of_a_gpu_run(tmp_path):
+    from benchmarks import common
+    saved = (common.RUN.device, common.RUN.dtype, common.RUN.zero)
+    try:
+        common.RUN.device, common.RUN.dtype, common.RUN.zero = "cuda", "bfloat16", 2  # as configure("cuda") sets it
+        path = common.ds_config(tmp_path)
+        cfg = json.loads(path.read_text())
+        assert cfg["zero_optimization"]["stage"] == 2 and cfg["bf16"] == {"enabled": True}
+        assert cfg["train_micro_batch_size_per_gpu"] == "auto" and cfg["gradient_clipping"] == "auto"
+    finally:
+        common.RUN.device, common.RUN.dtype, common.RUN.zero = saved
+
+
+def test_gpu_run_is_refused_clearly_without_a_gpu():
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    p = subprocess.run([sys.executable, "-m", "benchmarks.run", "--device", "cuda"], cwd=REPO, env=_bench_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "no CUDA GPU" in p.stderr, p.stderr[-2000:]
