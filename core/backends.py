@@ -112,6 +112,13 @@ class TorchEngine:
         self.optimizer.load_state_dict(s["optimizer"])
         for g, kept in zip(self.optimizer.param_groups, impl):  # the implementation is this run's (optim.fused),
             g.update(kept)                                       # not the checkpoint's
+            # and so is where its step counts live: on the parameters' device for the fused kernel,
+            # on the CPU otherwise (load_state_dict placed them by the checkpoint's flags)
+            on_device = bool(g.get("fused") or g.get("capturable"))
+            for p in g["params"]:
+                st = self.optimizer.state.get(p, {})
+                if isinstance(st.get("step"), torch.Tensor):
+                    st["step"] = st["step"].to(p.device if on_device else "cpu", torch.float32)
         self.scheduler.load_state_dict(s["scheduler"])
 
     def export(self, out_dir: Path, processor, base_loader=None) -> None:

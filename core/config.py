@@ -299,6 +299,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             bad("model.lora", "model.load_in_4bit trains adapters only (QLoRA): set model.lora (e.g. {r: 16})")
         if cfg.backend.name != "torch":
             bad("model.load_in_4bit", "needs backend torch (DeepSpeed does not train a 4-bit base here)")
+        if cfg.backend.device not in ("auto", "", "cuda"):
+            bad("backend.device", "a 4-bit model is loaded onto this process's GPU; leave backend.device auto")
     if m.bnb_4bit_quant_type not in ("nf4", "fp4"):
         bad("model.bnb_4bit_quant_type", f"'{m.bnb_4bit_quant_type}' is not one of nf4, fp4")
     if m.bnb_4bit_compute_dtype not in ("float32", "bfloat16", "float16"):

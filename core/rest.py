@@ -106,8 +106,10 @@ def grow(cfg: C.TrainConfig, model_path: str, round_i: int, time_left) -> tuple[
     """
     r, tc = cfg.rest, cfg.train
     model, processor = load_model_and_processor(model_path, **model_kwargs(cfg.model))
-    device = dist.device(cfg.backend.device)
-    if not cfg.model.load_in_4bit:  # a 4-bit model is loaded onto this process's GPU
+    if cfg.model.load_in_4bit:  # loaded onto this process's GPU: the batches go there too
+        device = next(model.parameters()).device
+    else:
+        device = dist.device(cfg.backend.device)
         model.to(device)
     tok = tokenizer_of(processor)
     modality = resolve_modality(cfg, model)
@@ -183,7 +185,8 @@ def _copy_model(src: str | Path, dst: Path) -> None:
 def run(cfg: C.TrainConfig) -> dict:
     """All rounds of ReST; returns the summary also written to ``rest_summary.json``."""
     setup_console()
-    dist.init(cfg.backend.dist_backend, use_deepspeed=cfg.backend.name == "deepspeed")
+    dist.init(cfg.backend.dist_backend, use_deepspeed=cfg.backend.name == "deepspeed",
+              device_choice=cfg.backend.device)
     r, out, main = cfg.rest, Path(cfg.output_dir), dist.is_main()
     if not main:
         log.setLevel(logging.WARNING)

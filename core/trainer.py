@@ -273,7 +273,7 @@ class Trainer:
             raise TrainingError("method rest runs in core.rest.run (rounds of sampling and SFT), not in Trainer")
         self.cfg = cfg
         use_ds = cfg.backend.name == "deepspeed"
-        dist.init(cfg.backend.dist_backend, use_deepspeed=use_ds)
+        dist.init(cfg.backend.dist_backend, use_deepspeed=use_ds, device_choice=cfg.backend.device)
         self.rank, self.world = dist.rank(), dist.world_size()
         # where this process computes: its GPU when there is one (DeepSpeed's accelerator is the same)
         self.device = dist.device(cfg.backend.device)
@@ -283,7 +283,9 @@ class Trainer:
             model, processor = load_model_and_processor(cfg.model.path, **model_kwargs(cfg.model))
         except FileNotFoundError as e:
             raise C.ConfigError(f"config key 'model.path': {e}") from None
-        if not cfg.model.load_in_4bit:  # a 4-bit model is loaded onto this process's GPU
+        if cfg.model.load_in_4bit:  # loaded onto this process's GPU: batches and teacher go there too
+            self.device = next(model.parameters()).device
+        else:
             model.to(self.device)
         if cfg.model.lora:
             model = apply_lora(model, cfg.model.lora, kbit=cfg.model.load_in_4bit)

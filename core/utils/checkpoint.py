@@ -55,7 +55,9 @@ def set_rng_state(s: dict) -> None:
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(s["torch"])
     if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+        # a run resumed with fewer visible GPUs restores the ones it has
+        for i, st in enumerate(s["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(st, i)
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:

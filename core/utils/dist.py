@@ -27,13 +27,19 @@ def local_rank() -> int:
 DEVICE_CHOICES = "auto | cpu | cuda | cuda:N"
 
 
+def _own_gpu() -> torch.device:
+    """This process's GPU: ``cuda:LOCAL_RANK``, or, where a launcher shows each process fewer GPUs
+    than its local rank (one per task), ``LOCAL_RANK`` modulo the visible count."""
+    return torch.device("cuda", local_rank() % max(1, torch.cuda.device_count()))
+
+
 def device(choice: str = "auto") -> torch.device:
-    """The device this process computes on. ``auto``: ``cuda:LOCAL_RANK`` when CUDA is available,
-    else the CPU; ``cuda`` (this process's GPU), ``cuda:N`` or ``cpu`` as given. A CUDA choice on a
-    machine without CUDA raises ``ValueError``."""
+    """The device this process computes on. ``auto``: its own GPU (``cuda:LOCAL_RANK``) when CUDA is
+    available, else the CPU; ``cuda`` (its own GPU), ``cuda:N`` (one process only) or ``cpu`` as
+    given. A CUDA choice on a machine without CUDA raises ``ValueError``."""
     choice = (choice or "auto").strip()
     if choice == "auto":
-        return torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+        return _own_gpu() if torch.cuda.is_available() else torch.device("cpu")
     try:
         dev = torch.device(choice)
     except RuntimeError:
@@ -44,7 +50,10 @@ def device(choice: str = "auto") -> torch.device:
         if not torch.cuda.is_available():
             raise ValueError(f"{choice!r}: this machine has no CUDA GPU (torch {torch.__version__}); use auto or cpu")
         if dev.index is None:
-            dev = torch.device("cuda", local_rank())
+            return _own_gpu()
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError(f"{choice!r} would put every one of the {os.environ['WORLD_SIZE']} processes on one GPU; "
+                             "use auto or cuda (each process its LOCAL_RANK's GPU)")
         if dev.index >= torch.cuda.device_count():
             raise ValueError(f"{choice!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
@@ -61,11 +70,14 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def init(backend: str = "", use_deepspeed: bool = False) -> None:
-    """Join the process group when launched with WORLD_SIZE > 1 (or always for DeepSpeed)."""
+def init(backend: str = "", use_deepspeed: bool = False, device_choice: str = "auto") -> None:
+    """Join the process group when launched with WORLD_SIZE > 1 (or always for DeepSpeed). The
+    default backend is NCCL when this process computes on a GPU (``device(device_choice)``), else
+    gloo; each process's current CUDA device is then its own."""
     if dist.is_initialized():
         return
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    on_gpu = device(device_choice).type == "cuda"
+    backend = backend or ("nccl" if on_gpu else "gloo")
     ws = int(os.environ.get("WORLD_SIZE", "1"))
     if use_deepspeed:
         os.environ.setdefault("RANK", "0")
@@ -77,8 +89,8 @@ def init(backend: str = "", use_deepspeed: bool = False) -> None:
         deepspeed.init_distributed(dist_backend=backend)
     elif ws > 1:
         dist.init_process_group(backend=backend)
-    if torch.cuda.is_available() and dist.is_initialized():
-        torch.cuda.set_device(local_rank())
+    if on_gpu:
+        torch.cuda.set_device(device(device_choice))
 
 
 def _free_port() -> int:

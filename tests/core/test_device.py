@@ -70,6 +70,50 @@ def test_config_refuses_cuda_without_a_gpu(tiny):
                                  "backend": {"device": "cuda"}})
 
 
+def test_a_4bit_model_keeps_the_device_it_is_loaded_on(tiny):
+    with pytest.raises(C.ConfigError, match="backend.device.*4-bit model is loaded onto this process's GPU"):
+        C.load_config(overrides={"model": {"path": str(tiny.student), "load_in_4bit": True, "lora": {"r": 4}},
+                                 "data": {"train": str(tiny.manifest)}, "backend": {"device": "cpu"}})
+
+
+@cuda
+def test_one_named_gpu_for_several_processes_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="every one of the 2 processes on one GPU"):
+        dist.device("cuda:0")
+    monkeypatch.setenv("LOCAL_RANK", str(torch.cuda.device_count()))  # one visible GPU per task
+    assert dist.device("auto") == torch.device("cuda", 0)
+
+
+def test_resume_puts_the_step_counts_where_this_runs_optimizer_wants_them(tmp_path):
+    """A checkpoint of a foreach AdamW resumed by a fused one (and back): the step counts follow this
+    run's implementation (the fused kernel reads them on the parameters' device), as float32."""
+    from transformers import get_scheduler
+
+    from core.backends import TorchEngine
+
+    def engine(fused):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, **({"fused": True} if fused else {"foreach": True}))
+        return TorchEngine(model, opt, get_scheduler("constant", opt))
+
+    for saved_fused in (False, True):
+        a = engine(saved_fused)
+        a.backward(a.module(torch.randn(2, 4)).pow(2).mean())
+        a.step()
+        a.save_state(tmp_path)
+        b = engine(not saved_fused)
+        b.load_state(tmp_path)
+        for g in b.optimizer.param_groups:
+            assert bool(g.get("fused")) == (not saved_fused)
+            for prm in g["params"]:
+                step = b.optimizer.state[prm]["step"]
+                assert step.dtype == torch.float32 and float(step) == 1.0 and step.device == prm.device
+        b.backward(b.module(torch.randn(2, 4)).pow(2).mean())
+        assert not b.step()["skipped"]
+
+
 # ----------------------------------------------------------------------------- the moves
 @pytest.fixture(scope="module")
 def audio_batch(tiny):
