@@ -166,8 +166,28 @@ def _out_cache(out):
 
 def own_loop_ok(model) -> bool:
     """Whether ``sample_loop`` (and the shared prompt forward) can run ``model``: its forward takes
-    a KV cache and explicit 1-D positions (no multimodal rotary positions of its own)."""
-    return _cache_arg(model) is not None and not uses_mrope(model)
+    a KV cache and explicit positions: 1-D ones, or, for a multimodal-rotary model (the Omni
+    thinker), 3-D ones offset by the ``rope_deltas`` its prompt forward leaves (``_rope_holder``)."""
+    return _cache_arg(model) is not None and (not uses_mrope(model) or _rope_holder(model) is not None)
+
+
+def _rope_holder(model):
+    """The module of a multimodal-rotary model that keeps ``rope_deltas`` (the offset of each row's
+    text positions after its media, set by a prompt forward), or None."""
+    base = _base_model(model)
+    for m in (base, getattr(base, "model", None)):
+        if m is not None and hasattr(m, "rope_deltas"):
+            return m
+    return None
+
+
+def _text_positions(positions: torch.Tensor, deltas: torch.Tensor | None) -> torch.Tensor:
+    """Positions ``[B, L]`` of text tokens after the prompt, as the model takes them: as they are,
+    or, with a multimodal-rotary model's per-row ``deltas`` ``[B, 1]``, shifted and repeated over
+    its three rotary axes (time, height, width), ``[3, B, L]``, as its own decoding builds them."""
+    if deltas is None:
+        return positions
+    return (positions + deltas.to(positions.device).reshape(-1, 1)).unsqueeze(0).expand(3, -1, -1)
 
 
 def _head_logits(model, kw: dict, start: int, stop: int) -> tuple[torch.Tensor, object]:
@@ -199,18 +219,29 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 
 def _prefill(model, batch: PromptBatch, rows: list[int] | None):
     """Forward of the prompts of ``batch`` (of its rows ``rows`` if given) with a KV cache.
-    Returns (last-position logits ``[U, V]``, the cache)."""
+    Returns (last-position logits ``[U, V]``, the cache, the rows' rotary ``deltas`` ``[U, 1]``
+    for a multimodal-rotary model, which places the prompt's tokens itself, else None)."""
     inputs = batch.inputs if rows is None else batch.select(rows).inputs
     p_mask = inputs["attention_mask"]
     L = p_mask.shape[1]
-    kw = dict(input_ids=inputs["input_ids"], attention_mask=p_mask, position_ids=_positions(p_mask), use_cache=True,
-              **_media_kwargs(inputs))
+    kw = dict(input_ids=inputs["input_ids"], attention_mask=p_mask, use_cache=True, **_media_kwargs(inputs))
+    holder = _rope_holder(model) if uses_mrope(model) else None
+    if holder is None:
+        kw["position_ids"] = _positions(p_mask)
+    else:
+        holder.rope_deltas = None  # computed afresh from this prompt forward
     logits, out = _head_logits(model, kw, L - 1, L)
     logits = logits[:, -1]
     cache = _out_cache(out)
     if cache is None:
         raise RuntimeError(f"{type(_base_model(model)).__name__} returned no KV cache from a forward with use_cache")
-    return logits, cache
+    deltas = None
+    if holder is not None:
+        deltas = holder.rope_deltas
+        if deltas is None:
+            raise RuntimeError(f"{type(_base_model(model)).__name__} left no rope_deltas after its prompt forward")
+        deltas = deltas.reshape(-1, 1)
+    return logits, cache, deltas
 
 
 def _expand_prompts(cache, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
@@ -334,7 +365,9 @@ def sample_loop(model, batch: PromptBatch, n: int, *, max_new_tokens: int, do_sa
     if max_new_tokens <= 0:
         return torch.zeros(B, 0, dtype=torch.long, device=dev), None
     cache_arg = _cache_arg(model)
-    logits, cache = _prefill(model, batch, first)
+    logits, cache, deltas = _prefill(model, batch, first)
+    if deltas is not None:  # the rotary offset of each sample's prompt
+        deltas = deltas.index_select(0, torch.as_tensor(rows, dtype=torch.long, device=deltas.device))
     static = _static_cache(model, cache, rows, P + max_new_tokens)
     if static is not None:  # the prompts' keys and values copied once into buffers of the final length
         cache, logits = static, logits.index_select(0, torch.as_tensor(rows, dtype=torch.long, device=dev))
@@ -371,7 +404,7 @@ def sample_loop(model, batch: PromptBatch, n: int, *, max_new_tokens: int, do_sa
         if done or t == max_new_tokens - 1:
             break
         out = model(input_ids=nxt[:, None], attention_mask=mask if static is not None else mask[:, :P + t + 1],
-                    position_ids=pos + t, use_cache=True, **{cache_arg: cache})
+                    position_ids=_text_positions(pos + t, deltas), use_cache=True, **{cache_arg: cache})
         logits = out.logits[:, -1]
         new_cache = _out_cache(out)
         cache = cache if new_cache is None else new_cache
@@ -621,7 +654,8 @@ def completion_logits(model, batch: PromptBatch, comp_ids: torch.Tensor, comp_ma
 
     ``share`` (only matters when rows of ``batch`` are copies of one prompt, ``PromptBatch.groups``):
     - ``"prompts"``: each distinct prompt runs once, encoders and layers (``shared_prompt_logits``),
-      where the model takes a KV cache with 1-D positions and is not checkpointing activations;
+      where the model takes a KV cache and our positions (``own_loop_ok``) and is not checkpointing
+      activations;
       else as ``"encoders"``.
     - ``"encoders"``: the media encoders run once per distinct prompt (``encoders_once``), the
       layers on every row.
@@ -661,11 +695,13 @@ def shared_prompt_logits(model, batch: PromptBatch, comp_ids: torch.Tensor, comp
     p_mask = batch.inputs["attention_mask"]
     dev = p_mask.device
     P, T = p_mask.shape[1], comp_ids.shape[1]
-    last, cache = _prefill(model, batch, first)
+    last, cache, deltas = _prefill(model, batch, first)
     parts = [_expand_prompts(cache, last, inverse)[:, None]]
     if T > 1:
         attn = torch.cat([p_mask, comp_mask.to(dev).to(p_mask.dtype)], dim=1)[:, :P + T - 1]
-        pos = _positions(attn)[:, P:]
+        if deltas is not None:
+            deltas = deltas.index_select(0, torch.as_tensor(inverse, dtype=torch.long, device=deltas.device))
+        pos = _text_positions(_positions(attn)[:, P:], deltas)
         out = model(input_ids=comp_ids[:, :-1].to(dev), attention_mask=attn, position_ids=pos, use_cache=True,
                     **{_cache_arg(model): cache})
         parts.append(out.logits)

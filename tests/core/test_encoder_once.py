@@ -4,7 +4,7 @@ On a tiny Qwen2-Audio student (real clips) and a tiny Qwen2.5-Omni thinker (real
 sound), prompts repeated n times as the rollout repeats them: ``completion_logits`` with the
 encoders shared (``share="encoders"``) and with the whole prompt forward shared (``"prompts"``,
 Qwen2-Audio: the prompt's KV cache read by its copies) gives the logits of the plain forward
-(``share="none"``, where every row runs everything) within 1e-5, and the gradient of every parameter (encoder weights included)
+(``share="none"``, where every row runs everything; both models share the whole prompt) within 1e-5, and the gradient of every parameter (encoder weights included)
 within 1e-5; a hook on each encoder counts the items it ran on, B distinct prompts against B*n
 rows on the plain path. Also: ``repeat`` / ``select`` keep the copy groups; a selection of
 partial groups and the LocalTeacher share too; a LoRA (peft) model shares through its wrapper; a
@@ -257,9 +257,9 @@ def test_omni_thinker_shared_encoders_match_the_plain_forward(omni):
     rep = omni.batch.repeat(N)
     assert rep.inputs["video_grid_thw"].shape[0] == len(rep)
     ids, mask = _completions(omni.tok, omni.proc, len(rep), seed=5)
-    # multimodal rotary positions: "prompts" falls back to sharing the encoders only
+    # "prompts": the whole prompt forward once per clip too (3-D rotary positions for the completions)
     _assert_same_forward_backward(omni.model, rep, ids, mask, ["audio_tower.", "visual."],
-                                  distinct=len(omni.batch), prompt_once=False)
+                                  distinct=len(omni.batch))
     names = {type(e).__name__ for e in shared_encoders(omni.model)}
     assert names == {"Qwen2_5OmniAudioEncoder", "Qwen2_5OmniVisionEncoder"}
 
@@ -268,8 +268,7 @@ def test_omni_thinker_partial_groups(omni):
     rep = omni.batch.repeat(N)
     sel = rep.select([4, 0, 5, 1])  # prompts 1, 0, 1, 0 (clips of different lengths, interleaved)
     ids, mask = _completions(omni.tok, omni.proc, len(sel), seed=6)
-    _assert_same_forward_backward(omni.model, sel, ids, mask, ["audio_tower.", "visual."], distinct=2,
-                                  prompt_once=False)
+    _assert_same_forward_backward(omni.model, sel, ids, mask, ["audio_tower.", "visual."], distinct=2)
 
 
 @pytest.mark.parametrize("which", ["audio", "omni"])

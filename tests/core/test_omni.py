@@ -225,6 +225,59 @@ def test_rollout_logp_equals_the_training_forward(omni, batch, temperature):
     torch.testing.assert_close(comp.logp, lp, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(top_k=5, top_p=0.9), dict(do_sample=False)])
+def test_our_loop_samples_what_generate_samples(omni, batch, kw, monkeypatch):
+    """Our KV-cached loop on the thinker (3-D rotary positions: the prompt forward's offsets, then
+    text positions on all three axes) with ``generate``'s own draw samples exactly ``generate``'s
+    tokens on left-padded audio-visual prompts, and the log-probs match the training forward."""
+    import core.rollout as R
+    assert R.own_loop_ok(omni.model) and R.uses_mrope(omni.model)
+    monkeypatch.setattr(R, "draw", lambda probs: torch.multinomial(probs, 1).squeeze(1))
+    model = copy.deepcopy(omni.model)
+    if kw.get("do_sample", True):  # some samples end early (greedy would then stop at once)
+        bias = torch.zeros(model.lm_head.out_features)
+        bias[omni.tok.eos_token_id] = 3.0
+        model.lm_head.bias = torch.nn.Parameter(bias)
+    args = dict(n=3, max_new_tokens=10, seed=11, suppress_ids=special_token_ids(omni.proc),
+                eos_ids=[omni.tok.eos_token_id], **kw)
+    rep, ours = generate_completions(model, batch, omni.tok, **args)
+    _, hf = generate_completions(model, batch, omni.tok, engine="hf", **args)
+    assert torch.equal(ours.ids, hf.ids) and torch.equal(ours.mask, hf.mask)
+    assert ours.ids.shape[1] > 1
+    if kw.get("do_sample", True):  # the same distributions step by step, not only the same draws
+        torch.testing.assert_close(ours.logp, hf.logp, atol=1e-5, rtol=0)
+    if kw.get("do_sample", True) and not kw:
+        assert len(set(ours.mask.sum(1).tolist())) > 1, "completions should end at different lengths"
+        lp = token_logp(_logits(model, rep, ours.ids, ours.mask), ours.ids) * ours.mask
+        torch.testing.assert_close(ours.logp, lp, atol=1e-5, rtol=0)
+
+
+def test_shared_prompt_forward_equals_the_plain_one(omni, batch):
+    """Each distinct audio-visual prompt run once (its KV cache read by its samples' completions, at
+    3-D positions) gives the logits and every gradient of the plain forward over all rows."""
+    rep = batch.repeat(3)
+    g = torch.Generator().manual_seed(1)
+    specials = set(special_token_ids(omni.proc)) | {omni.tok.eos_token_id}
+    normal = torch.tensor([i for i in range(len(omni.tok)) if i not in specials])
+    ids = normal[torch.randint(len(normal), (6, 6), generator=g)]
+    mask = torch.ones_like(ids)
+    mask[2, 4:] = 0
+    ids[2, 4:] = omni.tok.pad_token_id
+    w = torch.randn(6, 6, generator=g)
+    grads = {}
+    for share in ("prompts", "none"):
+        model = copy.deepcopy(omni.model).train()
+        logits = completion_logits(model, rep, ids, mask, share=share)
+        loss = (token_logp(logits, ids) * mask * w).sum()
+        loss.backward()
+        grads[share] = (logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    m = mask.bool()  # the logits after a completion's end predict nothing and are not compared
+    torch.testing.assert_close(grads["prompts"][0][m], grads["none"][0][m], atol=1e-5, rtol=0)
+    assert grads["prompts"][1].keys() == grads["none"][1].keys() and len(grads["none"][1]) > 10
+    for n, gp in grads["none"][1].items():
+        torch.testing.assert_close(grads["prompts"][1][n], gp, atol=1e-5, rtol=1e-4, msg=n)
+
+
 # ----------------------------------------------------------------------------- trainer
 def _cfg(omni, out, method, **over) -> C.TrainConfig:
     base = {"method": method, "output_dir": str(out), "model": {"path": str(omni.dir)},
