@@ -9,8 +9,11 @@
   its cache copied into buffers of the final length for its n samples; then one forward per new
   token, with the processing steps of ``model.generate`` (with its ``multinomial`` draw, the same
   tokens under the same seed, tested) but without its per-step machinery, and an inverse-CDF draw
-  (``draw``) that samples the same distribution much faster on a CPU. Models with multimodal
-  rotary positions (the Qwen2.5-Omni thinker) and ``engine="hf"`` use ``model.generate``.
+  (``draw``) that samples the same distribution much faster on a CPU. A model with multimodal
+  rotary positions that keeps ``rope_deltas`` (the Qwen2.5-Omni thinker) places the prompt
+  itself; its new tokens take their text positions plus that row's offset on all three axes
+  (``_text_positions``), as its own decoding does. ``engine="hf"`` (and a model the loop cannot
+  place, ``own_loop_ok``) uses ``model.generate``.
   ``synced_gpus`` keeps ZeRO-3 ranks stepping together until all are done.
 - ``completion_logits``: one forward of prompt + completion returning the logits that predict
   each completion token, ``[B, T, V]``. Position ids follow the attention mask, as in
@@ -21,9 +24,10 @@
   the completion positions only (``logits_to_keep`` where the model takes it; the head's input
   sliced by a forward pre-hook for Qwen2-Audio and the Qwen2.5-Omni thinker). When rows are
   copies of one prompt (the rollout's n samples), each distinct prompt runs once
-  (``shared_prompt_logits``: its layers and encoders once, the copies reading its KV cache), or,
-  for the models with multimodal rotary positions, at least its media encoders
-  (``encoders_once``); the logits and gradients are the plain forward's.
+  (``shared_prompt_logits``: its layers and encoders once, the copies reading its KV cache, at
+  the positions the loop would give them), or, where that cannot run (activation checkpointing),
+  at least its media encoders (``encoders_once``); the logits and gradients are the plain
+  forward's.
 - ``encoders_once(model, batch)``: while it is open, the model's audio / vision encoders
   (``_SHARED_ENCODERS``: Qwen2-Audio's ``audio_tower``, the Qwen2.5-Omni thinker's ``audio_tower``
   and ``visual``) see only the distinct prompts of a batch whose rows are copies
