@@ -175,10 +175,17 @@ def own_loop_ok(model) -> bool:
     return _cache_arg(model) is not None and (not uses_mrope(model) or _rope_holder(model) is not None)
 
 
+# multimodal-rotary models whose decoding positions the loop reproduces (tested against their
+# ``generate``); others of the kind keep ``generate`` and share their encoders only
+_MROPE_LOOP_CLASSES = ("Qwen2_5OmniThinkerForConditionalGeneration",)
+
+
 def _rope_holder(model):
-    """The module of a multimodal-rotary model that keeps ``rope_deltas`` (the offset of each row's
-    text positions after its media, set by a prompt forward), or None."""
+    """The module of a ``_MROPE_LOOP_CLASSES`` model that keeps ``rope_deltas`` (the offset of each
+    row's text positions after its media, set by a prompt forward), or None."""
     base = _base_model(model)
+    if type(base).__name__ not in _MROPE_LOOP_CLASSES:
+        return None
     for m in (base, getattr(base, "model", None)):
         if m is not None and hasattr(m, "rope_deltas"):
             return m
