@@ -107,7 +107,7 @@ def generate_completions(model, batch: PromptBatch, tokenizer, *, n: int = 1, te
     was_training = m.training
     m.eval()
     try:
-        if engine == "auto" and own_loop_ok(model):
+        if engine == "auto" and own_loop_ok(model, batch):
             ids, step_logp = sample_loop(
                 model, batch, n, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                 top_p=top_p, top_k=top_k, suppress_ids=suppress_ids, eos_ids=eos_ids, pad_id=pad_id,
@@ -168,11 +168,18 @@ def _out_cache(out):
     return c if c is not None else getattr(out, "past_key_values", None)
 
 
-def own_loop_ok(model) -> bool:
-    """Whether ``sample_loop`` (and the shared prompt forward) can run ``model``: its forward takes
-    a KV cache and explicit positions: 1-D ones, or, for a multimodal-rotary model (the Omni
-    thinker), 3-D ones offset by the ``rope_deltas`` its prompt forward leaves (``_rope_holder``)."""
-    return _cache_arg(model) is not None and (not uses_mrope(model) or _rope_holder(model) is not None)
+def own_loop_ok(model, batch: PromptBatch | None = None) -> bool:
+    """Whether ``sample_loop`` (and the shared prompt forward) can run ``model`` (on ``batch``): its
+    forward takes a KV cache and explicit positions: 1-D ones, or, for a multimodal-rotary model
+    (the Omni thinker), 3-D ones offset by the ``rope_deltas`` its prompt forward leaves
+    (``_rope_holder``). Not for prompts that interleave audio into the video
+    (``use_audio_in_video``), whose last prompt position need not be the largest."""
+    if _cache_arg(model) is None:
+        return False
+    if not uses_mrope(model):
+        return True
+    interleaved = batch is not None and bool(batch.inputs.get("use_audio_in_video", False))
+    return _rope_holder(model) is not None and not interleaved
 
 
 # multimodal-rotary models whose decoding positions the loop reproduces (tested against their
@@ -675,18 +682,18 @@ def completion_logits(model, batch: PromptBatch, comp_ids: torch.Tensor, comp_ma
     """
     if share not in SHARE_MODES:
         raise ValueError(f"share must be one of {SHARE_MODES}, not {share!r}")
-    if share == "prompts" and batch.distinct() is not None and _prompt_share_ok(model):
+    if share == "prompts" and batch.distinct() is not None and _prompt_share_ok(model, batch):
         return shared_prompt_logits(model, batch, comp_ids, comp_mask, temperature)
     with encoders_once(model, batch) if share != "none" else contextlib.nullcontext():
         return _completion_logits(model, batch, comp_ids, comp_mask, temperature)
 
 
-def _prompt_share_ok(model) -> bool:
+def _prompt_share_ok(model, batch: PromptBatch | None = None) -> bool:
     base = _base_model(model)
     flag = ("is_activation_checkpointing" if hasattr(type(base), "is_activation_checkpointing")
             else "is_gradient_checkpointing")
     checkpointing = bool(getattr(base, flag, False)) and base.training
-    return own_loop_ok(model) and not (checkpointing and torch.is_grad_enabled())
+    return own_loop_ok(model, batch) and not (checkpointing and torch.is_grad_enabled())
 
 
 def shared_prompt_logits(model, batch: PromptBatch, comp_ids: torch.Tensor, comp_mask: torch.Tensor,

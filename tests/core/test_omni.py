@@ -87,9 +87,9 @@ def batch(omni):
     return b
 
 
-def _logits(model, batch, ids, mask):
+def _logits(model, batch, ids, mask, share="prompts"):
     with torch.no_grad():
-        return completion_logits(model, batch, ids, mask)
+        return completion_logits(model, batch, ids, mask, share=share)
 
 
 def _reference_logits(model, alone, ids):
@@ -221,7 +221,8 @@ def test_rollout_logp_equals_the_training_forward(omni, batch, temperature):
                                      suppress_ids=special_token_ids(omni.proc), eos_ids=[tok.eos_token_id])
     assert comp.ids.shape[0] == 6 and comp.logp is not None
     assert len(set(comp.mask.sum(1).tolist())) > 1, "completions should end at different lengths"
-    lp = token_logp(_logits(model, rep, comp.ids, comp.mask) / temperature, comp.ids) * comp.mask
+    # the plain forward (the thinker places every position itself), not our positions on both sides
+    lp = token_logp(_logits(model, rep, comp.ids, comp.mask, share="none") / temperature, comp.ids) * comp.mask
     torch.testing.assert_close(comp.logp, lp, atol=1e-5, rtol=0)
 
 
@@ -231,7 +232,13 @@ def test_our_loop_samples_what_generate_samples(omni, batch, kw, monkeypatch):
     text positions on all three axes) with ``generate``'s own draw samples exactly ``generate``'s
     tokens on left-padded audio-visual prompts, and the log-probs match the training forward."""
     import core.rollout as R
-    assert R.own_loop_ok(omni.model) and R.uses_mrope(omni.model)
+    assert R.own_loop_ok(omni.model, batch) and R.uses_mrope(omni.model)
+    interleaved = copy.copy(batch)
+    interleaved.inputs = dict(batch.inputs, use_audio_in_video=True)
+    assert not R.own_loop_ok(omni.model, interleaved)  # its last prompt position need not be the largest
+    static = []
+    real_static = R._static_cache
+    monkeypatch.setattr(R, "_static_cache", lambda *a, **k: static.append(real_static(*a, **k)) or static[-1])
     monkeypatch.setattr(R, "draw", lambda probs: torch.multinomial(probs, 1).squeeze(1))
     model = copy.deepcopy(omni.model)
     if kw.get("do_sample", True):  # some samples end early (greedy would then stop at once)
@@ -244,11 +251,12 @@ def test_our_loop_samples_what_generate_samples(omni, batch, kw, monkeypatch):
     _, hf = generate_completions(model, batch, omni.tok, engine="hf", **args)
     assert torch.equal(ours.ids, hf.ids) and torch.equal(ours.mask, hf.mask)
     assert ours.ids.shape[1] > 1
+    assert len(static) == 1 and static[0] is not None, "the thinker should decode into a static cache"
     if kw.get("do_sample", True):  # the same distributions step by step, not only the same draws
         torch.testing.assert_close(ours.logp, hf.logp, atol=1e-5, rtol=0)
     if kw.get("do_sample", True) and not kw:
         assert len(set(ours.mask.sum(1).tolist())) > 1, "completions should end at different lengths"
-        lp = token_logp(_logits(model, rep, ours.ids, ours.mask), ours.ids) * ours.mask
+        lp = token_logp(_logits(model, rep, ours.ids, ours.mask, share="none"), ours.ids) * ours.mask
         torch.testing.assert_close(ours.logp, lp, atol=1e-5, rtol=0)
 
 
