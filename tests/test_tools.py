@@ -288,3 +288,17 @@ def test_make_synthetic_smoke(tmp_path):
     stats = json.loads((out / "stats.json").read_text())
     assert stats["total_utts"] == 160 and stats["splits"]["unlabelled"]["num_utts"] == 48
     assert stats["splits"]["test"]["max_seconds"] <= 3.2
+
+
+def test_sound_render_is_the_same_bytes_every_time(tmp_path):
+    """sox dithers its 16-bit output with random noise unless told to be repeatable: two renders of
+    the same segments must be identical files (the recipes' synthetic data is then reproducible)."""
+    if shutil.which("sox") is None:
+        pytest.fail("sox is needed (bash run.sh setup installs it)")
+    from tools.synth.sound import Segment, render
+    segs = [Segment(440, 0.3, 0.5, "sine", 0.1), Segment("C5", 0.2, 0.3, "square", 0.0)]
+    a, b = tmp_path / "a.wav", tmp_path / "b.wav"
+    assert render(segs, a) == render(segs, b)
+    assert a.read_bytes() == b.read_bytes()
+    x, sr = sf.read(a)
+    assert sr == 16000 and np.abs(x).max() > 0.2  # a real clip, not silence

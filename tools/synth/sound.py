@@ -12,6 +12,7 @@ What it does:
 
 Volumes are linear gains (1.0 = full scale); sox clips nothing at <= 1. A failing sox (missing
 program, bad argument, empty output) raises ``SoundError`` with the command line.
+Every sox runs in repeatable mode (``-R``): the same segments give the same bytes on every run.
 
 What it leaves out: noise beds, mixing with speech (use ``sox -m``), reverberation, and anything
 that needs a sound font or real instruments.
@@ -62,7 +63,7 @@ def _segment_cmd(sox: str, s: Segment) -> str:
         raise SoundError(f"unknown wave {s.wave!r}; one of {', '.join(WAVES)}")
     if s.seconds <= 0 or s.gap < 0 or not (0 < s.volume <= 1.0):
         raise SoundError(f"bad segment {s}: seconds > 0, gap >= 0 and 0 < volume <= 1 are required")
-    return (f"|{sox} -n -r {SAMPLE_RATE} -c 1 -b 16 -p synth {s.seconds:.3f} {s.wave} {s.freq} "
+    return (f"|{sox} -R -n -r {SAMPLE_RATE} -c 1 -b 16 -p synth {s.seconds:.3f} {s.wave} {s.freq} "
             f"vol {s.volume:.3f} pad 0 {s.gap:.3f}")
 
 
@@ -73,11 +74,13 @@ def render(segments: Sequence[Segment], out_wav: str | os.PathLike, lead: float 
     sox = _sox()
     out_wav = Path(out_wav)
     out_wav.parent.mkdir(parents=True, exist_ok=True)
-    inputs = [f"|{sox} -n -r {SAMPLE_RATE} -c 1 -b 16 -p trim 0 {lead:.3f}"] if lead > 0 else []
+    inputs = [f"|{sox} -R -n -r {SAMPLE_RATE} -c 1 -b 16 -p trim 0 {lead:.3f}"] if lead > 0 else []
     inputs += [_segment_cmd(sox, s) for s in segments]
     fd, tmp = tempfile.mkstemp(prefix=f".{out_wav.stem}.", suffix=".wav", dir=out_wav.parent)
     os.close(fd)
-    cmd = [sox, *inputs, "-r", str(SAMPLE_RATE), "-c", "1", "-b", "16", tmp]
+    # -R (repeatable): sox seeds its dither with a fixed number, so a clip is the same bytes on
+    # every run (without it the 16-bit output's dither noise differs from run to run)
+    cmd = [sox, "-R", *inputs, "-r", str(SAMPLE_RATE), "-c", "1", "-b", "16", tmp]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         if proc.returncode != 0:
