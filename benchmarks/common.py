@@ -106,17 +106,6 @@ def ds_config(folder: Path) -> Path | None:
     return path
 
 
-def one_process_group_env() -> None:
-    """The rendezvous variables of a one-process DeepSpeed run (ours and TRL's join the same group)."""
-    import socket
-    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(k, v)
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
-
-
 # --------------------------------------------------------------------------- timing
 def median(xs):
     return float(statistics.median(xs)) if xs else float("nan")

@@ -73,6 +73,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks import common as B  # noqa: E402
+from core.utils.dist import one_process_env  # noqa: E402
 
 THREADS = 2
 GOAL = 2.0  # ours at least this many times faster than the faster TRL trainer
@@ -387,7 +388,7 @@ def _prompt_tokens(env: dict) -> float:
 def opd_step(smoke: bool = False, long_prompt: bool = False) -> dict:
     _quiet()
     if B.RUN.zero:
-        B.one_process_group_env()
+        one_process_env()  # ours and TRL's DeepSpeed join one group
     sz = _sizes(smoke, long_prompt)
     P, T = sz["prompts"], sz["max_new_tokens"]
     with tempfile.TemporaryDirectory(prefix="trl_compare_opd_") as d:
@@ -426,7 +427,7 @@ def opd_step(smoke: bool = False, long_prompt: bool = False) -> dict:
 def grpo_step(smoke: bool = False, long_prompt: bool = False) -> dict:
     _quiet()
     if B.RUN.zero:
-        B.one_process_group_env()
+        one_process_env()  # ours and TRL's DeepSpeed join one group
     sz = _sizes(smoke, long_prompt)
     P, G, T = sz["grpo_prompts"], sz["group"], sz["max_new_tokens"]
     import core.rewards  # noqa: F401  (registers wer)

@@ -65,6 +65,13 @@ def prompts(ctx: Context, rows) -> PromptBatch:
     return batch if ctx.device is None else batch.to(ctx.device)
 
 
+def targets(ctx: Context, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokenised reference completions ``texts`` (ids and mask, ``data.max_target_tokens`` at
+    most) on the policy's device."""
+    ids, mask = ctx.collator.targets(texts, max_len=ctx.cfg.data.max_target_tokens)
+    return (ids, mask) if ctx.device is None else (ids.to(ctx.device), mask.to(ctx.device))
+
+
 def _rollout(ctx: Context, rows, seed: int, n: int):
     r = ctx.cfg.rollout
     batch = prompts(ctx, rows)
@@ -105,9 +112,7 @@ class SFT:
             if isinstance(t, list):
                 t = t[0]
             texts.append(t)
-        ids, mask = ctx.collator.targets(texts, max_len=d.max_target_tokens)
-        if ctx.device is not None:
-            ids, mask = ids.to(ctx.device), mask.to(ctx.device)
+        ids, mask = targets(ctx, texts)
         return Experience(batch, Completions(ids, mask, None, texts))
 
     def loss(self, ctx: Context, exp: Experience):

@@ -47,7 +47,7 @@ from core.methods import reward_fields
 from core.models import load_model_and_processor, special_token_ids, tokenizer_of
 from core.rewards import compute_rewards
 from core.rollout import generate_completions
-from core.trainer import Trainer, model_kwargs, read_rows, resolve_modality, step_seed
+from core.trainer import Trainer, model_kwargs, place_model, read_rows, resolve_modality, step_seed
 from core.utils import dist
 from core.utils.logging import MetricsLogger, setup_console
 
@@ -106,11 +106,7 @@ def grow(cfg: C.TrainConfig, model_path: str, round_i: int, time_left) -> tuple[
     """
     r, tc = cfg.rest, cfg.train
     model, processor = load_model_and_processor(model_path, **model_kwargs(cfg.model))
-    if cfg.model.load_in_4bit:  # loaded onto this process's GPU: the batches go there too
-        device = next(model.parameters()).device
-    else:
-        device = dist.device(cfg.backend.device)
-        model.to(device)
+    device = place_model(model, cfg)
     tok = tokenizer_of(processor)
     modality = resolve_modality(cfg, model)
     rows = read_rows(cfg.data.train, cfg, modality)

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
-from core.data.collate import PromptBatch, segment_rows
+from core.data.collate import PromptBatch, index_rows, segment_rows
 
 
 @dataclass
@@ -385,10 +385,10 @@ def sample_loop(model, batch: PromptBatch, n: int, *, max_new_tokens: int, do_sa
     cache_arg = _cache_arg(model)
     logits, cache, deltas = _prefill(model, batch, first)
     if deltas is not None:  # the rotary offset of each sample's prompt
-        deltas = deltas.index_select(0, torch.as_tensor(rows, dtype=torch.long, device=deltas.device))
+        deltas = index_rows(deltas, rows)
     static = _static_cache(model, cache, rows, P + max_new_tokens)
     if static is not None:  # the prompts' keys and values copied once into buffers of the final length
-        cache, logits = static, logits.index_select(0, torch.as_tensor(rows, dtype=torch.long, device=dev))
+        cache, logits = static, index_rows(logits, rows)
     else:
         logits = _expand_prompts(cache, logits, rows)
     mask = torch.cat([p_mask.repeat_interleave(n, dim=0), p_mask.new_ones(B, max_new_tokens)], dim=1)
@@ -578,7 +578,7 @@ class _EncoderOnce:
                 return None
             for k in names:
                 if a[k].shape[0] == B:
-                    a[k] = a[k].index_select(0, torch.as_tensor(first, device=a[k].device))
+                    a[k] = index_rows(a[k], first)
             self.items += len(first)
             return [[1] * len(first)]
         if self.layout == "audio_flat":
@@ -593,7 +593,7 @@ class _EncoderOnce:
             a["input_features"] = x.index_select(-1, segment_rows(sizes, first).to(x.device))
             for k in ("feature_lens", "aftercnn_lens"):
                 if isinstance(a.get(k), torch.Tensor):
-                    a[k] = a[k].index_select(0, torch.as_tensor(first, device=a[k].device))
+                    a[k] = index_rows(a[k], first)
             out_lens = self.module._get_feat_extract_output_lengths(sizes)[1]
             self.items += len(first)
             return [out_lens[first].tolist()]
@@ -608,7 +608,7 @@ class _EncoderOnce:
         if int(sizes.sum()) != x.shape[0]:
             return None
         a["hidden_states"] = x.index_select(0, segment_rows(sizes, first).to(x.device))
-        a["grid_thw"] = grid.index_select(0, torch.as_tensor(first, device=grid.device))
+        a["grid_thw"] = index_rows(grid, first)
         merge = int(getattr(self.module, "spatial_merge_size", 1)) ** 2
         self.items += len(first)
         return [sizes[first].tolist(), (sizes[first] // merge).tolist()]
@@ -718,7 +718,7 @@ def shared_prompt_logits(model, batch: PromptBatch, comp_ids: torch.Tensor, comp
     if T > 1:
         attn = torch.cat([p_mask, comp_mask.to(dev).to(p_mask.dtype)], dim=1)[:, :P + T - 1]
         if deltas is not None:
-            deltas = deltas.index_select(0, torch.as_tensor(inverse, dtype=torch.long, device=deltas.device))
+            deltas = index_rows(deltas, inverse)
         pos = _text_positions(_positions(attn)[:, P:], deltas)
         out = model(input_ids=comp_ids[:, :-1].to(dev), attention_mask=attn, position_ids=pos, use_cache=True,
                     **{_cache_arg(model): cache})

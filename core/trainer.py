@@ -34,7 +34,7 @@ from core import config as C
 from core.backends import DeepSpeedEngine, TorchEngine, fill_ds_config
 from core.data.collate import make_collator
 from core.data.manifest import NO_AUDIO_TRACK, ManifestError, Problem, read_manifest
-from core.methods import METHODS, Context, Experience, prompts
+from core.methods import METHODS, Context, Experience, prompts, targets
 from core.models import apply_lora, check_vocab_match, is_peft_model, load_model_and_processor, special_token_ids
 from core.rewards import compute_rewards
 from core.rollout import completion_logits, generate_completions, token_logp
@@ -182,6 +182,16 @@ def model_kwargs(m: C.ModelConfig) -> dict:
                 bnb_4bit_compute_dtype=m.bnb_4bit_compute_dtype, bnb_4bit_quant_type=m.bnb_4bit_quant_type)
 
 
+def place_model(model, cfg: C.TrainConfig) -> torch.device:
+    """Put ``model`` on this process's device (``backend.device``) and return that device; a 4-bit
+    model stays where it was loaded (its GPU), and its device is returned."""
+    if cfg.model.load_in_4bit:
+        return next(model.parameters()).device
+    dev = dist.device(cfg.backend.device)
+    model.to(dev)
+    return dev
+
+
 def base_loader(m: C.ModelConfig):
     """A function loading ``m.path`` in full precision on the CPU (a LoRA export merges into it)."""
     dtype = m.bnb_4bit_compute_dtype if m.load_in_4bit else m.dtype
@@ -275,18 +285,14 @@ class Trainer:
         use_ds = cfg.backend.name == "deepspeed"
         dist.init(cfg.backend.dist_backend, use_deepspeed=use_ds, device_choice=cfg.backend.device)
         self.rank, self.world = dist.rank(), dist.world_size()
-        # where this process computes: its GPU when there is one (DeepSpeed's accelerator is the same)
-        self.device = dist.device(cfg.backend.device)
         self.out = Path(cfg.output_dir)  # written only once every input has been checked
         seed_all(cfg.train.seed)
         try:
             model, processor = load_model_and_processor(cfg.model.path, **model_kwargs(cfg.model))
         except FileNotFoundError as e:
             raise C.ConfigError(f"config key 'model.path': {e}") from None
-        if cfg.model.load_in_4bit:  # loaded onto this process's GPU: batches and teacher go there too
-            self.device = next(model.parameters()).device
-        else:
-            model.to(self.device)
+        # where this process computes: its GPU when there is one (DeepSpeed's accelerator is the same)
+        self.device = place_model(model, cfg)
         if cfg.model.lora:
             model = apply_lora(model, cfg.model.lora, kbit=cfg.model.load_in_4bit)
         self.processor = processor
@@ -366,9 +372,7 @@ class Trainer:
             chunk = rows[i: i + bs]
             batch = prompts(self.ctx, chunk)
             if has_ref:
-                ids, mask = self.collator.targets([_first(r[cfg.data.target_field]) for r in chunk],
-                                                  max_len=cfg.data.max_target_tokens)
-                ids, mask = ids.to(self.device), mask.to(self.device)
+                ids, mask = targets(self.ctx, [_first(r[cfg.data.target_field]) for r in chunk])
                 lp = token_logp(completion_logits(model, batch, ids, mask), ids)
                 nll -= float((lp * mask).sum())
                 ntok += float(mask.sum())

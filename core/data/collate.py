@@ -47,6 +47,11 @@ def segment_rows(sizes, idx: list[int]) -> torch.Tensor:
     return torch.repeat_interleave(starts[pick], n) + offset
 
 
+def index_rows(t: torch.Tensor, idx) -> torch.Tensor:
+    """Rows ``idx`` of ``t`` (dim 0, in that order, repeats allowed); the index made on ``t``'s device."""
+    return t.index_select(0, torch.as_tensor(idx, dtype=torch.long, device=t.device))
+
+
 def take_samples(inputs: dict[str, torch.Tensor], idx: list[int]) -> dict[str, torch.Tensor]:
     """The model inputs of samples ``idx`` (in that order, repeats allowed).
 
@@ -69,7 +74,7 @@ def take_samples(inputs: dict[str, torch.Tensor], idx: list[int]) -> dict[str, t
                 raise ValueError(f"'{k}' has {v.shape[0]} patch rows but '{grid_key}' sums to {int(sizes.sum())}")
             out[k] = v.index_select(0, segment_rows(sizes, idx).to(v.device))
         else:
-            out[k] = v.index_select(0, torch.as_tensor(idx, dtype=torch.long, device=v.device))
+            out[k] = index_rows(v, idx)
     return out
 
 

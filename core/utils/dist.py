@@ -80,17 +80,22 @@ def init(backend: str = "", use_deepspeed: bool = False, device_choice: str = "a
     backend = backend or ("nccl" if on_gpu else "gloo")
     ws = int(os.environ.get("WORLD_SIZE", "1"))
     if use_deepspeed:
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        one_process_env()
         import deepspeed
         deepspeed.init_distributed(dist_backend=backend)
     elif ws > 1:
         dist.init_process_group(backend=backend)
     if on_gpu:
         torch.cuda.set_device(device(device_choice))
+
+
+def one_process_env() -> None:
+    """The rendezvous variables of a one-process group (rank 0 of 1 on a free local port), where
+    no launcher has set them."""
+    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(k, v)
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
 
 
 def _free_port() -> int:
