@@ -39,8 +39,17 @@ setup_python() {
     log "installing torch==2.14.1 torchvision==0.29.1 (first, pinned)"
     ${PIP} install -q "torch==2.14.1" "torchvision==0.29.1"
   fi
-  log "installing the project and its dependencies"
-  ${PIP} install -q -e ".[dev,bench]"
+  # every extra (pyproject.toml: deepspeed, video, caption, serve, bench, qlora, trackers, dev): the
+  # recipes and the test suite use them all. The torch and torchvision already here are held by a
+  # constraints file: a package that wants others makes pip fail instead of replacing them.
+  local cons="${VENV}/torch-constraints.txt"
+  "${VENV}/bin/python" - > "${cons}" <<'PY'
+import torch, torchvision
+for m in (torch, torchvision):
+    print(f"{m.__name__}=={m.__version__.split('+')[0]}")
+PY
+  log "installing the project with all its extras (keeping $(tr '\n' ' ' < "${cons}"))"
+  ${PIP} install -q -e ".[all]" -c "${cons}"
   echo "${want}" > "${STAMP}"
 }
 

@@ -99,7 +99,7 @@ def run_head_slice(smoke: bool = False) -> dict:
     The tiny student's vocabulary is resized so the head's share looks like a real checkpoint's."""
     import torch
 
-    import core.rollout as R
+    import core.forward as R
     from core.data.collate import AudioPromptCollator
 
     vocab = 4096 if smoke else 32000
@@ -108,7 +108,7 @@ def run_head_slice(smoke: bool = False) -> dict:
     model, proc, _ = B.load_pair()
     model.resize_token_embeddings(vocab)
     model.train()
-    batch = AudioPromptCollator(proc).prompts(B.rows_for(batch_size)).repeat(n)
+    batch = AudioPromptCollator(proc, "Transcribe the audio.").prompts(B.rows_for(batch_size)).repeat(n)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(10, 300, (len(batch), T), generator=g)
     mask = torch.ones_like(ids)
@@ -146,7 +146,7 @@ def run_encoder_once(smoke: bool = False) -> dict:
     import dataclasses
 
     import core.methods as M
-    from core.rollout import shared_encoders
+    from core.forward import shared_encoders
 
     S = B.opd_setup(smoke)
     repeat, warmup = S.repeat, S.warmup

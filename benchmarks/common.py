@@ -170,10 +170,10 @@ def alternate(fns: dict, repeat: int, warmup: int) -> tuple[dict, dict]:
 
 @contextlib.contextmanager
 def multinomial_draw():
-    """While open, ``core.rollout.sample_loop`` draws with ``torch.multinomial`` (as
+    """While open, ``core.sampling.sample_loop`` draws with ``torch.multinomial`` (as
     ``model.generate`` does) instead of its inverse-CDF ``draw``: both then sample the same tokens
     under the same seed."""
-    import core.rollout as R
+    import core.sampling as R
     real = R.draw
     R.draw = lambda probs: torch.multinomial(probs, 1).squeeze(1)
     try:
@@ -254,7 +254,7 @@ def opd_config(*, batch_size: int, n: int, max_new_tokens: int, temperature: flo
     t = tiny_audio_pair()
     return C.load_config(None, {
         "method": "opd", "model": {"path": str(t.student)}, "teacher": {"path": str(t.teacher)},
-        "data": {"train": str(t.manifest)},
+        "data": {"train": str(t.manifest), "prompt": "Transcribe the audio."},
         "rollout": {"n": n, "temperature": temperature, "max_new_tokens": max_new_tokens},
         "opd": {"form": "distribution", "divergence": "reverse_kl", "support": "full"},
         "optim": {"lr": lr, "grad_clip": grad_clip, "scheduler": "constant"},

@@ -1,8 +1,8 @@
-"""Rollout throughput ("rollout"): ``core.rollout.generate_completions`` against a plain
+"""Rollout throughput ("rollout"): ``core.sampling.generate_completions`` against a plain
 ``model.generate`` call on the same model and batch.
 
 Both sample with the same settings (temperature, top-p, top-k, special tokens suppressed, EOS,
-``max_new_tokens``) and the same seed. Ours draws by inverse CDF (``core.rollout.draw``), the
+``max_new_tokens``) and the same seed. Ours draws by inverse CDF (``core.sampling.draw``), the
 same distribution as ``generate``'s ``torch.multinomial`` but other draws; a third variant,
 ``ours_multinomial``, runs our loop with ``multinomial`` and samples exactly ``generate``'s
 tokens (checked: ``same_tokens_with_multinomial_draw``), which splits the gain between the loop
@@ -28,7 +28,7 @@ GOAL = 0.95
 def run_rollout(smoke: bool = False) -> dict:
     from core.data.collate import AudioPromptCollator
     from core.models import special_token_ids
-    from core.rollout import eos_mask, generate_completions
+    from core.sampling import eos_mask, generate_completions
 
     batch_size, n, max_new = (2, 2, 8) if smoke else (8, 4, 32)
     repeat, warmup = (1, 1) if smoke else (9, 2)
@@ -37,7 +37,7 @@ def run_rollout(smoke: bool = False) -> dict:
     model.to(B.RUN.device, getattr(torch, B.RUN.dtype)).eval()
     tok = proc.tokenizer
     suppress, eos = special_token_ids(proc), [tok.eos_token_id]
-    batch = AudioPromptCollator(proc).prompts(B.rows_for(batch_size)).to(B.RUN.device)
+    batch = AudioPromptCollator(proc, "Transcribe the audio.").prompts(B.rows_for(batch_size)).to(B.RUN.device)
     rep = batch.repeat(n)
     P = rep.inputs["input_ids"].shape[1]
 

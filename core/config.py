@@ -10,17 +10,27 @@ recipe's own YAML read by its ``local/`` scripts).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 
 class ConfigError(ValueError):
     pass
+
+
+def _bad(key: str, msg: str):
+    raise ConfigError(f"config key '{key}': {msg}")
+
+
+PROMPT_REQUIRED = ("required for audio and audio-visual prompts: the text of the user turn after the media, "
+                   "formatted with each row's fields, e.g. 'Transcribe the audio.' (ASR), '{question}' (QA), "
+                   "'{prompt}' (rows that carry their rendered prompt)")
 
 
 def _f(default, help: str, **kw):
@@ -32,7 +42,7 @@ def _f(default, help: str, **kw):
 @dataclass
 class ModelConfig:
     path: str = _f("", "local model directory (config.json + weights + processor)")
-    dtype: str = _f("float32", "float32 | bfloat16 | float16")
+    dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "float32 | bfloat16 | float16")
     trust_remote_code: bool = _f(False, "allow custom modelling code from the model directory")
     lora: dict = _f({}, "peft LoraConfig kwargs (r, lora_alpha, lora_dropout, target_modules, ...); empty = full "
                         "fine-tuning. Without target_modules: every linear layer of the language model's decoder "
@@ -42,17 +52,23 @@ class ModelConfig:
                         "adapters into the base weights (a plain model folder)")
     load_in_4bit: bool = _f(False, "load the base model quantised to 4 bits (bitsandbytes; QLoRA: needs model.lora, "
                                    "a CUDA GPU and backend torch); the export merges into a full-precision base")
-    bnb_4bit_compute_dtype: str = _f("bfloat16", "4-bit: compute dtype (float32 | bfloat16 | float16)")
-    bnb_4bit_quant_type: str = _f("nf4", "4-bit: nf4 | fp4")
+    bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] = _f("bfloat16", "4-bit: compute dtype (float32 | bfloat16 | float16)")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = _f("nf4", "4-bit: nf4 | fp4")
+
+    def check(self, path: str) -> None:
+        if self.lora and not isinstance(self.lora.get("target_modules", []), (str, list)):
+            _bad(f"{path}.lora.target_modules", "a list of module names or a regex string")
+        if self.load_in_4bit and not self.lora:
+            _bad(f"{path}.lora", "model.load_in_4bit trains adapters only (QLoRA): set model.lora (e.g. {r: 16})")
 
 
 @dataclass
 class TeacherConfig:
-    kind: str = _f("local", "local (in-process model) | remote (HTTP server)")
+    kind: Literal["local", "remote"] = _f("local", "local (in-process model) | remote (HTTP server)")
     path: str = _f("", "teacher model directory (local)")
     url: str = _f("", "teacher server base URL (remote), e.g. http://host:8000 (a trailing /v1 is accepted)")
     api_key: str = _f("", "bearer token for the remote teacher (empty: $TEACHER_API_KEY when set, else none)")
-    dtype: str = _f("float32", "teacher dtype")
+    dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "teacher dtype")
     model: str = _f("", "remote: served model name sent in requests (empty: the first model of GET /v1/models)")
     timeout: float = _f(60.0, "remote: seconds one scoring request may take before it is retried")
     max_retries: int = _f(3, "remote: retries of a request after a connection error, timeout, 5xx, 408 or 429 "
@@ -62,12 +78,21 @@ class TeacherConfig:
     top_k_cap: int = _f(20, "remote: largest top-k asked for; vLLM refuses more than its --max-logprobs (20 by "
                             "default). opd.top_k above it is an error at start-up")
 
+    def check(self, path: str) -> None:
+        for key, lo in (("timeout", 1e-3), ("concurrency", 1), ("top_k_cap", 1), ("max_retries", 0),
+                        ("retry_backoff", 0)):
+            if getattr(self, key) < lo:
+                _bad(f"{path}.{key}", f"must be >= {lo}, got {getattr(self, key)!r}")
+
 
 @dataclass
 class DataConfig:
     train: str = _f("", "training manifest (JSONL)")
     dev: str = _f("", "dev manifest for periodic evaluation (optional)")
-    prompt: str = _f("Transcribe the audio.", "prompt text, formatted with the sample's fields ({question})")
+    prompt: str = _f("", "the text of the user turn after the row's media, formatted with the row's fields; "
+                         "required for audio and audio-visual prompts (no default: each task says its own), e.g. "
+                         "'Transcribe the audio.' (ASR), '{question}' (QA), '{prompt}' (rows that carry their "
+                         "rendered prompt); text prompts without it take each row's 'prompt' or 'question'")
     system: str = _f("", "optional system message")
     target_field: str = _f("text", "field holding the reference completion (sft)")
     skip_bad: bool = _f(False, "skip bad manifest lines (written with reasons to <manifest>.bad.jsonl)")
@@ -77,18 +102,26 @@ class DataConfig:
                               "of the epoch's shuffled order is sorted by length (audio seconds, video duration, "
                               "prompt characters) and cut into batches, whose order is shuffled again (less "
                               "padding of prompts and audio); 0 = off")
-    modality: str = _f("auto", "auto | audio | av | text: audio prompts (rows need 'audio'), audio-visual prompts "
+    modality: Literal["auto", "audio", "av", "text"] = _f("auto", "auto | audio | av | text: audio prompts (rows need 'audio'), audio-visual prompts "
                                "(rows need 'video'; its frames and, as a separate input, its sound track or the "
                                "row's 'audio') or text-only prompts (no media); auto = av when the model has a "
                                "vision encoder and a row has 'video', else audio when it has an audio encoder and "
                                "a row has media, else text")
     num_frames: int = _f(8, "av: video frames sampled uniformly over each clip (or its begin_time..end_time)")
-    missing_audio: str = _f("error", "av: a video without a sound track (and no 'audio' path in its row): error "
+    missing_audio: Literal["error", "silence"] = _f("error", "av: a video without a sound track (and no 'audio' path in its row): error "
                                      "(refused with the file named, before training) | silence (silent audio of "
                                      "the clip's length)")
     video_max_pixels: int = _f(64 * 64, "av: largest frame area in pixels given to the vision encoder (frames are "
                                         "resized to multiples of 28 within it; 64*64 keeps a 64x64 frame at 56x56, 4 "
                                         "tokens per 2 frames); raise it for real videos and models, e.g. 360*420")
+
+    def check(self, path: str) -> None:
+        if self.length_group < 0:
+            _bad(f"{path}.length_group", "must be >= 0 (0 = off)")
+        if self.num_frames < 1:
+            _bad(f"{path}.num_frames", f"must be >= 1, got {self.num_frames}")
+        if self.video_max_pixels < 28 * 28:
+            _bad(f"{path}.video_max_pixels", f"must be >= {28 * 28} (one 28x28 merged patch), got {self.video_max_pixels}")
 
 
 @dataclass
@@ -99,20 +132,27 @@ class RolloutConfig:
     top_k: int = _f(0, "top-k sampling (0 = off)")
     max_new_tokens: int = _f(32, "maximum completion length")
 
+    def check(self, path: str) -> None:
+        if self.n < 1:
+            _bad(f"{path}.n", "must be >= 1")
+        if not self.temperature > 0:
+            _bad(f"{path}.temperature", "must be > 0 (the rollout samples; greedy decoding is core.bin.decode's "
+                                        "--temperature 0)")
+
 
 @dataclass
 class OPDConfig:
-    form: str = _f("distribution", "distribution (divergence on next-token distributions) | sampled_token (advantage = log pT - log pS)")
-    divergence: str = _f("reverse_kl", "reverse_kl | forward_kl | jsd")
+    form: Literal["distribution", "sampled_token"] = _f("distribution", "distribution (divergence on next-token distributions) | sampled_token (advantage = log pT - log pS)")
+    divergence: Literal["reverse_kl", "forward_kl", "jsd"] = _f("reverse_kl", "reverse_kl | forward_kl | jsd")
     beta: float = _f(0.5, "JSD interpolation")
     temperature: float = _f(1.0, "distillation temperature")
-    support: str = _f("full", "full | teacher_topk | student_topk | union_topk")
+    support: Literal["full", "teacher_topk", "student_topk", "union_topk"] = _f("full", "full | teacher_topk | student_topk | union_topk")
     top_k: int = _f(0, "size of the top-k support (0 with support=full)")
     coef: float = _f(1.0, "sampled-token form: advantage scale")
     reward_weight: float = _f(0.0, "hybrid: weight of the reward group advantage added to the OPD advantage")
     rewards: dict = _f({}, "hybrid: reward name -> weight")
     chunk_size: int = _f(256, "positions per chunk of the full-vocabulary divergence")
-    fused_head: str = _f("auto", "distribution form, full support: the divergence fused with the student's LM "
+    fused_head: Literal["auto", "on", "off"] = _f("auto", "distribution form, full support: the divergence fused with the student's LM "
                                  "head (distill_loss_from_hidden), so no [B, T, V] student logits or their "
                                  "gradient are held: auto (vocabulary >= 32768, no reward term, a plain bias-free "
                                  "head not partitioned by ZeRO-3) | on | off")
@@ -121,12 +161,13 @@ class OPDConfig:
 @dataclass
 class GRPOConfig:
     rewards: dict = _f({}, "reward name -> weight (from core/rewards.py)")
-    scale: str = _f("std", "std (GRPO) | none (Dr.GRPO)")
+    scale: Literal["std", "none"] = _f("std", "std (GRPO) | none (Dr.GRPO)")
     clip_low: float = _f(0.2, "PPO clip below 1")
     clip_high: float = _f(0.2, "PPO clip above 1")
     kl_beta: float = _f(0.0, "weight of the KL penalty to the frozen reference")
-    kl_kind: str = _f("k3", "k1 | k2 | k3")
-    agg: str = _f("token-mean", "token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm")
+    kl_kind: Literal["k1", "k2", "k3"] = _f("k3", "k1 | k2 | k3")
+    agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = _f(
+        "token-mean", "token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm")
     epochs: int = _f(1, "optimisation epochs per rollout")
     minibatches: int = _f(1, "minibatches per epoch (one optimizer step each)")
 
@@ -175,19 +216,82 @@ class TrainLoopConfig:
     max_bad_steps: int = _f(5, "stop after this many consecutive non-finite steps")
     stop_after_steps: int = _f(0, "stop (as if interrupted) after this many steps; for testing resume")
 
+    def check(self, path: str) -> None:
+        if self.batch_size < 1:
+            _bad(f"{path}.batch_size", "must be >= 1")
+
 
 @dataclass
 class BackendConfig:
-    name: str = _f("torch", "torch | deepspeed")
+    name: Literal["torch", "deepspeed"] = _f("torch", "torch | deepspeed")
     ds_config: str = _f("", "DeepSpeed JSON (ZeRO-2/3); 'auto' values are filled from this config")
-    dist_backend: str = _f("", "gloo | nccl (default: nccl with CUDA, else gloo)")
+    dist_backend: Literal["", "gloo", "nccl"] = _f("", "gloo | nccl (default: nccl with CUDA, else gloo)")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N: where the policy, teacher and reference run (auto: this "
                              "process's GPU when there is one, else the CPU; DeepSpeed takes its own accelerator)")
+
+    def check(self, path: str) -> None:
+        try:
+            from core.utils.dist import device as _device
+            _device(self.device)
+        except ValueError as e:
+            _bad(f"{path}.device", str(e))
+        if self.name != "deepspeed":
+            return
+        if self.device not in ("auto", ""):
+            _bad(f"{path}.device", "DeepSpeed places the model on its own accelerator (the GPU when there is one); "
+                                   "leave backend.device auto")
+        if not self.ds_config:
+            _bad(f"{path}.ds_config", "required with backend deepspeed")
+        ds = Path(self.ds_config)
+        if not ds.is_file():
+            _bad(f"{path}.ds_config", f"{ds}: no such file")
+        try:
+            ds_cfg = json.loads(ds.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            _bad(f"{path}.ds_config", f"{ds}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})")
+        except (OSError, UnicodeDecodeError) as e:
+            _bad(f"{path}.ds_config", f"{ds}: cannot be read ({e})")
+        if not isinstance(ds_cfg, dict):
+            _bad(f"{path}.ds_config", f"{ds}: must hold a JSON object, got {type(ds_cfg).__name__}")
+
+
+@dataclass
+class LoggingConfig:
+    report_to: list | str = _f(["tensorboard"], "experiment trackers besides metrics.jsonl: a list of tensorboard | "
+                                                "wandb | mlflow (as transformers' Trainer names them); none or [] = "
+                                                "metrics.jsonl only. wandb and mlflow need the 'trackers' extra "
+                                                "(pip install 'audio-posttrain[trackers]')")
+    project: str = _f("", "wandb project and MLflow experiment name; empty = $WANDB_PROJECT / "
+                          "$MLFLOW_EXPERIMENT_NAME, else 'audio-posttrain'")
+    run_name: str = _f("", "run name in wandb and MLflow; empty = output_dir")
+    wandb_mode: Literal["", "online", "offline", "disabled"] = _f(
+        "", "online | offline | disabled; empty = $WANDB_MODE, else wandb's default (online, after 'wandb login'). "
+            "offline writes the run under output_dir/wandb, with no network, for a later 'wandb sync'")
+    wandb_entity: str = _f("", "wandb team or user; empty = $WANDB_ENTITY, else your default entity")
+    mlflow_tracking_uri: str = _f("", "MLflow tracking server or store (http://HOST:5000, sqlite:////abs/mlflow.db, "
+                                      "databricks); empty = $MLFLOW_TRACKING_URI, else the SQLite store "
+                                      "output_dir/mlflow.db ('mlflow ui --backend-store-uri sqlite:///...' "
+                                      "shows it)")
+
+    def check(self, path: str) -> None:
+        from core.utils.trackers import TrackerError, check_installed, normalize_report_to
+        try:
+            self.report_to = normalize_report_to(self.report_to)
+            check_installed(self.report_to)
+        except TrackerError as e:
+            _bad(f"{path}.report_to", str(e))
+
+
+@dataclass
+class RewardsConfig:
+    modules: list = _f([], "Python files (or importable module names) whose reward functions are registered "
+                           "before training: each file calls core.rewards.register (or defines REWARDS = {name: fn}); "
+                           "relative paths resolve against the working directory (the recipe folder)")
 
 
 @dataclass
 class TrainConfig:
-    method: str = _f("sft", "sft | opd | grpo | rest | calibrate")
+    method: str = _f("sft", "a registered method (core.methods): sft | opd | grpo | rest | calibrate")
     output_dir: str = _f("exp/run", "where checkpoints, metrics and the exported model go")
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -199,9 +303,8 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
-
-
-METHODS = ("sft", "opd", "grpo", "rest", "calibrate")
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
 
 
 def _build(cls, data: Any, path: str):
@@ -219,10 +322,18 @@ def _build(cls, data: Any, path: str):
             kwargs[k] = _build(t, v if v is not None else {}, key)
         else:
             kwargs[k] = _coerce(v, t, key)
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    if path and hasattr(obj, "check"):  # the section's own checks, where its keys are declared
+        obj.check(path)
+    return obj
 
 
 def _coerce(v, t, key):
+    if typing.get_origin(t) is Literal:
+        choices = typing.get_args(t)
+        if v not in choices or isinstance(v, bool):
+            raise ConfigError(f"config key '{key}': {v!r} is not one of {', '.join(repr(c) for c in choices)}")
+        return v
     if t is float and isinstance(v, int) and not isinstance(v, bool):
         return float(v)
     if t is float and isinstance(v, str):
@@ -239,108 +350,40 @@ def _coerce(v, t, key):
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
-    def bad(key, msg):
-        raise ConfigError(f"config key '{key}': {msg}")
-    if cfg.method not in METHODS:
-        bad("method", f"'{cfg.method}' is not one of {', '.join(METHODS)}")
+    """Checks across sections (each section checked its own keys when built): the method's own
+    (``core.methods``), the user's reward modules imported and every reward name known."""
+    from core.methods import get_method
+    from core.rewards import load_reward_modules, registered_rewards
+    method = get_method(cfg.method)
     if not cfg.model.path:
-        bad("model.path", "required")
-    if cfg.data.length_group < 0:
-        bad("data.length_group", "must be >= 0 (0 = off)")
-    if not cfg.rollout.temperature > 0:
-        bad("rollout.temperature", "must be > 0 (the rollout samples; greedy decoding is core.bin.decode's "
-                                   "--temperature 0)")
-    if not cfg.data.train and cfg.method != "calibrate":
-        bad("data.train", "required")
-    if cfg.method in ("opd", "calibrate"):
-        if cfg.teacher.kind not in ("local", "remote"):
-            bad("teacher.kind", "local | remote")
-        if cfg.teacher.kind == "local" and not cfg.teacher.path:
-            bad("teacher.path", f"required for method {cfg.method}")
-        if cfg.teacher.kind == "remote" and not cfg.teacher.url:
-            bad("teacher.url", "required for a remote teacher")
-        if cfg.opd.form not in ("distribution", "sampled_token"):
-            bad("opd.form", "distribution | sampled_token")
-        if cfg.opd.support != "full" and cfg.opd.top_k <= 0:
-            bad("opd.top_k", f"must be > 0 with support {cfg.opd.support}")
-        if cfg.opd.fused_head not in ("auto", "on", "off"):
-            bad("opd.fused_head", "auto | on | off")
-        elif cfg.opd.fused_head == "on" and (cfg.opd.form != "distribution" or cfg.opd.support != "full"
-                                             or cfg.opd.reward_weight):
-            bad("opd.fused_head", "on needs form distribution, support full and no reward term (reward_weight 0)")
-    if cfg.method == "calibrate" and not cfg.data.dev:
-        bad("data.dev", "required for calibrate")
-    if cfg.method == "grpo" and not cfg.grpo.rewards:
-        bad("grpo.rewards", "at least one reward is required")
-    if cfg.method == "rest":
-        r = cfg.rest
-        if r.rounds < 1:
-            bad("rest.rounds", "must be >= 1")
-        if r.samples < 1:
-            bad("rest.samples", "must be >= 1")
-        if not r.rewards:
-            bad("rest.rewards", "at least one reward is required")
-        if r.max_per_prompt < 0:
-            bad("rest.max_per_prompt", "must be >= 0 (0 = all)")
-        if r.steps_per_round < 0:
-            bad("rest.steps_per_round", "must be >= 0 (0 = one pass over the kept samples)")
-        try:  # YAML reads 1e-4 (no dot) as a string
-            lrs = [float(x) for x in r.lrs if not isinstance(x, bool)]
-        except (TypeError, ValueError):
-            lrs = []
-        if len(lrs) != r.rounds or len(r.lrs) != r.rounds:
-            bad("rest.lrs", f"needs one learning rate per round (rest.rounds={r.rounds}), got {r.lrs!r}")
-        r.lrs = lrs
-    m = cfg.model
-    if m.lora and not isinstance(m.lora.get("target_modules", []), (str, list)):
-        bad("model.lora.target_modules", "a list of module names or a regex string")
-    if m.load_in_4bit:
-        if not m.lora:
-            bad("model.lora", "model.load_in_4bit trains adapters only (QLoRA): set model.lora (e.g. {r: 16})")
+        _bad("model.path", "required")
+    if not cfg.data.train and not method.needs_dev:
+        _bad("data.train", "required")
+    if not cfg.data.prompt and cfg.data.modality in ("audio", "av"):
+        _bad("data.prompt", PROMPT_REQUIRED)
+    if cfg.model.load_in_4bit:
         if cfg.backend.name != "torch":
-            bad("model.load_in_4bit", "needs backend torch (DeepSpeed does not train a 4-bit base here)")
+            _bad("model.load_in_4bit", "needs backend torch (DeepSpeed does not train a 4-bit base here)")
         if cfg.backend.device not in ("auto", "", "cuda"):
-            bad("backend.device", "a 4-bit model is loaded onto this process's GPU; leave backend.device auto")
-    if m.bnb_4bit_quant_type not in ("nf4", "fp4"):
-        bad("model.bnb_4bit_quant_type", f"'{m.bnb_4bit_quant_type}' is not one of nf4, fp4")
-    if m.bnb_4bit_compute_dtype not in ("float32", "bfloat16", "float16"):
-        bad("model.bnb_4bit_compute_dtype", f"'{m.bnb_4bit_compute_dtype}' is not one of float32, bfloat16, float16")
-    if cfg.data.modality not in ("auto", "audio", "av", "text"):
-        bad("data.modality", f"'{cfg.data.modality}' is not one of auto, audio, av, text")
-    if cfg.data.num_frames < 1:
-        bad("data.num_frames", f"must be >= 1, got {cfg.data.num_frames}")
-    if cfg.data.missing_audio not in ("error", "silence"):
-        bad("data.missing_audio", f"'{cfg.data.missing_audio}' is not one of error, silence")
-    if cfg.data.video_max_pixels < 28 * 28:
-        bad("data.video_max_pixels", f"must be >= {28 * 28} (one 28x28 merged patch), got {cfg.data.video_max_pixels}")
-    if cfg.backend.name not in ("torch", "deepspeed"):
-        bad("backend.name", "torch | deepspeed")
+            _bad("backend.device", "a 4-bit model is loaded onto this process's GPU; leave backend.device auto")
+    method.check(cfg)
+    cfg.logging.check("logging")
+    if cfg.backend.name == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        _bad("backend.name", "deepspeed needs the package 'deepspeed', not installed: "
+                             "pip install 'audio-posttrain[deepspeed]'")
     try:
-        from core.utils.dist import device as _device
-        _device(cfg.backend.device)
+        load_reward_modules(cfg.rewards.modules)
     except ValueError as e:
-        bad("backend.device", str(e))
-    if cfg.backend.name == "deepspeed" and cfg.backend.device not in ("auto", ""):
-        bad("backend.device", "DeepSpeed places the model on its own accelerator (the GPU when there is one); "
-                              "leave backend.device auto")
-    if cfg.backend.name == "deepspeed" and not cfg.backend.ds_config:
-        bad("backend.ds_config", "required with backend deepspeed")
-    if cfg.backend.name == "deepspeed":
-        ds = Path(cfg.backend.ds_config)
-        if not ds.is_file():
-            bad("backend.ds_config", f"{ds}: no such file")
-        try:
-            ds_cfg = json.loads(ds.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            bad("backend.ds_config", f"{ds}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})")
-        except (OSError, UnicodeDecodeError) as e:
-            bad("backend.ds_config", f"{ds}: cannot be read ({e})")
-        if not isinstance(ds_cfg, dict):
-            bad("backend.ds_config", f"{ds}: must hold a JSON object, got {type(ds_cfg).__name__}")
-    if cfg.rollout.n < 1:
-        bad("rollout.n", "must be >= 1")
-    if cfg.train.batch_size < 1:
-        bad("train.batch_size", "must be >= 1")
+        _bad("rewards.modules", str(e).removeprefix("rewards.modules: "))
+    known = set(registered_rewards())
+    used = {key: list(w) for key, w in method.reward_weights(cfg).items()}
+    if cfg.train.eval_reward:
+        used["train.eval_reward"] = [cfg.train.eval_reward]
+    for key, names in used.items():
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            _bad(key, f"unknown reward {', '.join(map(repr, unknown))}; registered rewards: {', '.join(sorted(known))}"
+                      " (a reward of your own: list its file in rewards.modules)")
     return cfg
 
 

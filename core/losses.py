@@ -75,6 +75,8 @@ def agg_loss(
     mode: str = "token-mean",
     *,
     norm_len: Optional[float] = None,
+    global_tokens: Optional[float] = None,
+    global_seqs: Optional[float] = None,
 ) -> torch.Tensor:
     """Aggregate a per-token loss into a scalar.
 
@@ -94,6 +96,12 @@ def agg_loss(
               which does not depend on the completion lengths. Pass the maximum generation
               length as ``norm_len`` to keep it constant across batches.
         norm_len: the constant ``L`` of ``seq-mean-token-sum-norm``; ignored by other modes.
+        global_tokens, global_seqs: the denominators of the whole optimizer step, when this
+            batch is one part (a micro-batch, one process's share) of it: ``sum(m)`` is replaced
+            by ``global_tokens`` (token-mean) and ``B`` by ``global_seqs`` (seq-mean modes), so
+            the parts' results add up to the loss of the whole batch taken at once, whatever
+            the split (transformers' ``num_items_in_batch``, verl's global token count). None:
+            this batch's own.
 
     Returns:
         scalar tensor.
@@ -111,9 +119,9 @@ def agg_loss(
     m = mask.to(per_token.dtype)
     # where() rather than x * m so that inf/NaN outside the mask cannot leak in.
     x = torch.where(m != 0, per_token, torch.zeros_like(per_token)) * m
-    batch = per_token.shape[0]
+    batch = per_token.shape[0] if global_seqs is None else float(global_seqs)
     if mode == "token-mean":
-        return _safe_div(x.sum(), m.sum())
+        return _safe_div(x.sum(), m.sum() if global_tokens is None else x.new_tensor(float(global_tokens)))
     if mode == "seq-mean-token-sum":
         return x.sum(-1).sum() / max(batch, 1)
     if mode == "seq-mean-token-mean":
@@ -148,6 +156,8 @@ def policy_loss(
     agg: str = "token-mean",
     *,
     norm_len: Optional[float] = None,
+    global_tokens: Optional[float] = None,
+    global_seqs: Optional[float] = None,
 ) -> Tuple[torch.Tensor, Metrics]:
     """PPO clipped surrogate (GRPO's policy loss, with DAPO's decoupled clip range).
 
@@ -163,7 +173,7 @@ def policy_loss(
         mask: ``[B, T]`` completion mask.
         clip_low, clip_high: clip range ``[1 - clip_low, 1 + clip_high]``.
         agg: aggregation mode, see ``agg_loss``.
-        norm_len: passed to ``agg_loss`` for ``seq-mean-token-sum-norm``.
+        norm_len, global_tokens, global_seqs: passed to ``agg_loss``.
 
     Returns:
         ``(loss, metrics)``; metrics (floats, means over masked tokens): ``pg_loss``,
@@ -188,7 +198,7 @@ def policy_loss(
     loss_unclipped = -advantages * ratio
     loss_clipped = -advantages * clipped
     per_token = torch.maximum(loss_unclipped, loss_clipped)
-    loss = agg_loss(per_token, mask, agg, norm_len=norm_len)
+    loss = agg_loss(per_token, mask, agg, norm_len=norm_len, global_tokens=global_tokens, global_seqs=global_seqs)
 
     with torch.no_grad():
         active = (loss_clipped > loss_unclipped).float()
@@ -600,6 +610,8 @@ def distill_loss(
     agg: str = "token-mean",
     chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE,
     norm_len: Optional[float] = None,
+    global_tokens: Optional[float] = None,
+    global_seqs: Optional[float] = None,
 ) -> Tuple[torch.Tensor, Metrics]:
     """Divergence between student and teacher next-token distributions at masked positions.
 
@@ -633,7 +645,7 @@ def distill_loss(
         chunk_size: positions per chunk for ``full`` (default 256: at a 151,936 vocabulary one
             float32 ``[256, V]`` temporary is ~150 MB); None computes all positions at once with
             plain autograd (several ``[N, V]`` float32 tensors alive at the peak).
-        norm_len: passed to ``agg_loss`` for ``seq-mean-token-sum-norm``.
+        norm_len, global_tokens, global_seqs: passed to ``agg_loss``.
 
     Returns:
         ``(loss, metrics)``; metrics: ``distill_loss``, ``divergence`` (mean per-token divergence),
@@ -647,7 +659,7 @@ def distill_loss(
         divergence=divergence, beta=beta, temperature=temperature, support=support, top_k=top_k,
         chunk_size=chunk_size,
     )
-    loss = agg_loss(per_token, mask, agg, norm_len=norm_len)
+    loss = agg_loss(per_token, mask, agg, norm_len=norm_len, global_tokens=global_tokens, global_seqs=global_seqs)
     metrics = {"distill_loss": float(loss.detach()), **metrics}
     return loss, metrics
 
@@ -813,6 +825,8 @@ def distill_loss_from_hidden(
     agg: str = "token-mean",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     norm_len: Optional[float] = None,
+    global_tokens: Optional[float] = None,
+    global_seqs: Optional[float] = None,
 ) -> Tuple[torch.Tensor, Metrics]:
     """``distill_loss(student_hidden @ lm_head_weight.T, teacher, ...)`` over the full vocabulary,
     fused with the LM head so that no ``[B, T, V]`` / ``[N, V]`` logits exist.
@@ -832,7 +846,8 @@ def distill_loss_from_hidden(
         teacher_logits: ``[B, T, V]`` teacher logits, or None when ``teacher_hidden`` is given.
         teacher_hidden: ``[B, T, H_t]`` the teacher's last hidden states (no gradient).
         teacher_lm_head_weight: ``[V, H_t]`` the teacher's LM head weight (no gradient).
-        mask, divergence, beta, temperature, agg, norm_len: as in ``distill_loss``.
+        mask, divergence, beta, temperature, agg, norm_len, global_tokens, global_seqs: as in
+            ``distill_loss``.
         chunk_size: masked positions per chunk (> 0).
 
     Returns:
@@ -898,7 +913,8 @@ def distill_loss_from_hidden(
     # agg_loss is linear in the per-token loss: its gradient gives each position's weight.
     with torch.enable_grad():
         probe = torch.zeros((B, T), dtype=torch.float32, device=student_hidden.device, requires_grad=True)
-        (w_bt,) = torch.autograd.grad(agg_loss(probe, mask, agg, norm_len=norm_len), probe)
+        (w_bt,) = torch.autograd.grad(agg_loss(probe, mask, agg, norm_len=norm_len, global_tokens=global_tokens,
+                                                global_seqs=global_seqs), probe)
     row_w = w_bt.reshape(-1)[rows]
 
     h_rows = student_hidden.reshape(B * T, H)[rows]

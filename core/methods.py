@@ -1,5 +1,22 @@
-"""Training methods as a registry: each turns rows into an ``Experience`` (no gradient: rollout,
-teacher scores, rewards) and an ``Experience`` into a loss (with gradient).
+"""Training methods as a registry of objects that declare what they need and do.
+
+A method is one class, registered with ``@register_method``; the trainer asks it and never
+names a method:
+
+- ``check(cfg)``: the config checks of this method (its section, the teacher it needs), at load;
+- ``uses_teacher`` / ``needs_reference(cfg)`` / ``required_fields(cfg)``: a teacher to load
+  (``teacher:``), a frozen reference model, the manifest fields every training row must have;
+- ``reward_weights(cfg)``: the rewards it computes (their names are checked when the config loads);
+- ``updates(cfg)``: optimisation epochs and minibatches per rollout;
+- ``experience(ctx, rows, seed)``: rows -> an ``Experience`` (no gradient: rollout, teacher
+  scores, rewards); ``loss(ctx, exp, norm)``: an ``Experience`` -> this part's loss (with
+  gradient), normalised by ``norm``, the token and sequence counts of the whole optimizer step
+  over its micro-batches and processes, so the parts add up to the loss of one big batch;
+- ``run(cfg)``: the entry point ``core.bin.train`` calls (the trainer's loop, unless the method
+  has a driver of its own: ``rest``) and ``evaluate(trainer)`` for a method that does not train
+  (``trains = False``: ``calibrate``).
+
+Methods here:
 
 - ``sft``: cross-entropy on the reference completions (``data.target_field``).
 - ``opd``: the student samples, the teacher scores; ``distribution`` form uses ``distill_loss``
@@ -7,9 +24,20 @@ teacher scores, rewards) and an ``Experience`` into a loss (with gradient).
   policy loss; either can add a reward group advantage (hybrid).
 - ``grpo``: n samples per prompt, rewards from the registry, group advantages, clipped policy
   loss, optional KL to a frozen reference.
+- ``rest``: rounds of sampling, filtering by reward and SFT (``core/rest.py``).
+- ``calibrate``: rollout + teacher scoring on the dev set, no updates: the student/teacher gap.
 
-The maths lives in ``core/losses.py`` and ``core/advantages.py``; this module only wires
-tensors. The trainer asks ``METHODS[name]`` and never branches on the method.
+A new method::
+
+    @register_method
+    class MyMethod(Method):
+        name = "my_method"
+        def check(self, cfg): ...                      # raise ConfigError naming the key
+        def experience(self, ctx, rows, seed): ...     # -> Experience(batch, comp, {"mask": ...})
+        def loss(self, ctx, exp, norm=None): ...       # -> (loss, {"loss": float, ...})
+
+plus its options in ``core/config.py`` when it has any. The maths lives in ``core/losses.py``
+and ``core/advantages.py``; this module only wires tensors.
 """
 from __future__ import annotations
 
@@ -19,10 +47,11 @@ import torch
 
 from core import advantages as A
 from core import losses as L
+from core.config import ConfigError
 from core.data.collate import PromptBatch
+from core.forward import completion_hidden, completion_logits, fusable_head, token_logp
 from core.rewards import compute_rewards
-from core.rollout import (Completions, completion_hidden, completion_logits, fusable_head, generate_completions,
-                          token_logp)
+from core.sampling import Completions, generate_completions
 
 
 @dataclass
@@ -35,10 +64,39 @@ class Experience:
     def __len__(self) -> int:
         return len(self.batch)
 
+    @property
+    def mask(self) -> torch.Tensor:
+        """The loss mask ``[B, T]``: ``tensors["mask"]`` when the method set one, else the
+        completions' mask."""
+        m = self.tensors.get("mask")
+        return self.comp.mask if m is None else m
+
     def select(self, idx: list[int]) -> "Experience":
         t = torch.as_tensor(idx, dtype=torch.long)
         return Experience(self.batch.select(idx), self.comp.select(idx),
-                          {k: (v[t] if v is not None else None) for k, v in self.tensors.items()}, {})
+                          {k: (v[t.to(v.device)] if v is not None else None) for k, v in self.tensors.items()}, {})
+
+
+@dataclass(frozen=True)
+class LossNorm:
+    """The denominators of one optimizer step's loss: loss-mask tokens and sequences over all its
+    micro-batches and processes. A part's loss divided by them (``agg_loss``'s ``global_tokens``
+    / ``global_seqs``) adds up, over the parts, to the loss of the whole batch taken at once."""
+
+    tokens: float
+    seqs: float
+
+    def kw(self) -> dict:
+        return {"global_tokens": self.tokens, "global_seqs": self.seqs}
+
+    @staticmethod
+    def local(exp: "Experience") -> "LossNorm":
+        """The norm of ``exp`` alone (one part that is the whole step)."""
+        return LossNorm(float(exp.mask.sum()), float(len(exp)))
+
+
+def _kw(norm: LossNorm | None) -> dict:
+    return {} if norm is None else norm.kw()
 
 
 @dataclass
@@ -100,8 +158,96 @@ def _rewards(weights: dict, comp: Completions, rows: list[dict]):
     return torch.tensor(total, dtype=torch.float32, device=comp.ids.device), metrics
 
 
-class SFT:
+def _bad(key: str, msg: str):
+    raise ConfigError(f"config key '{key}': {msg}")
+
+
+# --------------------------------------------------------------------------------------------
+# The registry
+# --------------------------------------------------------------------------------------------
+
+METHODS: dict = {}
+
+
+def register_method(cls):
+    """Class decorator: registers one instance of ``cls`` under ``cls.name``."""
+    if not getattr(cls, "name", ""):
+        raise ValueError(f"{cls.__name__}: a method needs a name")
+    old = METHODS.get(cls.name)
+    if old is not None and (type(old).__module__, type(old).__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(f"method {cls.name!r} is already registered by {type(old).__module__}.{type(old).__qualname__}")
+    METHODS[cls.name] = cls()
+    return cls
+
+
+def get_method(name: str) -> "Method":
+    """The registered method ``name``; a ``ConfigError`` naming ``method`` and the choices otherwise."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(f"config key 'method': '{name}' is not one of {', '.join(METHODS)}") from None
+
+
+class Method:
+    """What every method declares; the defaults fit a method that samples nothing and needs no
+    teacher, reference or reward."""
+
+    name = ""
+    trains = True          # runs the optimisation loop; False: ``evaluate(trainer)`` only
+    uses_teacher = False   # loads ``teacher:`` (a local model or a remote server)
+    needs_dev = False      # needs ``data.dev`` (and not ``data.train``)
+    driver = "trainer"     # what runs it: the trainer's loop, or the method's own ``run`` (named here)
+
+    def check(self, cfg) -> None:
+        """Config checks of this method; raise ``ConfigError`` naming the key."""
+
+    def needs_reference(self, cfg) -> bool:
+        """Whether the trainer builds a frozen reference model (``ctx.ref_model``)."""
+        return False
+
+    def required_fields(self, cfg) -> tuple:
+        """Manifest fields every training row must carry."""
+        return ()
+
+    def reward_weights(self, cfg) -> dict:
+        """``{config key: {reward name: weight}}`` of the rewards this method computes (their names
+        are checked when the config loads)."""
+        return {}
+
+    def updates(self, cfg) -> tuple[int, int]:
+        """``(epochs, minibatches)``: optimisation epochs per rollout, minibatches per epoch (one
+        optimizer step each)."""
+        return 1, 1
+
+    def run(self, cfg) -> dict:
+        """Train (or evaluate) with ``cfg``; what ``core.bin.train`` calls."""
+        from core.trainer import Trainer
+        return Trainer(cfg).train()
+
+    def experience(self, ctx: Context, rows: list[dict], seed: int) -> Experience:
+        raise NotImplementedError(f"method {self.name} does not make experience")
+
+    def loss(self, ctx: Context, exp: Experience, norm: LossNorm | None = None):
+        raise NotImplementedError(f"method {self.name} has no loss")
+
+    def evaluate(self, trainer) -> dict:
+        raise NotImplementedError(f"method {self.name} trains")
+
+
+def _check_teacher(cfg, method: str) -> None:
+    t = cfg.teacher
+    if t.kind == "local" and not t.path:
+        _bad("teacher.path", f"required for method {method}")
+    if t.kind == "remote" and not t.url:
+        _bad("teacher.url", "required for a remote teacher")
+
+
+@register_method
+class SFT(Method):
     name = "sft"
+
+    def required_fields(self, cfg) -> tuple:
+        return (cfg.data.target_field,)
 
     def experience(self, ctx: Context, rows: list[dict], seed: int) -> Experience:
         d = ctx.cfg.data
@@ -115,11 +261,11 @@ class SFT:
         ids, mask = targets(ctx, texts)
         return Experience(batch, Completions(ids, mask, None, texts))
 
-    def loss(self, ctx: Context, exp: Experience):
+    def loss(self, ctx: Context, exp: Experience, norm: LossNorm | None = None):
         logits = completion_logits(ctx.forward_model, exp.batch, exp.comp.ids, exp.comp.mask)
         logp = token_logp(logits, exp.comp.ids)
         mask = exp.comp.mask.to(logp)
-        loss = L.agg_loss(-logp, mask, mode="token-mean")
+        loss = L.agg_loss(-logp, mask, mode="token-mean", **_kw(norm))
         return loss, {"loss": float(loss.detach()), "tokens": float(mask.sum())}
 
 
@@ -140,8 +286,28 @@ def fused_head(ctx: Context, tensors: dict) -> bool:
     return head is not None and tensors.get("base_adv") is None and head.out_features >= FUSED_HEAD_MIN_VOCAB
 
 
-class OPD:
+@register_method
+class OPD(Method):
     name = "opd"
+    uses_teacher = True
+
+    def check(self, cfg) -> None:
+        _check_teacher(cfg, self.name)
+        o, t = cfg.opd, cfg.teacher
+        if o.support != "full" and o.top_k <= 0:
+            _bad("opd.top_k", f"must be > 0 with support {o.support}")
+        if o.fused_head == "on" and (o.form != "distribution" or o.support != "full" or o.reward_weight):
+            _bad("opd.fused_head", "on needs form distribution, support full and no reward term (reward_weight 0)")
+        if t.kind == "remote" and o.form == "distribution" and o.support != "teacher_topk":
+            _bad("opd.support", f"a remote teacher gives top-k log-probs only, not the full logits that support "
+                                f"{o.support!r} needs; use opd.support: teacher_topk (with opd.top_k) or "
+                                "opd.form: sampled_token")
+        if t.kind == "remote" and o.form == "distribution" and o.top_k > t.top_k_cap:
+            _bad("opd.top_k", f"{o.top_k} is more than teacher.top_k_cap {t.top_k_cap}; raise both the server's "
+                              "--max-logprobs and teacher.top_k_cap, or lower opd.top_k")
+
+    def reward_weights(self, cfg) -> dict:
+        return {"opd.rewards": dict(cfg.opd.rewards)} if cfg.opd.reward_weight else {}
 
     def experience(self, ctx: Context, rows: list[dict], seed: int) -> Experience:
         c = ctx.cfg.opd
@@ -165,7 +331,7 @@ class OPD:
             m.update(rm)
         return Experience(rep, comp, tensors, m)
 
-    def loss(self, ctx: Context, exp: Experience):
+    def loss(self, ctx: Context, exp: Experience, norm: LossNorm | None = None):
         c, t = ctx.cfg.opd, exp.tensors
         mask = t["mask"]
         if c.form == "distribution" and fused_head(ctx, t):
@@ -173,24 +339,25 @@ class OPD:
             hidden, weight = completion_hidden(ctx.forward_model, exp.batch, exp.comp.ids, exp.comp.mask)
             loss, m = L.distill_loss_from_hidden(hidden, weight, t["teacher_logits"], mask=mask,
                                                  divergence=c.divergence, beta=c.beta, temperature=c.temperature,
-                                                 chunk_size=c.chunk_size)
+                                                 chunk_size=c.chunk_size, **_kw(norm))
         elif c.form == "distribution":
             logits = completion_logits(ctx.forward_model, exp.batch, exp.comp.ids, exp.comp.mask)
             loss, m = L.distill_loss(
                 logits, t.get("teacher_logits"), teacher_topk_ids=t.get("teacher_topk_ids"),
                 teacher_topk_logp=t.get("teacher_topk_logp"), mask=mask, divergence=c.divergence,
                 beta=c.beta, temperature=c.temperature, support=c.support, top_k=c.top_k or None,
-                chunk_size=c.chunk_size)
+                chunk_size=c.chunk_size, **_kw(norm))
             if t.get("base_adv") is not None:  # hybrid: add the reward's policy-gradient term
                 logp = token_logp(logits / ctx.cfg.rollout.temperature, exp.comp.ids)
-                pl, _ = L.policy_loss(logp, t["old_logp"], t["base_adv"][:, None].expand_as(logp), mask)
+                pl, _ = L.policy_loss(logp, t["old_logp"], t["base_adv"][:, None].expand_as(logp), mask,
+                                      **_kw(norm))
                 loss = loss + pl
         else:
             logits = completion_logits(ctx.forward_model, exp.batch, exp.comp.ids, exp.comp.mask,
                                        temperature=ctx.cfg.rollout.temperature)
             logp = token_logp(logits, exp.comp.ids)
             adv = A.opd_advantages(t["old_logp"], t["teacher_logp"], mask, coef=c.coef, base=t.get("base_adv"))
-            loss, m = L.policy_loss(logp, t["old_logp"], adv, mask)
+            loss, m = L.policy_loss(logp, t["old_logp"], adv, mask, **_kw(norm))
             m = dict(m)
             m["advantage_mean"] = float((adv * mask).sum() / mask.sum().clamp(min=1))
         m = {k: float(v) for k, v in m.items()}
@@ -198,8 +365,26 @@ class OPD:
         return loss, m
 
 
-class GRPO:
+@register_method
+class GRPO(Method):
     name = "grpo"
+
+    def check(self, cfg) -> None:
+        if not cfg.grpo.rewards:
+            _bad("grpo.rewards", "at least one reward is required")
+        if cfg.grpo.epochs < 1:
+            _bad("grpo.epochs", "must be >= 1")
+        if cfg.grpo.minibatches < 1:
+            _bad("grpo.minibatches", "must be >= 1")
+
+    def needs_reference(self, cfg) -> bool:
+        return cfg.grpo.kl_beta > 0
+
+    def reward_weights(self, cfg) -> dict:
+        return {"grpo.rewards": dict(cfg.grpo.rewards)}
+
+    def updates(self, cfg) -> tuple[int, int]:
+        return cfg.grpo.epochs, cfg.grpo.minibatches
 
     def experience(self, ctx: Context, rows: list[dict], seed: int) -> Experience:
         g, n = ctx.cfg.grpo, ctx.cfg.rollout.n
@@ -216,7 +401,7 @@ class GRPO:
                 tensors["ref_logp"] = token_logp(ref, comp.ids)
         return Experience(rep, comp, tensors, m)
 
-    def loss(self, ctx: Context, exp: Experience):
+    def loss(self, ctx: Context, exp: Experience, norm: LossNorm | None = None):
         g, t = ctx.cfg.grpo, exp.tensors
         logits = completion_logits(ctx.forward_model, exp.batch, exp.comp.ids, exp.comp.mask,
                                    temperature=ctx.cfg.rollout.temperature)
@@ -224,14 +409,108 @@ class GRPO:
         mask = t["mask"]
         adv = t["adv"][:, None].expand_as(logp)
         loss, m = L.policy_loss(logp, t["old_logp"], adv, mask, clip_low=g.clip_low, clip_high=g.clip_high,
-                                agg=g.agg)
+                                agg=g.agg, **_kw(norm))
         m = {k: float(v) for k, v in m.items()}
         if t.get("ref_logp") is not None:
-            kl = L.agg_loss(L.kl_penalty(logp, t["ref_logp"], kind=g.kl_kind), mask, mode=g.agg)
+            kl = L.agg_loss(L.kl_penalty(logp, t["ref_logp"], kind=g.kl_kind), mask, mode=g.agg, **_kw(norm))
             loss = loss + g.kl_beta * kl
             m["kl_ref"] = float(kl.detach())
         m["loss"] = float(loss.detach())
         return loss, m
 
 
-METHODS = {"sft": SFT(), "opd": OPD(), "grpo": GRPO()}
+@register_method
+class ReST(Method):
+    """Rounds of sampling, filtering by reward and SFT through the trainer (``core/rest.py``)."""
+
+    name = "rest"
+    driver = "core.rest.run"
+
+    def check(self, cfg) -> None:
+        r = cfg.rest
+        if r.rounds < 1:
+            _bad("rest.rounds", "must be >= 1")
+        if r.samples < 1:
+            _bad("rest.samples", "must be >= 1")
+        if not r.rewards:
+            _bad("rest.rewards", "at least one reward is required")
+        if r.max_per_prompt < 0:
+            _bad("rest.max_per_prompt", "must be >= 0 (0 = all)")
+        if r.steps_per_round < 0:
+            _bad("rest.steps_per_round", "must be >= 0 (0 = one pass over the kept samples)")
+        try:  # YAML reads 1e-4 (no dot) as a string
+            lrs = [float(x) for x in r.lrs if not isinstance(x, bool)]
+        except (TypeError, ValueError):
+            lrs = []
+        if len(lrs) != r.rounds or len(r.lrs) != r.rounds:
+            _bad("rest.lrs", f"needs one learning rate per round (rest.rounds={r.rounds}), got {r.lrs!r}")
+        r.lrs = lrs
+
+    def reward_weights(self, cfg) -> dict:
+        return {"rest.rewards": dict(cfg.rest.rewards)}
+
+    def run(self, cfg) -> dict:
+        from core.rest import run
+        return run(cfg)
+
+
+@register_method
+class Calibrate(Method):
+    """Rollout + teacher scoring on the dev set without updates: the student/teacher per-token KL
+    gap, written to ``calibrate.json``."""
+
+    name = "calibrate"
+    trains = False
+    uses_teacher = True
+    needs_dev = True
+
+    def check(self, cfg) -> None:
+        _check_teacher(cfg, self.name)
+        if cfg.teacher.kind == "remote":
+            _bad("teacher.kind", "calibrate needs the teacher's full logits, which a remote teacher does not give; "
+                                 "use teacher.kind: local for calibrate")
+        if not cfg.data.dev:
+            _bad("data.dev", "required for calibrate")
+
+    @torch.no_grad()
+    def evaluate(self, trainer) -> dict:
+        import json
+        import logging
+
+        from tqdm.auto import tqdm
+
+        from core.trainer import step_seed
+        from core.utils import dist
+        cfg, ctx = trainer.cfg, trainer.ctx
+        rows = trainer.dev_rows
+        bs = cfg.train.batch_size
+        tot = {"kl_sampled": 0.0, "kl_full": 0.0, "tokens": 0.0, "student_logp": 0.0, "teacher_logp": 0.0}
+        lens = []
+        for i in tqdm(range(0, len(rows), bs), desc="calibrate", disable=not dist.is_main()):
+            batch = prompts(ctx, rows[i: i + bs])
+            r = cfg.rollout
+            rep, comp = generate_completions(
+                trainer.model, batch, trainer.tokenizer, n=r.n, temperature=r.temperature, top_p=r.top_p,
+                top_k=r.top_k, max_new_tokens=r.max_new_tokens, suppress_ids=ctx.suppress_ids,
+                eos_ids=ctx.eos_ids, seed=step_seed(cfg.train.seed, 0, i, trainer.rank))
+            s = trainer.teacher.score(rep, comp, return_logits=True).to(comp.ids.device)
+            st_logits = completion_logits(trainer.model, rep, comp.ids, comp.mask)
+            m = comp.mask.float() * s.valid.float()[:, None]
+            sl = torch.log_softmax(st_logits, -1)
+            tl = torch.log_softmax(s.logits, -1)
+            kl_full = (sl.exp() * (sl - tl)).sum(-1)
+            slp = sl.gather(-1, comp.ids.unsqueeze(-1)).squeeze(-1)
+            tot["kl_sampled"] += float(((slp - s.logp) * m).sum())
+            tot["kl_full"] += float((kl_full * m).sum())
+            tot["student_logp"] += float((slp * m).sum())
+            tot["teacher_logp"] += float((s.logp * m).sum())
+            tot["tokens"] += float(m.sum())
+            lens += comp.mask.sum(-1).tolist()
+        n = max(tot["tokens"], 1.0)
+        res = {"reverse_kl_per_token": tot["kl_full"] / n, "sampled_kl_per_token": tot["kl_sampled"] / n,
+               "student_logp_per_token": tot["student_logp"] / n, "teacher_logp_per_token": tot["teacher_logp"] / n,
+               "tokens": tot["tokens"], "completion_len": sum(lens) / max(1, len(lens)), "samples": len(lens)}
+        if dist.is_main():
+            (trainer.out / "calibrate.json").write_text(json.dumps(res, indent=2))
+            logging.getLogger("core.trainer").info("calibrate: %s", res)
+        return res

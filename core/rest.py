@@ -46,7 +46,7 @@ from core.data.manifest import write_manifest
 from core.methods import reward_fields
 from core.models import load_model_and_processor, special_token_ids, tokenizer_of
 from core.rewards import compute_rewards
-from core.rollout import generate_completions
+from core.sampling import generate_completions
 from core.trainer import Trainer, model_kwargs, place_model, read_rows, resolve_modality, step_seed
 from core.utils import dist
 from core.utils.logging import MetricsLogger, setup_console
@@ -163,6 +163,12 @@ def round_config(cfg: C.TrainConfig, i: int, kept_path: Path, model_path: str, s
     rc.train.max_steps, rc.train.max_seconds = steps, max_seconds
     rc.train.seed = cfg.train.seed + i
     rc.train.resume = "never" if cfg.train.resume == "never" else "auto"
+    if "mlflow" in rc.logging.report_to:  # the rounds' MLflow runs go into the ReST run's store
+        from core.utils.trackers import default_mlflow_uri
+        rc.logging.mlflow_tracking_uri = (cfg.logging.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+                                          or default_mlflow_uri(Path(cfg.output_dir)))
+    if cfg.logging.run_name:
+        rc.logging.run_name = f"{cfg.logging.run_name}/round_{i}"
     return C.validate(rc)
 
 
@@ -195,7 +201,7 @@ def run(cfg: C.TrainConfig) -> dict:
         (out / "metrics.jsonl").unlink(missing_ok=True)
         shutil.rmtree(out / "final", ignore_errors=True)
     dist.barrier()
-    logger = MetricsLogger(out, enabled=main, filename="metrics.jsonl")
+    logger = MetricsLogger.from_config(out, cfg, enabled=main, filename="metrics.jsonl")
     t_start, prior = time.time(), 0.0
     # the budget counts what the other methods' train_seconds count: sampling (grow) and SFT
     # steps, not model loading, export or dev evaluation between rounds

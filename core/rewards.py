@@ -22,15 +22,34 @@ A reward follows TRL's convention: ``fn(completions: list[str], **kwargs) -> lis
 What is left out
 ----------------
 Task-specific scoring (caption metrics, benchmark-specific answer rules such as MMSU's letter
-parsing, ...): recipes register their own rewards from their ``local/`` code with
-``register_reward``. No model-based rewards (LLM judges), no partial credit for MCQs.
+parsing, ...): recipes register their own rewards from their ``local/`` code. No model-based
+rewards (LLM judges), no partial credit for MCQs.
+
+User rewards
+------------
+A config's ``rewards.modules: [local/my_rewards.py, my_package.rewards]`` lists Python files (or
+importable module names) that ``load_reward_modules`` imports when the config loads, before any
+reward name is checked. A file registers its functions with ``@register_reward("name")`` or by
+defining ``REWARDS = {"name": fn}``; each function follows the signature above. Example::
+
+    # recipes/my_task/local/my_rewards.py
+    from core.rewards import extract_answer, register_reward
+
+    @register_reward("emotion_match")
+    def emotion_match(completions, answer=None, **kwargs):
+        return [float(extract_answer(c).lower() == a.lower()) for c, a in zip(completions, answer)]
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import importlib.util
 import math
 import re
+import sys
 import unicodedata
+from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Sequence, Tuple
 
 import jiwer
@@ -41,6 +60,7 @@ __all__ = [
     "get_reward",
     "registered_rewards",
     "compute_rewards",
+    "load_reward_modules",
     "normalize_text",
     "wer_reward",
     "cer_reward",
@@ -85,6 +105,57 @@ def get_reward(name: str) -> RewardFn:
         raise KeyError(
             f"unknown reward {name!r}; registered rewards: {', '.join(registered_rewards()) or '(none)'}"
         ) from None
+
+
+def _import_file(path: Path):
+    """Import the Python file ``path`` once per process under a name derived from its absolute path."""
+    name = "user_rewards_" + path.stem + "_" + hashlib.sha1(str(path).encode()).hexdigest()[:10]
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return mod
+
+
+def load_reward_modules(modules: Sequence[str], base: str | Path | None = None) -> List[str]:
+    """Import the user's reward ``modules`` (file paths ending in ``.py``, relative ones against
+    ``base`` or the working directory, or dotted module names) and register their rewards: what
+    their ``@register_reward`` decorators register on import, plus a module-level
+    ``REWARDS = {name: fn}`` dict. Returns the names registered by these modules.
+
+    Raises ``ValueError`` naming the module for a missing file, an import that fails, a
+    ``REWARDS`` that is not a dict of callables, or a name already taken by another function."""
+    before = dict(_REGISTRY)
+    for spec in modules:
+        if not isinstance(spec, str) or not spec.strip():
+            raise ValueError(f"rewards.modules: expected a file path or module name, got {spec!r}")
+        try:
+            if spec.endswith(".py") or "/" in spec or "\\" in spec:
+                path = Path(spec).expanduser()
+                if not path.is_absolute():
+                    path = Path(base or Path.cwd()) / path
+                if not path.is_file():
+                    raise ValueError(f"rewards.modules: {spec}: no such file ({path})")
+                mod = _import_file(path.resolve())
+            else:
+                mod = importlib.import_module(spec)
+        except ValueError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the user's code: say which file failed and why
+            raise ValueError(f"rewards.modules: importing {spec} failed: {type(e).__name__}: {e}") from e
+        table = getattr(mod, "REWARDS", None)
+        if table is not None:
+            if not isinstance(table, dict) or not all(isinstance(k, str) and callable(v) for k, v in table.items()):
+                raise ValueError(f"rewards.modules: {spec}: REWARDS must be a dict of name -> function")
+            for k, fn in table.items():
+                register_reward(k)(fn)
+    return sorted(k for k, v in _REGISTRY.items() if before.get(k) is not v)
 
 
 def compute_rewards(

@@ -30,7 +30,8 @@ import torch
 
 from core.data.audio import load_audio
 from core.data.collate import PromptBatch, make_collator
-from core.rollout import Completions, completion_logits
+from core.forward import completion_logits
+from core.sampling import Completions
 from core.serve.protocol import error_message, vocab_fingerprint, wav_base64
 
 
@@ -58,7 +59,7 @@ class LocalTeacher:
     """An in-process transformers model used as the teacher (frozen, eval mode, no grad).
 
     It scores through ``completion_logits``, so on the rollout's repeated batch its media encoders
-    run once per distinct prompt, not once per completion (``core.rollout.encoders_once``).
+    run once per distinct prompt, not once per completion (``core.forward.encoders_once``).
     """
 
     def __init__(self, model, processor=None, device: str | torch.device | None = None):
@@ -136,13 +137,13 @@ class RemoteTeacher:
     temperature other than 1 raise ``ValueError``.
     """
 
-    def __init__(self, url: str, processor=None, *, collator=None, prompt: str = "Transcribe the audio.",
+    def __init__(self, url: str, processor=None, *, collator=None, prompt: str | None = None,
                  system: str | None = None, api_key: str | None = None, model: str | None = None,
                  timeout: float = 60.0, max_retries: int = 3, backoff: float = 1.0, concurrency: int = 8,
                  top_k_cap: int = 20, student_model=None, audio_subtype: str = "FLOAT"):
         """``url``: the server's base URL (a trailing ``/v1`` is accepted). ``processor``: the student's.
         ``collator``: builds each sample's messages (default: an ``AudioPromptCollator`` with ``prompt``
-        and ``system``, or a ``TextPromptCollator`` for a text model); it must be the student's, so the
+        (required then) and ``system``, or a ``TextPromptCollator`` for a text model); it must be the student's, so the
         teacher sees the student's prompt. ``api_key``: bearer token (default ``$TEACHER_API_KEY``).
         ``model``: served model name (default: the first in ``/v1/models``). ``student_model``: its
         output size is checked against the server's ``vocab_size``. ``audio_subtype``: WAV sample
@@ -152,7 +153,7 @@ class RemoteTeacher:
             raise ValueError("RemoteTeacher needs the student's processor (or a collator)")
         if collator is None:
             audio = getattr(processor, "feature_extractor", None) is not None
-            collator = make_collator("audio" if audio else "text", processor, prompt=prompt, system=system)
+            collator = make_collator("audio" if audio else "text", processor, prompt=prompt or "", system=system)
         for name, v, lo in (("timeout", timeout, 1e-9), ("concurrency", concurrency, 1), ("top_k_cap", top_k_cap, 1)):
             if v is None or v < lo:
                 raise ValueError(f"RemoteTeacher: {name} must be >= {lo}, got {v!r}")

@@ -1,19 +1,19 @@
 """The training loop, and nothing else: batch -> experience (rollout, scores) -> loss -> step.
 
-The method (``sft`` | ``opd`` | ``grpo``) comes from ``core.methods.METHODS`` by name; the loop
-never branches on its maths. It handles data order (a seeded permutation per epoch, each
-rank taking its slice of the global batch), gradient accumulation, several optimisation epochs
-per rollout (``grpo.epochs`` x ``grpo.minibatches``), the LR schedule, the wall-clock budget,
-skipped non-finite steps, periodic dev evaluation, checkpoints (``resume: auto``), metrics
-(JSONL, TensorBoard, tqdm) and the final ``save_pretrained`` export.
-
-``calibrate`` runs rollout + teacher scoring on the dev set without updates and reports the
-student/teacher per-token KL gap.
+The method comes from the registry (``core.methods.get_method``); the loop asks it what it needs
+(a teacher, a reference model, manifest fields, epochs and minibatches per rollout, whether it
+trains at all) and never names a method. It handles data order (a seeded permutation per
+epoch, each rank taking its slice of the global batch), gradient accumulation, the loss over
+the global batch (each micro-batch's loss normalised by the token and sequence counts of the
+whole optimizer step across micro-batches and processes, ``step_norm``, so any split of a batch
+gives the gradient of the whole), several optimisation epochs per rollout, the LR schedule, the
+wall-clock budget, skipped non-finite steps, periodic dev evaluation, checkpoints (``resume:
+auto``), metrics (JSONL, TensorBoard, tqdm) and the final ``save_pretrained`` export.
 
 ``model.lora`` wraps the model with peft adapters (any method; only the adapters train, their
-checkpoints hold the adapters only, the export merges them into the base); GRPO's KL reference
-is then the same model with its adapters disabled, not a copy. ``rest`` runs in ``core/rest.py``
-(rounds of sampling and of this loop's SFT).
+checkpoints hold the adapters only, the export merges them into the base); a method's KL
+reference is then the same model with its adapters disabled, not a copy. A method with a
+driver of its own (``rest``) runs there, through this loop's SFT.
 """
 from __future__ import annotations
 
@@ -34,10 +34,11 @@ from core import config as C
 from core.backends import DeepSpeedEngine, TorchEngine, fill_ds_config
 from core.data.collate import make_collator
 from core.data.manifest import NO_AUDIO_TRACK, ManifestError, Problem, read_manifest
-from core.methods import METHODS, Context, Experience, prompts, targets
+from core.methods import Context, Experience, LossNorm, get_method, prompts, targets
 from core.models import apply_lora, check_vocab_match, is_peft_model, load_model_and_processor, special_token_ids
 from core.rewards import compute_rewards
-from core.rollout import completion_logits, generate_completions, token_logp
+from core.forward import completion_logits, token_logp
+from core.sampling import generate_completions
 from core.teacher import LocalTeacher, TeacherRequestError, TeacherUnavailable
 from core.utils import checkpoint as ckpt
 from core.utils import dist
@@ -110,24 +111,10 @@ def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
 
 
 def _load_teacher(cfg: C.TrainConfig, processor, model, device=None):
+    """The teacher of ``cfg.teacher`` (its settings were checked when the config loaded)."""
     t = cfg.teacher
     if t.kind == "remote":
         from core.teacher import RemoteTeacher
-        o = cfg.opd
-        if cfg.method == "calibrate":
-            raise C.ConfigError("config key 'teacher.kind': calibrate needs the teacher's full logits, which a "
-                                "remote teacher does not give; use teacher.kind: local for calibrate")
-        if o.form == "distribution" and o.support != "teacher_topk":
-            raise C.ConfigError(f"config key 'opd.support': a remote teacher gives top-k log-probs only, not the "
-                                f"full logits that support {o.support!r} needs; use opd.support: teacher_topk "
-                                f"(with opd.top_k) or opd.form: sampled_token")
-        if o.form == "distribution" and o.top_k > t.top_k_cap:
-            raise C.ConfigError(f"config key 'opd.top_k': {o.top_k} is more than teacher.top_k_cap {t.top_k_cap}; "
-                                "raise both the server's --max-logprobs and teacher.top_k_cap, or lower opd.top_k")
-        for key, lo in (("timeout", 1e-3), ("concurrency", 1), ("top_k_cap", 1), ("max_retries", 0),
-                        ("retry_backoff", 0)):
-            if getattr(t, key) < lo:
-                raise C.ConfigError(f"config key 'teacher.{key}': must be >= {lo}, got {getattr(t, key)!r}")
         collator = make_collator(resolve_modality(cfg, model), processor, cfg.data)
         return RemoteTeacher(t.url, processor, collator=collator, api_key=t.api_key or None, model=t.model or None,
                              timeout=t.timeout, max_retries=t.max_retries, backoff=t.retry_backoff,
@@ -279,8 +266,9 @@ def _media_kinds(path: str) -> set[str]:
 class Trainer:
     def __init__(self, cfg: C.TrainConfig):
         setup_console()
-        if cfg.method == "rest":
-            raise TrainingError("method rest runs in core.rest.run (rounds of sampling and SFT), not in Trainer")
+        self.method = get_method(cfg.method)
+        if self.method.driver != "trainer":
+            raise TrainingError(f"method {cfg.method} runs in {self.method.driver}, not in Trainer")
         self.cfg = cfg
         use_ds = cfg.backend.name == "deepspeed"
         dist.init(cfg.backend.dist_backend, use_deepspeed=use_ds, device_choice=cfg.backend.device)
@@ -307,24 +295,26 @@ class Trainer:
         if self.modality == "av" and not has_vision_encoder(model):
             raise C.ConfigError(f"config key 'data.modality': av needs a model with a vision encoder; "
                                 f"{type(model).__name__} has none")
+        if self.modality != "text" and not cfg.data.prompt:
+            raise C.ConfigError(f"config key 'data.prompt': {C.PROMPT_REQUIRED}")
         self.collator = make_collator(self.modality, processor, cfg.data)
-        teacher = _load_teacher(cfg, processor, model, self.device) if cfg.method in ("opd", "calibrate") else None
+        teacher = _load_teacher(cfg, processor, model, self.device) if self.method.uses_teacher else None
         ref = None
-        if cfg.method == "grpo" and cfg.grpo.kl_beta > 0 and is_peft_model(model):
+        if self.method.needs_reference(cfg) and is_peft_model(model):
             ref = AdapterDisabled(model)
-        elif cfg.method == "grpo" and cfg.grpo.kl_beta > 0:
+        elif self.method.needs_reference(cfg):
             ref = copy.deepcopy(model).eval()
             for p in ref.parameters():
                 p.requires_grad_(False)
         # data: every problem found before training starts
-        require = (cfg.data.target_field,) if cfg.method == "sft" else ()
+        require = self.method.required_fields(cfg)
         self.rows = read_rows(cfg.data.train, cfg, self.modality, require) if cfg.data.train else []
         self.dev_rows = (read_rows(cfg.data.dev, cfg, self.modality, key="data.dev")[: cfg.data.dev_max_samples]
                          if cfg.data.dev else [])
         self.model = model
         self.teacher, self.ref = teacher, ref
         self.engine = None
-        if cfg.method != "calibrate":
+        if self.method.trains:
             self._build_engine()
         fwd = self.engine.module if self.engine else model
         self.ctx = Context(model=fwd, forward_model=fwd, processor=processor, tokenizer=self.tokenizer,
@@ -337,7 +327,7 @@ class Trainer:
             C.dump_config(cfg, self.out / "config.yaml")
         if cfg.train.resume == "never" and dist.is_main():  # a fresh run: no curves of an earlier one
             (self.out / "metrics.jsonl").unlink(missing_ok=True)
-        self.logger = MetricsLogger(self.out, enabled=dist.is_main())
+        self.logger = MetricsLogger.from_config(self.out, cfg, enabled=dist.is_main())  # JSONL + logging.report_to
         self._saved_step = None  # step of the checkpoint last written or resumed from in this output_dir
 
     def _build_engine(self):
@@ -394,44 +384,6 @@ class Trainer:
             out["dev/greedy_len"] = sum(lens) / len(lens)
         return out
 
-    # ------------------------------------------------------------------ calibrate
-    @torch.no_grad()
-    def calibrate(self) -> dict:
-        """Rollout + teacher scoring on dev, no updates: the student/teacher KL gap."""
-        cfg = self.cfg
-        rows = self.dev_rows
-        bs = cfg.train.batch_size
-        tot = {"kl_sampled": 0.0, "kl_full": 0.0, "tokens": 0.0, "student_logp": 0.0, "teacher_logp": 0.0}
-        lens = []
-        for i in tqdm(range(0, len(rows), bs), desc="calibrate", disable=not dist.is_main()):
-            batch = prompts(self.ctx, rows[i: i + bs])
-            rep, comp = generate_completions(
-                self.model, batch, self.tokenizer, n=cfg.rollout.n, temperature=cfg.rollout.temperature,
-                top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens,
-                suppress_ids=self.ctx.suppress_ids, eos_ids=self.ctx.eos_ids,
-                seed=step_seed(cfg.train.seed, 0, i, self.rank))
-            s = self.teacher.score(rep, comp, return_logits=True).to(comp.ids.device)
-            st_logits = completion_logits(self.model, rep, comp.ids, comp.mask)
-            m = comp.mask.float() * s.valid.float()[:, None]
-            sl = torch.log_softmax(st_logits, -1)
-            tl = torch.log_softmax(s.logits, -1)
-            kl_full = (sl.exp() * (sl - tl)).sum(-1)
-            slp = sl.gather(-1, comp.ids.unsqueeze(-1)).squeeze(-1)
-            tot["kl_sampled"] += float(((slp - s.logp) * m).sum())
-            tot["kl_full"] += float((kl_full * m).sum())
-            tot["student_logp"] += float((slp * m).sum())
-            tot["teacher_logp"] += float((s.logp * m).sum())
-            tot["tokens"] += float(m.sum())
-            lens += comp.mask.sum(-1).tolist()
-        n = max(tot["tokens"], 1.0)
-        res = {"reverse_kl_per_token": tot["kl_full"] / n, "sampled_kl_per_token": tot["kl_sampled"] / n,
-               "student_logp_per_token": tot["student_logp"] / n, "teacher_logp_per_token": tot["teacher_logp"] / n,
-               "tokens": tot["tokens"], "completion_len": sum(lens) / max(1, len(lens)), "samples": len(lens)}
-        if dist.is_main():
-            (self.out / "calibrate.json").write_text(json.dumps(res, indent=2))
-            log.info("calibrate: %s", res)
-        return res
-
     # ------------------------------------------------------------------ training
     def _micro_rows(self, idx: list[int], micro: int) -> list[dict]:
         B = self.cfg.train.batch_size
@@ -440,12 +392,11 @@ class Trainer:
 
     def train(self) -> dict:
         cfg, tc = self.cfg, self.cfg.train
-        if cfg.method == "calibrate":
-            return self.calibrate()
-        method = METHODS[cfg.method]
+        method = self.method
+        if not method.trains:
+            return method.evaluate(self)
         accum = cfg.optim.grad_accum
-        epochs = cfg.grpo.epochs if cfg.method == "grpo" else 1
-        minibatches = cfg.grpo.minibatches if cfg.method == "grpo" else 1
+        epochs, minibatches = method.updates(cfg)
         global_k = tc.batch_size * accum * self.world
         lengths = None
         if cfg.data.length_group > 0:
@@ -506,17 +457,14 @@ class Trainer:
                 e.tensors.get("mask") is not None and float(e.tensors["mask"].sum()) == 0 for e in exps))) == 1.0
             for ep in range(epochs if not unscored else 0):
                 for mb in range(minibatches):
-                    for e in exps:
-                        sub = _minibatch(e, mb, minibatches)
-                        loss, lm = method.loss(self.ctx, sub)
-                        if dist.mean_across(float(not torch.isfinite(loss))) > 0:  # every rank skips together
-                            bad = True
-                            break
-                        self.engine.backward(loss)
-                        loss_sum += float(loss.detach())
-                        n_loss += 1
-                        for k, v in lm.items():
-                            metrics[f"train/{k}"] = v
+                    done = backward_parts(self.engine, method, self.ctx,
+                                          [_minibatch(e, mb, minibatches) for e in exps], accum, self.world)
+                    if done is None:
+                        bad = True
+                    else:
+                        loss_sum += done[0]
+                        metrics.update({f"train/{k}": v for k, v in done[1].items()})
+                    n_loss += 1
                     if bad:
                         self.engine.zero_grad()
                         break
@@ -546,7 +494,8 @@ class Trainer:
                 bad_in_a_row = 0
             ntok = sum(float(e.comp.mask.sum()) for e in exps)
             metrics.update(_teacher_deltas(before[2], getattr(self.teacher, "stats", None)))
-            metrics.update({"loss": loss_sum / n_loss if n_loss else float("nan"), "lr": self.engine.lr(),
+            # the step's loss over every process (each logs its share x world; the mean across ranks sums them)
+            metrics.update({"loss": loss_sum * self.world / n_loss if n_loss else float("nan"), "lr": self.engine.lr(),
                             "grad_norm": step_info.get("grad_norm", float("nan")), "skipped_steps": skipped_total,
                             "step_seconds": dt, "experience_seconds": t_exp, "tokens_per_s": ntok / max(dt, 1e-9),
                             "train_seconds": train_seconds, "epoch": order.epoch})
@@ -627,6 +576,35 @@ def _teacher_deltas(before: dict, after: dict | None) -> dict:
             "teacher/retried_samples": float(after.get("retried", 0) - before.get("retried", 0))}
 
 
+def backward_parts(engine, method, ctx, parts: list[Experience], accum: int, world: int):
+    """Backward of one optimizer step's ``parts`` (this process's micro-batches): each part's loss
+    is its share of the whole step's (normalised by ``step_norm``: the step's token and sequence
+    counts over every micro-batch and process), scaled by ``accum * world`` because the engine
+    divides by ``grad_accum`` and averages the gradients over the processes. The accumulated
+    gradient is then the gradient of the loss of the whole global batch taken at once.
+
+    Returns ``(this process's share of the loss, the last part's metrics)``, or None when a
+    part's loss is not finite on some process (every process stops together; the caller clears
+    the gradients)."""
+    norm = step_norm(parts)
+    total, metrics = 0.0, {}
+    for part in parts:
+        loss, metrics = method.loss(ctx, part, norm)
+        if dist.mean_across(float(not torch.isfinite(loss))) > 0:  # every rank skips together
+            return None
+        engine.backward(loss * (accum * world))
+        total += float(loss.detach())
+    return total, metrics
+
+
+def step_norm(parts: list[Experience]) -> LossNorm:
+    """The loss denominators of one optimizer step: loss-mask tokens and sequences of ``parts``
+    (this process's micro-batches) summed over every process."""
+    tokens = sum(float(e.mask.sum()) for e in parts)
+    seqs = float(sum(len(e) for e in parts))
+    return LossNorm(dist.sum_across(tokens), dist.sum_across(seqs))
+
+
 def _minibatch(e: Experience, mb: int, n: int) -> Experience:
     if n == 1:
         return e
@@ -636,4 +614,5 @@ def _minibatch(e: Experience, mb: int, n: int) -> Experience:
 
 
 def run(cfg: C.TrainConfig) -> dict:
-    return Trainer(cfg).train()
+    """Run ``cfg``'s method: its own driver when it has one (``rest``), else this trainer."""
+    return get_method(cfg.method).run(cfg)

@@ -104,7 +104,7 @@ def write_config(tiny):
             "output_dir": str(folder / name),
             "model": {"path": str(tiny.student)},
             "teacher": {"path": str(tiny.teacher)},
-            "data": {"train": str(tiny.manifest)},
+            "data": {"train": str(tiny.manifest), "prompt": "Transcribe the audio."},
             "rollout": {"n": 2, "max_new_tokens": 6},
             "optim": {"lr": 1e-2},
             "train": {"batch_size": 2, "max_steps": 3, "seed": 0},

@@ -59,7 +59,7 @@ def length_order(rows: list[dict]) -> list[int]:
     return sorted(range(len(rows)), key=lambda i: keys[i], reverse=True)
 
 
-def decode(model_dir: str, manifest: str, out: str, *, prompt: str = "Transcribe the audio.", batch_size: int = 32,
+def decode(model_dir: str, manifest: str, out: str, *, prompt: str = "", batch_size: int = 32,
            max_new_tokens: int = 32, target_field: str = "text", as_manifest: bool = False,
            temperature: float = 0.0, seed: int = 0, modality: str = "auto", num_frames: int = 8,
            missing_audio: str = "error", sort_by_length: bool = True, device: str = "auto") -> dict:
@@ -68,7 +68,7 @@ def decode(model_dir: str, manifest: str, out: str, *, prompt: str = "Transcribe
     from core.data.manifest import write_manifest
     from core.trainer import read_rows
     from core.models import load_model_and_processor, special_token_ids
-    from core.rollout import generate_completions
+    from core.sampling import generate_completions
     from core.utils.dist import device as pick_device
     from core.utils.logging import setup_console
 
@@ -78,6 +78,9 @@ def decode(model_dir: str, manifest: str, out: str, *, prompt: str = "Transcribe
     model.eval()
     tok = getattr(proc, "tokenizer", proc)
     mode = decode_modality(model, manifest, modality)
+    if mode != "text" and not prompt:
+        raise ValueError(f"--prompt is required for {mode} prompts: the user turn's text after the media, formatted "
+                         "with each row's fields (e.g. 'Transcribe the audio.', '{question}')")
     data = C.DataConfig(train=str(manifest), prompt=prompt, num_frames=num_frames, missing_audio=missing_audio)
     rows = read_rows(str(manifest), C.TrainConfig(data=data), mode, key="--manifest")
     col = make_collator(mode, proc, data)
@@ -114,9 +117,10 @@ def main(argv=None) -> int:
     ap.add_argument("--model", required=True, help="model directory (save_pretrained folder)")
     ap.add_argument("--manifest", required=True, help="input manifest (JSONL)")
     ap.add_argument("--out", required=True, help="output JSONL")
-    ap.add_argument("--prompt", default="Transcribe the audio.",
-                    help="audio models: the user turn's text (formatted with the row's fields); text models: "
-                         "used only when it names a field, else each row's 'prompt' field")
+    ap.add_argument("--prompt", default="",
+                    help="audio / audio-visual models (required): the user turn's text after the media, formatted "
+                         "with the row's fields, e.g. 'Transcribe the audio.'; text models: used only when it names "
+                         "a field, else each row's 'prompt' (or 'question') field")
     ap.add_argument("--batch_size", type=int, default=32)
     ap.add_argument("--max_new_tokens", type=int, default=32)
     ap.add_argument("--target_field", default="text")

@@ -36,9 +36,14 @@ def main(argv=None) -> int:
     ap.add_argument("--log-level", default="info")
     args = ap.parse_args(argv)
 
-    import uvicorn
+    try:
+        import uvicorn
 
-    from core.serve.app import create_app
+        from core.serve.app import create_app
+    except ModuleNotFoundError as e:  # the server's packages are the 'serve' extra
+        print(f"error: the teacher server needs the package '{e.name}': pip install 'audio-posttrain[serve]'",
+              file=sys.stderr)
+        return 2
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(args.model, api_key=args.api_key or os.environ.get("TEACHER_API_KEY") or None,

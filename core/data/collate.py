@@ -15,7 +15,7 @@ data)`` is the one place that picks among them.
 vision patches (``pixel_values_videos`` ``[sum of patches, D]``), whose rows belong to samples
 by each sample's ``video_grid_thw``. ``repeat`` records which rows are copies of one prompt
 (``PromptBatch.groups``, kept through ``select``), so that a forward can run the media encoders
-once per distinct prompt (``core.rollout.encoders_once``).
+once per distinct prompt (``core.forward.encoders_once``).
 
 What it leaves out: any model maths, video decoding (``core/data/video.py``), several videos or
 images in one prompt.
@@ -146,11 +146,19 @@ def format_prompt(template: str, row: dict) -> str:
         raise KeyError(f"prompt template needs field {e} missing from sample {row.get('key')!r}") from None
 
 
+def _require_prompt(prompt, kind: str) -> None:
+    """Media prompts have no text of their own: the task's prompt must be given (no default, so a
+    config that forgets it fails here instead of training on some other task's prompt)."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"{kind} prompts need a prompt text (config key 'data.prompt', decode's --prompt), e.g. "
+                         "'Transcribe the audio.' or '{question}'; none was given")
+
+
 class AudioPromptCollator:
     """Builds ``PromptBatch`` objects for audio-in, text-out models (Qwen2-Audio style)."""
 
-    def __init__(self, processor, prompt: str = "Transcribe the audio.", *, system: str | None = None,
-                 sample_rate: int = 16000):
+    def __init__(self, processor, prompt: str, *, system: str | None = None, sample_rate: int = 16000):
+        _require_prompt(prompt, "audio")
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.prompt = prompt
@@ -200,9 +208,10 @@ class AVPromptCollator:
     the clip's length).
     """
 
-    def __init__(self, processor, prompt: str = "Describe the video.", *, system: str | None = None,
+    def __init__(self, processor, prompt: str, *, system: str | None = None,
                  sample_rate: int = 16000, num_frames: int = 8, missing_audio: str = "error",
                  video_max_pixels: int = 64 * 64):
+        _require_prompt(prompt, "audio-visual")
         if missing_audio not in ("error", "silence"):
             raise ValueError(f"missing_audio must be 'error' or 'silence', got {missing_audio!r}")
         self.processor = processor
@@ -304,7 +313,7 @@ class TextPromptCollator:
     left-padded; there are no media inputs.
     """
 
-    def __init__(self, processor, prompt: str = "{prompt}", *, system: str | None = None, **_ignored):
+    def __init__(self, processor, prompt: str = "", *, system: str | None = None, **_ignored):
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.prompt = prompt
@@ -317,6 +326,9 @@ class TextPromptCollator:
             v = row.get(name)
             if isinstance(v, str) and v:
                 return v
+        if not self.prompt:
+            raise KeyError(f"sample {row.get('key')!r} has no 'prompt' or 'question' field and no prompt text was "
+                           "given (data.prompt / --prompt)")
         return self.prompt
 
     def messages(self, row: dict) -> list[dict]:

@@ -72,7 +72,7 @@ def _decord():
         import decord
     except ImportError as e:  # pragma: no cover - the project's setup installs it
         raise ImportError("decord is needed to read videos (bash run.sh setup installs it; "
-                          "or pip install decord)") from e
+                          "or pip install 'audio-posttrain[video]')") from e
     return decord
 
 

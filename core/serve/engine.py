@@ -298,7 +298,7 @@ class TeacherEngine:
     @torch.inference_mode()
     def _transcribe_batch(self, items: list[TranscribeItem]) -> list[str]:
         from core.data.collate import AudioPromptCollator, PromptBatch
-        from core.rollout import generate_completions
+        from core.sampling import generate_completions
 
         if self._collator is None:
             self._collator = AudioPromptCollator(self.processor, "{prompt}", sample_rate=self.sample_rate)

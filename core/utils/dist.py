@@ -115,6 +115,15 @@ def all_reduce_grads(params) -> None:
             p.grad.div_(ws)
 
 
+def sum_across(x: float) -> float:
+    """``x`` summed over every process (``x`` itself with one)."""
+    if world_size() == 1:
+        return float(x)
+    t = torch.tensor([float(x)], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t.item())
+
+
 def mean_across(x: float) -> float:
     if world_size() == 1:
         return float(x)

@@ -24,7 +24,7 @@ def _yaml(path: Path, data: dict) -> Path:
 
 
 def _minimal(tiny) -> dict:
-    return {"model": {"path": str(tiny.student)}, "data": {"train": str(tiny.manifest)}}
+    return {"model": {"path": str(tiny.student)}, "data": {"train": str(tiny.manifest), "prompt": "Transcribe the audio."}}
 
 
 # ----------------------------------------------------------------------------- keys and types
@@ -78,7 +78,7 @@ def test_wrong_type_is_named(tiny, tmp_path, data, key):
 
 def test_missing_model_path(tiny, tmp_path):
     with pytest.raises(C.ConfigError, match=r"model\.path"):
-        C.load_config(_yaml(tmp_path / "c.yaml", {"data": {"train": str(tiny.manifest)}}))
+        C.load_config(_yaml(tmp_path / "c.yaml", {"data": {"train": str(tiny.manifest), "prompt": "Transcribe the audio."}}))
 
 
 @pytest.mark.parametrize("data, key", [

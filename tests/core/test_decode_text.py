@@ -119,7 +119,7 @@ def test_text_model_bad_input_fails_clearly(text_lm, tmp_path, capsys):
 
 def test_audio_model_still_uses_the_audio_collator(tiny, tmp_path):
     from core.data.collate import AudioPromptCollator
-    from core.rollout import generate_completions
+    from core.sampling import generate_completions
     from core.models import special_token_ids
 
     rows = tiny.rows[:3]

@@ -53,7 +53,7 @@ def test_other_devices_are_refused(choice):
 
 
 def test_config_names_the_device_key(tiny):
-    base = {"model": {"path": str(tiny.student)}, "data": {"train": str(tiny.manifest)}}
+    base = {"model": {"path": str(tiny.student)}, "data": {"train": str(tiny.manifest), "prompt": "Transcribe the audio."}}
     with pytest.raises(C.ConfigError, match="backend.device") as e:
         C.load_config(overrides=dict(base, backend={"device": "gpu0"}))
     assert "gpu0" in str(e.value)
@@ -66,14 +66,14 @@ def test_config_names_the_device_key(tiny):
 @no_cuda
 def test_config_refuses_cuda_without_a_gpu(tiny):
     with pytest.raises(C.ConfigError, match="backend.device.*no CUDA GPU"):
-        C.load_config(overrides={"model": {"path": str(tiny.student)}, "data": {"train": str(tiny.manifest)},
+        C.load_config(overrides={"model": {"path": str(tiny.student)}, "data": {"train": str(tiny.manifest), "prompt": "Transcribe the audio."},
                                  "backend": {"device": "cuda"}})
 
 
 def test_a_4bit_model_keeps_the_device_it_is_loaded_on(tiny):
     with pytest.raises(C.ConfigError, match="backend.device.*4-bit model is loaded onto this process's GPU"):
         C.load_config(overrides={"model": {"path": str(tiny.student), "load_in_4bit": True, "lora": {"r": 4}},
-                                 "data": {"train": str(tiny.manifest)}, "backend": {"device": "cpu"}})
+                                 "data": {"train": str(tiny.manifest), "prompt": "Transcribe the audio."}, "backend": {"device": "cpu"}})
 
 
 @cuda
@@ -137,7 +137,7 @@ def test_prompt_batch_moves_every_input_and_keeps_the_rest(audio_batch):
 
 def test_methods_collate_onto_the_context_device(audio_batch, tiny):
     model, proc, col, _ = audio_batch
-    cfg = C.load_config(overrides={"model": {"path": str(tiny.student)}, "data": {"train": str(tiny.manifest)}})
+    cfg = C.load_config(overrides={"model": {"path": str(tiny.student)}, "data": {"train": str(tiny.manifest), "prompt": "Transcribe the audio."}})
     ctx = Context(model=model, forward_model=model, processor=proc, tokenizer=proc.tokenizer, collator=col,
                   cfg=cfg, device=torch.device("meta"))
     assert all(v.device.type == "meta" for v in prompts(ctx, tiny.rows[:2]).inputs.values())
@@ -156,7 +156,7 @@ def test_teacher_scores_move_with_their_optional_parts():
 
 
 def test_local_teacher_valid_flags_live_with_its_scores(audio_batch, tiny):
-    from core.rollout import generate_completions
+    from core.sampling import generate_completions
     _, proc, col, _ = audio_batch
     tmodel, _ = load_model_and_processor(tiny.teacher)
     student, _ = load_model_and_processor(tiny.student)

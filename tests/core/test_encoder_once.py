@@ -1,4 +1,4 @@
-"""The media encoders run once per distinct prompt (``core.rollout.encoders_once``).
+"""The media encoders run once per distinct prompt (``core.forward.encoders_once``).
 
 On a tiny Qwen2-Audio student (real clips) and a tiny Qwen2.5-Omni thinker (real mp4 clips with
 sound), prompts repeated n times as the rollout repeats them: ``completion_logits`` with the
@@ -29,8 +29,8 @@ from conftest import REPO, cpu_env
 
 from core.data.collate import AudioPromptCollator, AVPromptCollator, PromptBatch
 from core.models import build_tiny_omni_thinker, load_model_and_processor, special_token_ids, train_tokenizer
-from core.rollout import (Completions, completion_logits, encoders_once, generate_completions, shared_encoders,
-                          token_logp)
+from core.forward import completion_logits, encoders_once, shared_encoders, token_logp
+from core.sampling import Completions, generate_completions
 from core.teacher import LocalTeacher
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -153,7 +153,7 @@ def _assert_same_forward_backward(model, batch, ids, mask, encoder_prefixes, dis
 @pytest.fixture(scope="module")
 def audio(tiny):
     model, proc = load_model_and_processor(tiny.student)
-    batch = AudioPromptCollator(proc).prompts(tiny.rows[:3])
+    batch = AudioPromptCollator(proc, "Transcribe the audio.").prompts(tiny.rows[:3])
     return SimpleNamespace(model=model.train(), proc=proc, tok=proc.tokenizer, batch=batch, tiny=tiny)
 
 
@@ -305,13 +305,13 @@ import deepspeed
 from deepspeed.utils import safe_get_full_grad
 from core.data.collate import AudioPromptCollator
 from core.models import load_model_and_processor
-from core.rollout import completion_logits, shared_encoders, token_logp
+from core.forward import completion_logits, shared_encoders, token_logp
 
 student, rows = sys.argv[1], json.loads(sys.argv[2])
 out = {}
 for share in ("prompts", "encoders", "none"):
     model, proc = load_model_and_processor(student)
-    rep = AudioPromptCollator(proc).prompts(rows).repeat(3)
+    rep = AudioPromptCollator(proc, "Transcribe the audio.").prompts(rows).repeat(3)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(10, 200, (len(rep), 5), generator=g)
     mask = torch.ones_like(ids)

@@ -19,7 +19,7 @@ from core import config as C
 from core.methods import METHODS
 from core.models import build_tiny_causal_lm, train_tokenizer
 from core.rewards import register_reward
-from core.rollout import completion_logits, token_logp
+from core.forward import completion_logits, token_logp
 from core.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

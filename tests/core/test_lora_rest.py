@@ -22,7 +22,7 @@ from core.data.collate import AudioPromptCollator
 from core.models import (build_tiny_causal_lm, is_peft_model, load_model_and_processor, lora_target_modules)
 from core.rest import filter_samples
 from core.rewards import register_reward
-from core.rollout import completion_logits
+from core.forward import completion_logits
 from core.trainer import AdapterDisabled, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -214,7 +214,7 @@ def test_load_in_4bit_without_a_gpu_is_refused_naming_the_key(train_config, tiny
 
 
 def test_load_in_4bit_config_errors(tiny):
-    base = {"model": {"path": str(tiny.student), "load_in_4bit": True}, "data": {"train": str(tiny.manifest)}}
+    base = {"model": {"path": str(tiny.student), "load_in_4bit": True}, "data": {"train": str(tiny.manifest), "prompt": "Transcribe the audio."}}
     with pytest.raises(C.ConfigError, match=r"'model\.lora'.*QLoRA"):
         C.load_config(overrides=base)
     with pytest.raises(C.ConfigError, match=r"'model\.load_in_4bit'.*backend torch"):
@@ -315,7 +315,7 @@ def test_rest_budget_stops_new_work(train_config):
 
 
 def test_rest_config_errors(tiny):
-    base = {"method": "rest", "model": {"path": str(tiny.student)}, "data": {"train": str(tiny.manifest)},
+    base = {"method": "rest", "model": {"path": str(tiny.student)}, "data": {"train": str(tiny.manifest), "prompt": "Transcribe the audio."},
             "rest": {"rounds": 2, "rewards": {"wer": 1.0}, "lrs": [1e-3]}}
     with pytest.raises(C.ConfigError, match=r"'rest\.lrs'.*rest\.rounds=2"):
         C.load_config(overrides=base)

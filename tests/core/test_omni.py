@@ -27,7 +27,8 @@ from core.data.video import VideoError
 from core.models import (build_tiny_omni_thinker, load_model_and_processor, save_model, special_token_ids,
                          train_tokenizer)
 from core.rewards import register_reward
-from core.rollout import completion_logits, generate_completions, token_logp
+from core.forward import completion_logits, token_logp, uses_mrope
+from core.sampling import generate_completions
 from core.trainer import Trainer, resolve_modality
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -231,8 +232,8 @@ def test_our_loop_samples_what_generate_samples(omni, batch, kw, monkeypatch):
     """Our KV-cached loop on the thinker (3-D rotary positions: the prompt forward's offsets, then
     text positions on all three axes) with ``generate``'s own draw samples exactly ``generate``'s
     tokens on left-padded audio-visual prompts, and the log-probs match the training forward."""
-    import core.rollout as R
-    assert R.own_loop_ok(omni.model, batch) and R.uses_mrope(omni.model)
+    import core.sampling as R
+    assert R.own_loop_ok(omni.model, batch) and uses_mrope(omni.model)
     interleaved = copy.copy(batch)
     interleaved.inputs = dict(batch.inputs, use_audio_in_video=True)
     assert not R.own_loop_ok(omni.model, interleaved)  # its last prompt position need not be the largest

@@ -30,7 +30,8 @@ from core import config as C
 from core import losses as L
 from core.data.collate import AudioPromptCollator
 from core.models import load_model_and_processor, save_model, special_token_ids, train_tokenizer
-from core.rollout import Completions, completion_logits, generate_completions
+from core.forward import completion_logits
+from core.sampling import Completions, generate_completions
 from core.serve.app import ServerThread, create_app
 from core.serve.engine import TeacherEngine
 from core.teacher import (LocalTeacher, RemoteTeacher, TeacherRequestError, TeacherUnavailable,
@@ -194,7 +195,7 @@ def rollout(tiny, student):
     """A rollout of the word student: 4 prompts x 2 samples, some ending in EOS before the limit."""
     model, proc = student
     tok = proc.tokenizer
-    batch = AudioPromptCollator(proc).prompts(tiny.rows[:4])
+    batch = AudioPromptCollator(proc, "Transcribe the audio.").prompts(tiny.rows[:4])
     rep, comp = generate_completions(model, batch, tok, n=2, max_new_tokens=8, suppress_ids=special_token_ids(proc),
                                      eos_ids=[tok.eos_token_id], seed=0)
     lens = comp.mask.sum(1)
@@ -245,7 +246,7 @@ def test_remote_equals_local(server, student, rollout, local_scores):
 def test_reference_completions_with_eos_align(server, student, tiny, local_scores):
     """Canonical token ids (the transcripts + EOS) through the same path."""
     model, proc = student
-    col = AudioPromptCollator(proc)
+    col = AudioPromptCollator(proc, "Transcribe the audio.")
     batch = col.prompts(tiny.rows[4:7])
     ids, mask = col.targets([r["text"] for r in tiny.rows[4:7]])
     comp = Completions(ids, mask, None, [r["text"] for r in tiny.rows[4:7]])

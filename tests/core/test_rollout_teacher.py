@@ -11,7 +11,8 @@ import torch
 
 from core.data.collate import AudioPromptCollator
 from core.models import load_model_and_processor, special_token_ids
-from core.rollout import completion_logits, eos_mask, generate_completions, token_logp
+from core.forward import completion_logits, token_logp
+from core.sampling import eos_mask, generate_completions
 from core.teacher import LocalTeacher
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,7 +33,7 @@ def teacher_model(tiny):
 @pytest.fixture(scope="module")
 def batch(tiny, student):
     _, proc = student
-    b = AudioPromptCollator(proc).prompts(tiny.rows[:3])
+    b = AudioPromptCollator(proc, "Transcribe the audio.").prompts(tiny.rows[:3])
     lens = b.inputs["attention_mask"].sum(1)
     assert len(set(lens.tolist())) > 1, "the prompts should need left padding"
     return b
@@ -244,8 +245,8 @@ def test_our_loop_samples_what_generate_samples(eos_prone, student, batch, kw, m
     """``sample_loop`` (prefill once per prompt, static cache, our filters) with ``generate``'s
     draw (``torch.multinomial``) in place of ours against ``model.generate`` on the repeated
     batch: same tokens, masks, texts and log-probs."""
-    import core.rollout as R
-    from core.rollout import own_loop_ok
+    import core.sampling as R
+    from core.forward import own_loop_ok
     monkeypatch.setattr(R, "draw", lambda probs: torch.multinomial(probs, 1).squeeze(1))
     _, proc = student
     assert own_loop_ok(eos_prone)
@@ -261,7 +262,7 @@ def test_our_loop_samples_what_generate_samples(eos_prone, student, batch, kw, m
 
 
 def test_filters_keep_what_they_should():
-    from core.rollout import _filter_top_k, _filter_top_p
+    from core.sampling import _filter_top_k, _filter_top_p
     s = torch.tensor([[0.0, 3.0, 1.0, 2.0, 2.0], [5.0, 0.0, 0.0, 0.0, 0.0]])
     k = _filter_top_k(s, 2)
     assert torch.isfinite(k).tolist() == [[False, True, False, True, True],  # a tie with the 2nd stays
@@ -280,10 +281,10 @@ def test_filters_keep_what_they_should():
 
 
 def test_mask_and_engine_choice(tiny):
-    from core.rollout import own_loop_ok
+    from core.forward import own_loop_ok
     model, proc = load_model_and_processor(tiny.student)
     with pytest.raises(ValueError, match="engine"):
-        generate_completions(model, AudioPromptCollator(proc).prompts(tiny.rows[:1]), proc.tokenizer, engine="vllm")
+        generate_completions(model, AudioPromptCollator(proc, "Transcribe the audio.").prompts(tiny.rows[:1]), proc.tokenizer, engine="vllm")
     assert own_loop_ok(model)
     assert not own_loop_ok(torch.nn.Linear(2, 2))
 
@@ -297,7 +298,7 @@ import deepspeed
 import torch.distributed as tdist
 from core.data.collate import AudioPromptCollator
 from core.models import load_model_and_processor, special_token_ids
-from core.rollout import generate_completions
+from core.sampling import generate_completions
 
 student, rows = sys.argv[1], json.loads(sys.argv[2])
 rank = tdist.get_rank()
@@ -310,7 +311,7 @@ with torch.no_grad():  # EOS made likely (same weights on both ranks): completio
     head.bias[proc.tokenizer.eos_token_id] = 5.0
 model.set_output_embeddings(head)
 plain = __import__("copy").deepcopy(model)
-batch = AudioPromptCollator(proc).prompts(rows[rank::2])
+batch = AudioPromptCollator(proc, "Transcribe the audio.").prompts(rows[rank::2])
 kw = dict(n=2, max_new_tokens=10, seed=5 + rank, suppress_ids=special_token_ids(proc))
 cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "train_batch_size": 2,
        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
@@ -363,7 +364,7 @@ def test_zero3_two_ranks_step_together_until_both_are_done(tiny):
 def test_decoding_writes_into_a_static_cache(eos_prone, student, batch, monkeypatch):
     """After the prefill the prompts' keys and values go into buffers of the final length once
     (``StaticCache``); the token-for-token test above then covers its decoding."""
-    import core.rollout as R
+    import core.sampling as R
     seen = []
     real = R._static_cache
 
@@ -382,7 +383,7 @@ def test_inverse_cdf_draw_samples_the_distribution():
     """``draw`` against the probabilities it is given: frequencies within 5 standard deviations,
     zero entries (first, middle, last: suppressed or filtered tokens) never drawn, and over a
     150k vocabulary with a long tail the draws land in tenths of the CDF as its mass says."""
-    from core.rollout import draw
+    from core.sampling import draw
     torch.manual_seed(0)
     p = torch.tensor([0.0, 0.1, 0.0, 0.2, 0.3, 0.4, 0.0])
     n = 100_000
@@ -412,7 +413,7 @@ def test_inverse_cdf_draw_samples_the_distribution():
 
 
 def test_bad_probabilities_and_out_of_range_suppress_ids(eos_prone, student, batch):
-    from core.rollout import draw
+    from core.sampling import draw
     with pytest.raises(ValueError, match="NaN"):
         draw(torch.tensor([[0.5, float("nan")], [0.5, 0.5]]))
     with pytest.raises(ValueError, match="all zero"):

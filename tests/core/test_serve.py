@@ -28,7 +28,7 @@ import torch
 
 from core.data.collate import AudioPromptCollator
 from core.models import special_token_ids
-from core.rollout import generate_completions
+from core.sampling import generate_completions
 from core.serve.app import ServerThread, create_app
 from core.serve.engine import TeacherEngine
 from core.serve.protocol import vocab_fingerprint

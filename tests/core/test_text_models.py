@@ -21,7 +21,7 @@ from core.data.collate import TextPromptCollator
 from core.data.manifest import ManifestError
 from core.methods import METHODS
 from core.models import build_tiny_causal_lm, load_model_and_processor, train_tokenizer
-from core.rollout import completion_logits
+from core.forward import completion_logits
 from core.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -199,7 +199,7 @@ def test_fused_head_config_is_checked(text_pair, tmp_path):
 def test_fused_head_refused_where_logits_are_scaled_after_the_head(text_pair):
     """A model whose config scales or softcaps its logits after the LM head (Gemma 2, Cohere,
     Granite) cannot have its head replaced by a loss on the hidden states."""
-    from core.rollout import completion_hidden, fusable_head
+    from core.forward import completion_hidden, fusable_head
     model, _ = load_model_and_processor(text_pair.student)
     assert fusable_head(model) is model.get_output_embeddings()
     model.config.final_logit_softcapping = 30.0

@@ -18,7 +18,7 @@ from core import config as C
 from core.data.collate import AudioPromptCollator
 from core.methods import METHODS, Context
 from core.models import load_model_and_processor, special_token_ids
-from core.rollout import completion_logits
+from core.forward import completion_logits
 from core.teacher import LocalTeacher
 from core.trainer import Trainer, TrainingError
 
@@ -54,7 +54,7 @@ def _reverse_kl_per_token(student_logits, teacher_logits, mask):
 def test_one_opd_step_lowers_the_reverse_kl(tiny):
     cfg = C.load_config(overrides={
         "method": "opd", "model": {"path": str(tiny.student)}, "teacher": {"path": str(tiny.teacher)},
-        "data": {"train": str(tiny.manifest)}, "rollout": {"n": 2, "max_new_tokens": 8},
+        "data": {"train": str(tiny.manifest), "prompt": "Transcribe the audio."}, "rollout": {"n": 2, "max_new_tokens": 8},
         "opd": {"form": "distribution", "divergence": "reverse_kl", "support": "full"}})
     torch.manual_seed(0)
     model, proc = load_model_and_processor(cfg.model.path)
@@ -287,9 +287,9 @@ def test_absurd_lr_stops_after_max_bad_steps(train_config):
 def _nan_on(calls: set[int], counter: list[int]):
     real = type(METHODS["sft"]).loss
 
-    def loss(ctx, exp):
+    def loss(ctx, exp, norm=None):
         counter[0] += 1
-        value, m = real(METHODS["sft"], ctx, exp)
+        value, m = real(METHODS["sft"], ctx, exp, norm)
         if counter[0] in calls:
             value = value * float("nan")
         return value, m
