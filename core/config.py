@@ -240,19 +240,6 @@ class BackendConfig:
         if self.device not in ("auto", ""):
             _bad(f"{path}.device", "DeepSpeed places the model on its own accelerator (the GPU when there is one); "
                                    "leave backend.device auto")
-        if not self.ds_config:
-            _bad(f"{path}.ds_config", "required with backend deepspeed")
-        ds = Path(self.ds_config)
-        if not ds.is_file():
-            _bad(f"{path}.ds_config", f"{ds}: no such file")
-        try:
-            ds_cfg = json.loads(ds.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            _bad(f"{path}.ds_config", f"{ds}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})")
-        except (OSError, UnicodeDecodeError) as e:
-            _bad(f"{path}.ds_config", f"{ds}: cannot be read ({e})")
-        if not isinstance(ds_cfg, dict):
-            _bad(f"{path}.ds_config", f"{ds}: must hold a JSON object, got {type(ds_cfg).__name__}")
 
 
 @dataclass
@@ -349,6 +336,23 @@ def _coerce(v, t, key):
     return v
 
 
+def _check_ds_config(path: str) -> None:
+    """The DeepSpeed JSON of ``backend.ds_config``: given, readable, a JSON object."""
+    if not path:
+        _bad("backend.ds_config", "required with backend deepspeed")
+    ds = Path(path)
+    if not ds.is_file():
+        _bad("backend.ds_config", f"{ds}: no such file")
+    try:
+        ds_cfg = json.loads(ds.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        _bad("backend.ds_config", f"{ds}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})")
+    except (OSError, UnicodeDecodeError) as e:
+        _bad("backend.ds_config", f"{ds}: cannot be read ({e})")
+    if not isinstance(ds_cfg, dict):
+        _bad("backend.ds_config", f"{ds}: must hold a JSON object, got {type(ds_cfg).__name__}")
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Checks across sections (each section checked its own keys when built): the method's own
     (``core.methods``), the user's reward modules imported and every reward name known."""
@@ -366,6 +370,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             _bad("model.load_in_4bit", "needs backend torch (DeepSpeed does not train a 4-bit base here)")
         if cfg.backend.device not in ("auto", "", "cuda"):
             _bad("backend.device", "a 4-bit model is loaded onto this process's GPU; leave backend.device auto")
+    if cfg.backend.name == "deepspeed":
+        _check_ds_config(cfg.backend.ds_config)
     method.check(cfg)
     cfg.logging.check("logging")
     if cfg.backend.name == "deepspeed" and importlib.util.find_spec("deepspeed") is None:

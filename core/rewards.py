@@ -44,15 +44,15 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import importlib.util
 import math
 import re
-import sys
 import unicodedata
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Sequence, Tuple
 
 import jiwer
+
+from core.utils.modules import load_module
 
 __all__ = [
     "RewardFn",
@@ -107,22 +107,6 @@ def get_reward(name: str) -> RewardFn:
         ) from None
 
 
-def _import_file(path: Path):
-    """Import the Python file ``path`` once per process under a name derived from its absolute path."""
-    name = "user_rewards_" + path.stem + "_" + hashlib.sha1(str(path).encode()).hexdigest()[:10]
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    try:
-        spec.loader.exec_module(mod)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return mod
-
-
 def load_reward_modules(modules: Sequence[str], base: str | Path | None = None) -> List[str]:
     """Import the user's reward ``modules`` (file paths ending in ``.py``, relative ones against
     ``base`` or the working directory, or dotted module names) and register their rewards: what
@@ -142,7 +126,9 @@ def load_reward_modules(modules: Sequence[str], base: str | Path | None = None) 
                     path = Path(base or Path.cwd()) / path
                 if not path.is_file():
                     raise ValueError(f"rewards.modules: {spec}: no such file ({path})")
-                mod = _import_file(path.resolve())
+                path = path.resolve()
+                mod = load_module(path, "user_rewards_" + path.stem + "_"
+                                  + hashlib.sha1(str(path).encode()).hexdigest()[:10])
             else:
                 mod = importlib.import_module(spec)
         except ValueError:

@@ -1,11 +1,12 @@
 """Train with one YAML config: ``python -m core.bin.train --config conf/opd.yaml [key=value ...]``.
 
-The method (sft | opd | grpo | rest | calibrate), model, teacher, data, rollout, losses, optimiser,
+The method (sft | opd | grpo | rest | calibrate, or one registered by the user), model, teacher, data, rollout, losses, optimiser,
 backend (torch | deepspeed) and checkpointing all come from the config; ``key=value`` arguments
 override it (``optim.lr=1e-4 train.max_steps=50``). ``--print-config-keys`` lists every key.
 Multi-process: ``torchrun --nproc_per_node 2 -m core.bin.train ...`` or the DeepSpeed launcher
-(``deepspeed --hostfile hostfile -m core.bin.train ...``). ``method: rest`` runs ``core.rest``
-(rounds of sampling, filtering by reward and SFT through the same trainer).
+(``deepspeed --hostfile hostfile -m core.bin.train ...``). Each method says what runs it
+(``core.methods``): ``method: rest`` runs ``core.rest`` (rounds of sampling, filtering by reward
+and SFT through the same trainer), the others the trainer's loop.
 
 Exit status: 0 done; 2 bad input found before training (config key, manifest ``file:line``, audio
 file, DeepSpeed JSON, vocabulary mismatch), with nothing written to ``output_dir``; 1 the run failed
@@ -35,10 +36,7 @@ def main(argv=None) -> int:
     except (C.ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if cfg.method == "rest":
-        from core.rest import run
-    else:
-        from core.trainer import run
+    from core.trainer import run  # the method's own driver when it has one (rest), else the trainer
     from core.data.audio import AudioError
     from core.data.manifest import ManifestError
     from core.teacher import TeacherRequestError, TeacherUnavailable, VocabularyMismatch

@@ -126,7 +126,7 @@ def test_audio_model_still_uses_the_audio_collator(tiny, tmp_path):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "hyp.jsonl"
-    info = decode(str(tiny.student), str(manifest), str(out), max_new_tokens=5)
+    info = decode(str(tiny.student), str(manifest), str(out), max_new_tokens=5, prompt="Transcribe the audio.")
     assert info["modality"] == "audio"
     model, proc = load_model_and_processor(tiny.student)
     torch.set_grad_enabled(False)
@@ -170,11 +170,11 @@ def test_length_order_longest_first_output_in_manifest_order(tiny, tmp_path, mon
     monkeypatch.setattr(AudioPromptCollator, "prompts",
                         lambda self, chunk: batches.append([r["key"] for r in chunk]) or real(self, chunk))
     a, b = tmp_path / "sorted.jsonl", tmp_path / "plain.jsonl"
-    decode(str(tiny.student), str(manifest), str(a), max_new_tokens=5, batch_size=2)
+    decode(str(tiny.student), str(manifest), str(a), max_new_tokens=5, batch_size=2, prompt="Transcribe the audio.")
     assert batches == [[rows[i]["key"] for i in order[k: k + 2]] for k in range(0, 6, 2)]
     batches.clear()
     assert main(["--model", str(tiny.student), "--manifest", str(manifest), "--out", str(b),
-                 "--max_new_tokens", "5", "--batch_size", "2", "--no_sort"]) == 0
+                 "--max_new_tokens", "5", "--batch_size", "2", "--no_sort", "--prompt", "Transcribe the audio."]) == 0
     assert batches == [[r["key"] for r in rows[k: k + 2]] for k in range(0, 6, 2)]
     got, plain = _read(a), _read(b)
     assert [h["key"] for h in got] == [r["key"] for r in rows] == [h["key"] for h in plain]

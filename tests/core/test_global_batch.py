@@ -12,7 +12,6 @@ tolerance (checked below for token-mean).
 """
 from __future__ import annotations
 
-import os
 import socket
 
 import pytest
@@ -104,16 +103,20 @@ def _run(student, manifest, rows, method, over, split: str, rank: int = 0):
     return _step(cfg, model, ctx, [exp.select([4 * rank + i for i in range(4)])], 1, 2)
 
 
-def _worker(rank, port, args, out_path):
+def _worker(rank, port, setting, out_path):
+    """One of 2 processes: every case's step on this process's 4 samples."""
     import torch.distributed as tdist
     torch.set_num_threads(1)
     tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        loss, grads = _run(*args, split="procs", rank=rank)
-        t = torch.tensor([loss], dtype=torch.float64)
-        tdist.all_reduce(t)  # the step's loss: the processes' shares added up
+        res = {}
+        for case_id, (method, over) in zip(IDS, CASES):
+            loss, grads = _run(*setting, method, over, split="procs", rank=rank)
+            t = torch.tensor([loss], dtype=torch.float64)
+            tdist.all_reduce(t)  # the step's loss: the processes' shares added up
+            res[case_id] = {"loss": float(t), "grads": grads}
         if rank == 0:
-            torch.save({"loss": float(t), "grads": grads}, out_path)
+            torch.save(res, out_path)
     finally:
         tdist.destroy_process_group()
 
@@ -130,21 +133,27 @@ def setting(tiny):
     return tiny.student, tiny.manifest, tiny.rows[:8]
 
 
+@pytest.fixture(scope="module")
+def two_processes(setting, tmp_path_factory):
+    """Every case run by 2 processes of 4 samples each (one spawn for all cases)."""
+    out = tmp_path_factory.mktemp("procs") / "procs.pt"
+    mp.spawn(_worker, args=(_port(), setting, str(out)), nprocs=2, join=True)
+    return torch.load(out)
+
+
 def _close(a: list, b: list, what: str):
     assert len(a) == len(b)
     for i, (x, y) in enumerate(zip(a, b)):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-4, msg=lambda m: f"{what}, parameter {i}: {m}")
 
 
-@pytest.mark.parametrize("method,over", CASES, ids=IDS)
-def test_the_same_loss_and_gradients_for_any_split(setting, method, over, tmp_path, one_thread):
+@pytest.mark.parametrize("method,over,case_id", [(m, o, i) for (m, o), i in zip(CASES, IDS)], ids=IDS)
+def test_the_same_loss_and_gradients_for_any_split(setting, two_processes, method, over, case_id, one_thread):
     loss1, g1 = _run(*setting, method, over, split="one")
     loss2, g2 = _run(*setting, method, over, split="micro")
     assert loss2 == pytest.approx(loss1, rel=1e-5, abs=1e-7)
     _close(g2, g1, "2 micro-batches of 4 vs one batch of 8")
-    out = tmp_path / "procs.pt"
-    mp.spawn(_worker, args=(_port(), (*setting, method, over), str(out)), nprocs=2, join=True)
-    two = torch.load(out)
+    two = two_processes[case_id]
     assert two["loss"] == pytest.approx(loss1, rel=1e-5, abs=1e-7)
     _close(two["grads"], g1, "2 processes of 4 vs one batch of 8")
 

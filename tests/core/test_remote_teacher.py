@@ -42,7 +42,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 K = 5
 KEY = "teacher-key"
-FAST = dict(backoff=0.01, timeout=30.0)
+FAST = dict(backoff=0.01, timeout=30.0, prompt="Transcribe the audio.")
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -318,7 +318,7 @@ def test_server_down_retries_then_clear_error(student, caplog):
 
     url = f"http://127.0.0.1:{free_port()}"
     with caplog.at_level(logging.WARNING, "core.teacher"), pytest.raises(TeacherUnavailable) as e:
-        RemoteTeacher(url, student[1], max_retries=2, backoff=0.01, timeout=2)
+        RemoteTeacher(url, student[1], max_retries=2, backoff=0.01, timeout=2, prompt="Transcribe the audio.")
     msg = str(e.value)
     assert url in msg and "3 attempt" in msg and "ConnectError" in msg
     assert caplog.text.count("retry") == 2
@@ -370,10 +370,11 @@ def test_wrong_key_fails_at_once(keyed, student, rollout, caplog):
     with caplog.at_level(logging.WARNING, "core.teacher"):
         for key in (None, "wrong"):
             with pytest.raises(TeacherRequestError, match="HTTP 401.*teacher.api_key"):
-                RemoteTeacher(keyed.url, student[1], api_key=key, max_retries=5, backoff=10)
+                RemoteTeacher(keyed.url, student[1], api_key=key, max_retries=5, backoff=10,
+                              prompt="Transcribe the audio.")
     assert "retry" not in caplog.text
     rep, comp = rollout
-    with RemoteTeacher(keyed.url + "/v1", student[1], api_key=KEY) as t:  # a trailing /v1 is fine
+    with RemoteTeacher(keyed.url + "/v1", student[1], api_key=KEY, prompt="Transcribe the audio.") as t:  # a trailing /v1 is fine
         assert t.score(rep.select([1]), comp.select([1]), top_k=K).valid.all()
 
 

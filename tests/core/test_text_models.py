@@ -137,7 +137,7 @@ def test_opd_step_lowers_the_reverse_kl_on_a_fixed_batch(text_pair, tmp_path):
 
 def test_modality_audio_on_text_rows_fails_at_start_up(text_pair, tmp_path):
     with pytest.raises(ManifestError, match="audio"):
-        Trainer(_cfg(text_pair, tmp_path / "bad", "sft", data={"modality": "audio"}))
+        Trainer(_cfg(text_pair, tmp_path / "bad", "sft", data={"modality": "audio", "prompt": "Transcribe the audio."}))
 
 
 def test_modality_is_validated(text_pair, tmp_path):

@@ -42,9 +42,9 @@ def _poison_loss(monkeypatch, method: str, calls: set[int], value: float) -> lis
     real = type(METHODS[method]).loss
     counter = [0]
 
-    def loss(ctx, exp):
+    def loss(ctx, exp, norm=None):
         counter[0] += 1
-        out, m = real(METHODS[method], ctx, exp)
+        out, m = real(METHODS[method], ctx, exp, norm)
         return (out * value if counter[0] in calls else out), m
 
     monkeypatch.setattr(METHODS[method], "loss", loss)
