@@ -72,14 +72,14 @@ def test_grpo_raises_a_reward_it_can_learn(smoke_run, tmp_path):
     policy would leave the reward flat or push it down.
 
     Everything it trains on is the same from run to run on one machine (the clips' bytes, the
-    warm-up's weights and the reward sequence were compared across fresh runs), but another CPU
-    (other vector kernels) trains another warm-up model. With 30 steps of 8 x 4 the rise was within
-    the noise: from this machine's warm-up the reward went 0.233 -> 0.327 (best 5-step mean 0.46),
-    failing every time, while other training seeds (standing in for other machines' warm-ups)
+    warm-up's weights and the reward sequence were compared across fresh runs); the test's outcome
+    was not random but marginal. With 30 steps of 8 x 4, this machine's warm-up gave the reward
+    0.233 -> 0.327 (best 5-step mean 0.46) on every run, the very sequence of a failing report,
+    while other training seeds (standing in for the warm-ups of other machines, which passed)
     passed or failed by chance. With 16 prompts a step (a less noisy gradient; Adam's step size is
     the same) and 40 steps, the three seeds tried rose by +0.41 to +0.59 (last 3-step mean 0.66 to
-    0.80); a flipped advantage took the reward down. A learning rate of 1e-3 instead collapsed the
-    format (completions cut at max_new_tokens, reward 0, no gradient)."""
+    0.80); with the advantage flipped the reward fell to 0. A learning rate of 1e-3 instead
+    collapsed the format (completions cut at max_new_tokens, reward 0, no gradient)."""
     data, exp = smoke_run
     rows = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines() if line.strip()]
     manifest = tmp_path / "always_a.jsonl"
