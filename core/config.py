@@ -272,7 +272,7 @@ class LoggingConfig:
 @dataclass
 class RewardsConfig:
     modules: list = _f([], "Python files (or importable module names) whose reward functions are registered "
-                           "before training: each file calls core.rewards.register (or defines REWARDS = {name: fn}); "
+                           "before training: each file registers its functions with @core.rewards.register_reward(name) (or defines REWARDS = {name: fn}); "
                            "relative paths resolve against the working directory (the recipe folder)")
 
 

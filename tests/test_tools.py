@@ -1,9 +1,11 @@
-"""Tests for tools/: compute_wer, plot_metrics, parse_options.sh, synth.speech, and the ASR
-recipe's synthetic corpus maker (smoke preset)."""
+"""Tests for tools/: compute_wer, plot_metrics, parse_options.sh, recipe_common.sh (train, fresh,
+readme_args), report.write_results, synth.speech, and the ASR recipe's synthetic corpus maker
+(smoke preset)."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -207,6 +209,80 @@ def test_parse_options_help(run_sh):
     assert "data/a b" in r.stdout and "stage=0" not in r.stdout  # exits before the script body
 
 
+# ---------------------------------------------------------------- recipe_common.sh
+
+_COMMON_SH = """set -euo pipefail
+. {common}
+fakepy() {{ printf '[%s]' "$@"; echo; }}
+PY=fakepy
+{body}
+"""
+
+
+def _common(tmp_path, body):
+    """Runs ``body`` after sourcing tools/recipe_common.sh with PY replaced by an argument printer."""
+    (tmp_path / "conf.yaml").write_text("method: sft\n")
+    script = tmp_path / "common.sh"
+    script.write_text(_COMMON_SH.format(common=ROOT / "tools" / "recipe_common.sh", body=body))
+    return subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=30, cwd=tmp_path)
+
+
+def test_train_wrapper_builds_one_command(tmp_path):
+    r = _common(tmp_path, "seed=3\ntrain conf.yaml a=1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[-m][core.bin.train][--config][conf.yaml][train.seed=3][a=1]"
+    # per-recipe overrides, DeepSpeed, LoRA, then the call's own overrides (last, so they win)
+    r = _common(tmp_path, 'seed=0; backend=deepspeed; lora=true; train_extra=(train.resume=never "x=a b")\n'
+                          "train conf.yaml train.resume=auto")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == ("[-m][core.bin.train][--config][conf.yaml][train.seed=0][train.resume=never][x=a b]"
+                                "[backend.name=deepspeed][model.lora={r: 16, lora_alpha: 32, lora_dropout: 0.0}]"
+                                "[train.resume=auto]")
+
+
+def test_train_wrapper_errors(tmp_path):
+    r = _common(tmp_path, "seed=0; backend=tpu\ntrain conf.yaml\necho after")
+    assert r.returncode != 0 and "--backend must be torch or deepspeed, got 'tpu'" in r.stderr
+    assert "after" not in r.stdout
+    r = _common(tmp_path, "seed=0\ntrain missing.yaml")
+    assert r.returncode != 0 and "no config file missing.yaml" in r.stderr
+
+
+def test_fresh_and_readme_args(tmp_path):
+    (tmp_path / "old" / "x").mkdir(parents=True)
+    r = _common(tmp_path, 'fresh old never_made; echo "readme=${readme_args[*]:-none}"')
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "old").exists() and r.stdout.strip() == "readme=none"
+    r = _common(tmp_path, "fresh /")
+    assert r.returncode != 0 and "refusing" in r.stderr
+    # --update_readme true (set before recipe_common.sh is sourced) hands make_results.py the README
+    script = tmp_path / "u.sh"
+    script.write_text(f"set -euo pipefail\nupdate_readme=true\n. {ROOT / 'tools' / 'recipe_common.sh'}\n"
+                      'echo "${readme_args[*]}"\n')
+    r = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == "--readme README.md", r.stderr
+
+
+# ---------------------------------------------------------------- report
+
+
+def test_write_results_leaves_the_readme_alone_unless_asked(tmp_path):
+    from tools.report import END, START, write_results
+    readme = tmp_path / "README.md"
+    original = f"# Recipe\n\n{START}\nold table\n{END}\n\nmore text\n"
+    readme.write_text(original)
+    exp = tmp_path / "exp"
+    out = write_results(exp, "| a | b |\n|---|---|\n| 1 | 2 |")
+    assert out == exp / "RESULTS.md" and "| 1 | 2 |" in out.read_text()
+    assert readme.read_text() == original
+    write_results(exp, "| smoke |", readme=readme, smoke=True)  # a smoke run never touches it
+    assert readme.read_text() == original and "| smoke |" in out.read_text()
+    write_results(exp, "| new |", readme=readme)
+    assert readme.read_text() == f"# Recipe\n\n{START}\n| new |\n{END}\n\nmore text\n"
+    with pytest.raises(SystemExit, match="no such file"):
+        write_results(exp, "x", readme=tmp_path / "nope.md")
+
+
 # ---------------------------------------------------------------- synth.speech
 
 
@@ -253,7 +329,7 @@ def test_make_synthetic_smoke(tmp_path):
     out = tmp_path / "data"
     r = subprocess.run([sys.executable, str(ROOT / "recipes" / "asr" / "local" / "make_synthetic.py"),
                         "--smoke", "--out_dir", str(out), "--quiet"],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert r.returncode == 0, r.stderr
     expected = {"teacher_train": 64, "student_labelled": 16, "unlabelled": 48, "dev": 16, "test": 16}
     manifests = {}

@@ -7,7 +7,7 @@
 #     nj=2
 #     use_gpu=false
 #     help_message="Usage: $0 [options] [args]"    # optional, printed by --help
-#     . tools/parse_options.sh
+#     . ../../tools/parse_options.sh    # from recipes/<task>/, as every run.sh does
 #
 # Then `run.sh --stage 1 --stop_stage 3 --use-gpu true` sets stage=1, stop_stage=3 and
 # use_gpu=true. Rules:

@@ -1,5 +1,9 @@
 """Small helpers the recipes share for reporting results.
 
+``write_results(exp, text, readme=None, smoke=False)``: what the last stage of every recipe calls
+with its results table: writes ``<exp>/RESULTS.md`` (beside ``results.json``) and, only when asked
+(``run.sh --update_readme true`` passes ``--readme README.md``; never for a smoke run), refreshes
+the README's results section too, so that a user's run leaves the repository's files as they were.
 ``update_readme(readme, text)``: replace what lies between the ``<!-- results:start -->`` and
 ``<!-- results:end -->`` markers of a README with ``text`` (append the markers and the text when
 they are missing). ``refresh_stage_seconds(exp)``: copy ``<exp>/stage_seconds.json`` (the
@@ -26,6 +30,26 @@ def update_readme(readme: str | Path, text: str) -> None:
     else:
         s += f"\n{START}\n{text}\n{END}\n"
     readme.write_text(s)
+
+
+def write_results(exp: str | Path, text: str, readme: str | Path | None = None, smoke: bool = False,
+                  title: str = "Results") -> Path:
+    """Write ``text`` (a Markdown table and its notes) to ``<exp>/RESULTS.md``; with ``readme``, also
+    into that README between the results markers, unless ``smoke``. Returns RESULTS.md's path."""
+    exp = Path(exp)
+    exp.mkdir(parents=True, exist_ok=True)
+    out = exp / "RESULTS.md"
+    out.write_text(f"# {title}\n\n{text.strip()}\n", encoding="utf-8")
+    print(f"results table written to {out}")
+    if readme:
+        if smoke:
+            print(f"smoke run: {readme} left as it is")
+        elif not Path(readme).is_file():
+            raise SystemExit(f"--readme {readme}: no such file")
+        else:
+            update_readme(readme, text)
+            print(f"results table written into {readme}")
+    return out
 
 
 def refresh_stage_seconds(exp: str | Path) -> int:

@@ -5,11 +5,13 @@
 #   bash run.sh --stage 2 --stop_stage 3         # only OPD + baselines, then scoring
 #   bash run.sh --corpus librispeech --corpus_dir /data/LibriSpeech
 #   bash run.sh --corpus aishell --corpus_dir /data/aishell          # scored with CER
+#   bash run.sh --update_readme true             # maintainers: also refresh README.md's results table
 #
 # Stage 0: data. Stage 1: tokenizer + teacher/student models, teacher SFT on its own set,
 # student SFT on its small labelled set. Stage 2: OPD on the student's unlabelled audio, and
 # the fair baselines at the same wall-clock (more SFT, sequence-level KD, KD then OPD).
-# Stage 3: greedy decoding of the test set, WER/CER, results.json, README table, plots.
+# Stage 3: greedy decoding of the test set, WER/CER, results.json, exp/RESULTS.md (the table; the
+# README's with --update_readme true), plots.
 set -euo pipefail
 caller_pwd=$PWD
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -24,20 +26,16 @@ budget=150            # seconds of training for OPD and for each baseline (equal
 baselines=true        # also train the fair baselines (sft_more, seqkd, td_opd)
 backend=torch         # torch | deepspeed (uses conf/ds_zero2.json; multi-node: see README)
 smoke=false           # tiny corpus and few steps, for tests
+update_readme=false   # true: also write the results table into README.md (maintainers; always in ${exp}/RESULTS.md)
 seed=0
-help_message="Usage: bash run.sh [--stage N] [--stop_stage N] [--corpus synthetic|librispeech|aishell] [--corpus_dir DIR] [--budget SECONDS] [--smoke true]"
-. tools/parse_options.sh
+help_message="Usage: bash run.sh [--stage N] [--stop_stage N] [--corpus synthetic|librispeech|aishell] [--corpus_dir DIR] [--budget SECONDS] [--smoke true] [--update_readme true]"
+. ../../tools/parse_options.sh
 recipe=asr
-. tools/recipe_common.sh   # PY, PYTHONPATH, log, record_time, summary_seconds, abspath
+. ../../tools/recipe_common.sh   # PY, PYTHONPATH, log, train, fresh, readme_args, abspath ...
 # paths given on the command line are relative to where run.sh was called from
 corpus_dir=$(abspath "${corpus_dir}")
 [ "${data}" = data ] || data=$(abspath "${data}"); [ "${exp}" = exp ] || exp=$(abspath "${exp}")
 mkdir -p "${exp}"
-train() {  # config [overrides...]
-  local conf=$1; shift
-  if [ "${backend}" = "deepspeed" ]; then set -- backend.name=deepspeed "$@"; fi
-  "${PY}" -m core.bin.train --config "${conf}" train.seed=${seed} "$@"
-}
 
 lang=en; lang_flag=""
 [ "${corpus}" = "aishell" ] && lang=zh
@@ -79,7 +77,7 @@ fi
 if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
   t0=$(date +%s)
   log "stage 1: tokenizer and models"
-  "${PY}" local/build_models.py --conf conf/models.yaml --text "${data}/text_corpus.txt" --exp "${exp}" --seed ${seed}
+  "${PY}" -m tools.build_models --conf conf/models.yaml --text "${data}/text_corpus.txt" --exp "${exp}" --seed ${seed}
   built_teacher=$("${PY}" -c "import json;print(json.load(open('${exp}/models.json'))['teacher']['built'])")
   built_student=$("${PY}" -c "import json;print(json.load(open('${exp}/models.json'))['student']['built'])")
   if [ "${built_teacher}" = "True" ]; then
@@ -123,7 +121,7 @@ if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
     t1=$(date +%s)
     log "baseline seqkd: the teacher transcribes the unlabelled audio"
     "${PY}" -m core.bin.decode --model ${exp}/teacher/final --manifest ${data}/unlabelled.jsonl \
-      --out ${exp}/seqkd_data/unlabelled_teacher.jsonl --as_manifest
+      --out ${exp}/seqkd_data/unlabelled_teacher.jsonl --as_manifest --prompt "Transcribe the audio."
     record_time teacher_transcribe $(( $(date +%s) - t1 ))
     t1=$(date +%s)
     log "baseline seqkd: SFT on the teacher's transcripts, ${spent} s"
@@ -141,7 +139,7 @@ fi
 if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
   t0=$(date +%s)
   log "stage 3: decode the test set and score"
-  "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --lang ${lang} --readme README.md \
+  "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --lang ${lang} "${readme_args[@]}" \
     --corpus ${corpus} --budget ${budget} --smoke ${smoke}
   record_time decode_score $(( $(date +%s) - t0 ))
   "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --lang ${lang} --only_times

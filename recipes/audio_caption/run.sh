@@ -9,6 +9,7 @@
 #                                                # a teacher already served elsewhere (ours or vLLM)
 #   bash run.sh --corpus audiocaps --corpus_dir /data/audiocaps --audio_dir /data/audiocaps/audio
 #   bash run.sh --corpus clotho --corpus_dir /data/clotho
+#   bash run.sh --update_readme true             # maintainers: also refresh README.md's results table
 #
 # Stage 0: data. Stage 1: tokenizer + teacher/student captioners; teacher SFT on its own captioned
 # clips, student SFT on its small captioned set. Stage 2: the teacher server is started (and
@@ -16,7 +17,7 @@
 # same wall-clock (more SFT on the student's captions; SFT on the teacher's greedy captions).
 # Stage 3: greedy captions of the test clips, BLEU / ROUGE-L / CIDEr, the cascaded evaluation
 # (a text model answers multiple-choice questions about each clip from its caption),
-# results.json, README table.
+# results.json, exp/RESULTS.md (the table; the README's with --update_readme true).
 set -euo pipefail
 caller_pwd=$PWD
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -37,23 +38,19 @@ baselines=true        # also train the fair baselines (sft_more, seqkd)
 qa_model=""           # cascade: a local HF text LLM directory; empty: train the tiny one
 backend=torch         # torch | deepspeed (uses conf/ds_zero2.json; conf/ds_zero3.json for big models)
 smoke=false           # tiny corpus and few steps, for tests
+update_readme=false   # true: also write the results table into README.md (maintainers; always in ${exp}/RESULTS.md)
 seed=0
 help_message="Usage: bash run.sh [--stage N] [--stop_stage N] [--corpus synthetic|audiocaps|clotho] [--corpus_dir DIR] [--audio_dir DIR]
        [--teacher remote|local] [--teacher_url URL] [--teacher_model NAME] [--budget SECONDS] [--baselines true|false]
-       [--qa_model DIR] [--backend torch|deepspeed] [--data DIR] [--exp DIR] [--smoke true]"
-. tools/parse_options.sh
+       [--qa_model DIR] [--backend torch|deepspeed] [--data DIR] [--exp DIR] [--smoke true] [--update_readme true]"
+. ../../tools/parse_options.sh
 recipe=audio_caption
-. tools/recipe_common.sh   # PY, PYTHONPATH, log, record_time, summary_seconds, abspath
+. ../../tools/recipe_common.sh   # PY, PYTHONPATH, log, train, fresh, readme_args, abspath ...
 # paths given on the command line are relative to where run.sh was called from
 corpus_dir=$(abspath "${corpus_dir}"); audio_dir=$(abspath "${audio_dir}"); qa_model=$(abspath "${qa_model}")
 [ "${data}" = data ] || data=$(abspath "${data}"); [ "${exp}" = exp ] || exp=$(abspath "${exp}")
 case "${teacher}" in remote|local) ;; *) echo "--teacher must be remote or local, got '${teacher}'" >&2; exit 1 ;; esac
 mkdir -p "${exp}"
-train() {  # config [overrides...]
-  local conf=$1; shift
-  if [ "${backend}" = "deepspeed" ]; then set -- backend.name=deepspeed "$@"; fi
-  "${PY}" -m core.bin.train --config "${conf}" train.seed=${seed} "$@"
-}
 
 teacher_over=(); student_over=(); cascade_over=(); synth_args=(); quick=()
 if [ "${smoke}" = "true" ]; then
@@ -93,7 +90,7 @@ fi
 if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
   t0=$(date +%s)
   log "stage 1: tokenizer and models"
-  "${PY}" local/build_models.py --conf conf/models.yaml --text "${data}/text_corpus.txt" --exp "${exp}" --seed ${seed}
+  "${PY}" -m tools.build_models --conf conf/models.yaml --text "${data}/text_corpus.txt" --exp "${exp}" --seed ${seed}
   built_teacher=$("${PY}" -c "import json;print(json.load(open('${exp}/models.json'))['teacher']['built'])")
   built_student=$("${PY}" -c "import json;print(json.load(open('${exp}/models.json'))['student']['built'])")
   if [ "${built_teacher}" = "True" ]; then
@@ -202,7 +199,7 @@ if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
       output_dir=${exp}/cascade train.resume=never "${cascade_over[@]}"
   fi
   [ "${has_questions}" = "True" ] || log "stage 3: the test clips carry no questions: no cascaded evaluation"
-  "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --readme README.md --corpus ${corpus} \
+  "${PY}" local/make_results.py --data "${data}" --exp "${exp}" "${readme_args[@]}" --corpus ${corpus} \
     --teacher ${teacher} --smoke ${smoke} --seed ${seed} "${qa_args[@]}"
   record_time eval $(( $(date +%s) - t0 ))
   "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --only_times

@@ -8,12 +8,14 @@
 #               --test_json /data/mmau/mmau-test-mini.json   # real data (MMAU layout)
 #   bash run.sh --corpus mmsu --train_json ... --mmsu_dir /data/MMSU    # MMSU test, its own rule
 #   bash run.sh --lora true                       # every training stage through peft LoRA
+#   bash run.sh --update_readme true              # maintainers: also refresh README.md's results table
 #
 # Stage 0: data. Stage 1: tokenizer + models; SFT warm-up of the base policy and of the bigger
 # teacher. Stage 2: GRPO of the base policy and of the teacher. Stage 3: ReST from the base.
 # Stage 4: OPD of the base from the GRPO-trained teacher. Stage 5: the fair baseline, plain SFT
 # on the answers for GRPO's wall-clock. Stage 6: greedy decoding of the test set, accuracy by
-# category / task / difficulty, MMAU-format predictions, results.json, README table, plots.
+# category / task / difficulty, MMAU-format predictions, results.json, exp/RESULTS.md (the table;
+# the README's with --update_readme true), plots.
 set -euo pipefail
 caller_pwd=$PWD
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -32,22 +34,17 @@ baselines=true        # also train the fair baseline (sft_answers)
 lora=false            # true: LoRA (peft) adapters for every training stage, merged at export
 backend=torch         # torch | deepspeed (conf/ds_zero2.json; conf/ds_zero3.json for big models)
 smoke=false           # tiny corpus and few steps, for tests
+update_readme=false   # true: also write the results table into README.md (maintainers; always in ${exp}/RESULTS.md)
 seed=0
-help_message="Usage: bash run.sh [--stage N] [--stop_stage N] [--corpus synthetic|mmau|mmsu] [--train_json F] [--test_json F] [--mmsu_dir D] [--budget S] [--lora true] [--backend torch|deepspeed] [--smoke true]"
-. tools/parse_options.sh
+help_message="Usage: bash run.sh [--stage N] [--stop_stage N] [--corpus synthetic|mmau|mmsu] [--train_json F] [--test_json F] [--mmsu_dir D] [--budget S] [--lora true] [--backend torch|deepspeed] [--smoke true] [--update_readme true]"
+. ../../tools/parse_options.sh
 recipe=audio_qa
-. tools/recipe_common.sh   # PY, PYTHONPATH, log, record_time, summary_seconds, abspath
+. ../../tools/recipe_common.sh   # PY, PYTHONPATH, log, train, fresh, readme_args, abspath ...
 # paths given on the command line are relative to where run.sh was called from
 train_json=$(abspath "${train_json}"); test_json=$(abspath "${test_json}"); mmsu_dir=$(abspath "${mmsu_dir}")
 [ "${data}" = data ] || data=$(abspath "${data}"); [ "${exp}" = exp ] || exp=$(abspath "${exp}")
 mkdir -p "${exp}"
-train() {  # config [overrides...]
-  local conf=$1; shift
-  if [ "${backend}" = "deepspeed" ]; then set -- backend.name=deepspeed "$@"; fi
-  if [ "${lora}" = "true" ]; then set -- "model.lora={r: 16, lora_alpha: 32, lora_dropout: 0.0}" "$@"; fi
-  "${PY}" -m core.bin.train --config "${conf}" train.seed=${seed} train.resume=never "$@"
-}
-fresh() { rm -rf "$@"; }   # a stage that runs again starts from nothing: no stale rounds, curves or models
+train_extra=(train.resume=never)   # every training run of this recipe starts from its input model
 
 synth_args=(); base_over=(); teacher_over=()
 if [ "${smoke}" = "true" ]; then
@@ -103,7 +100,7 @@ fi
 if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
   t0=$(date +%s)
   log "stage 1: tokenizer and models"
-  "${PY}" local/build_models.py --conf conf/models.yaml --text "${data}/text_corpus.txt" --exp "${exp}" --seed ${seed}
+  "${PY}" -m tools.build_models --conf conf/models.yaml --text "${data}/text_corpus.txt" --exp "${exp}" --seed ${seed}
   log "stage 1: SFT warm-up of the base policy"
   fresh "${exp}/base_sft" "${exp}/teacher_sft"
   train conf/base_sft.yaml model.path=${exp}/student_init output_dir=${exp}/base_sft \
@@ -164,7 +161,7 @@ fi
 if [ ${stage} -le 6 ] && [ ${stop_stage} -ge 6 ]; then
   t0=$(date +%s)
   log "stage 6: decode the test set and score (${rule} rule)"
-  "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --rule ${rule} --readme README.md \
+  "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --rule ${rule} "${readme_args[@]}" \
     --corpus ${corpus} --budget ${spent} --smoke ${smoke}
   record_time decode_score $(( $(date +%s) - t0 ))
 fi

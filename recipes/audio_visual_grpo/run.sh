@@ -7,13 +7,14 @@
 #   bash run.sh --corpus real --train_json /data/IntentTrain.json --train_video_root /data/intent \
 #               --dailyomni_dir /data/Daily-Omni          # real data: IntentTrain for training,
 #   bash run.sh --corpus real ... --intentbench_json /data/IntentBench.json --intentbench_video_root /data/ib
+#   bash run.sh --update_readme true              # maintainers: also refresh README.md's results table
 #
 # Stage 0: data. Stage 1: tokenizer + tiny Omni thinker (or a real one), SFT warm-up in two passes
 # (describe clips + labelled questions, then the questions alone). Stage 2: GRPO on clips the
 # warm-up never saw (rewards format 0.1 + exact_alnum 0.9). Stage 3: the fair baseline, plain SFT
 # on the answers for GRPO's wall-clock. Stage 4: greedy decoding of the test set, accuracy overall,
 # by question type and by duration (Daily-Omni rule; IntentBench rules by problem type),
-# results.json, README table, reward curves.
+# results.json, exp/RESULTS.md (the table; the README's with --update_readme true), reward curves.
 set -euo pipefail
 caller_pwd=$PWD
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -34,25 +35,21 @@ num_frames=8              # frames per video (uniformly sampled)
 missing_audio=error       # error | silence: a video without a sound track
 backend=torch             # torch | deepspeed (conf/ds_zero2.json; conf/ds_zero3.json for Omni-size models)
 smoke=false               # tiny corpus and few steps, for tests
+update_readme=false       # true: also write the results table into README.md (maintainers; always in ${exp}/RESULTS.md)
 seed=0
 help_message="Usage: bash run.sh [--stage N] [--stop_stage N] [--corpus synthetic|real] [--train_json F --train_video_root D]
        [--dailyomni_dir D] [--intentbench_json F --intentbench_video_root D] [--budget S] [--num_frames N]
-       [--missing_audio error|silence] [--backend torch|deepspeed] [--data DIR] [--exp DIR] [--smoke true]"
-. tools/parse_options.sh
+       [--missing_audio error|silence] [--backend torch|deepspeed] [--data DIR] [--exp DIR] [--smoke true] [--update_readme true]"
+. ../../tools/parse_options.sh
 recipe=audio_visual_grpo
-. tools/recipe_common.sh   # PY, PYTHONPATH, log, record_time, summary_seconds, abspath
+. ../../tools/recipe_common.sh   # PY, PYTHONPATH, log, train, fresh, readme_args, abspath ...
 train_json=$(abspath "${train_json}"); train_video_root=$(abspath "${train_video_root}")
 dailyomni_dir=$(abspath "${dailyomni_dir}"); intentbench_json=$(abspath "${intentbench_json}")
 intentbench_video_root=$(abspath "${intentbench_video_root}")
 [ "${data}" = data ] || data=$(abspath "${data}"); [ "${exp}" = exp ] || exp=$(abspath "${exp}")
 mkdir -p "${exp}"
-train() {  # config [overrides...]
-  local conf=$1; shift
-  if [ "${backend}" = "deepspeed" ]; then set -- backend.name=deepspeed "$@"; fi
-  "${PY}" -m core.bin.train --config "${conf}" train.seed=${seed} train.resume=never \
-    data.num_frames=${num_frames} data.missing_audio=${missing_audio} "$@"
-}
-fresh() { rm -rf "$@"; }   # a stage that runs again starts from nothing
+# every training run starts from its input model and reads the videos the same way
+train_extra=(train.resume=never data.num_frames=${num_frames} data.missing_audio=${missing_audio})
 
 synth_args=(); sft_over=(); qa_over=(); quick=()
 if [ "${smoke}" = "true" ]; then
@@ -161,7 +158,7 @@ fi
 if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
   t0=$(date +%s)
   log "stage 4: decode the test set and score"
-  "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --readme README.md --corpus ${corpus} \
+  "${PY}" local/make_results.py --data "${data}" --exp "${exp}" "${readme_args[@]}" --corpus ${corpus} \
     --num_frames ${num_frames} --missing_audio ${missing_audio} --smoke ${smoke}
   record_time decode_score $(( $(date +%s) - t0 ))
   "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --only_times

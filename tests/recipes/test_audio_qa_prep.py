@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -290,8 +291,9 @@ def test_bad_out_and_nothing_left(mmau_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("script", ["prepare_mmau.py", "prepare_mmsu.py", "score.py"])
 def test_cli_help(script):
+    # local/ scripts import tools.*: run.sh puts the repository root on PYTHONPATH, as here
     res = subprocess.run([sys.executable, str(LOCAL / script), "--help"], capture_output=True, text=True,
-                         cwd=ROOT, timeout=120)
+                         cwd=ROOT, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert res.returncode == 0 and "--out" in res.stdout
 
 

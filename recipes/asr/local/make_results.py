@@ -4,7 +4,8 @@ Chinese), and report.
 
 Writes, under ``<exp>``: ``decode/<system>/hyp.jsonl``, ``report.json`` and ``utt_errors.txt``
 (per-utterance errors, worst first); ``results.json``; PNG curves in ``plots/``. Prints the
-results table and writes it into the recipe README between the ``results`` markers.
+results table and writes it to ``<exp>/RESULTS.md``; with ``--readme`` (``run.sh --update_readme
+true``) also into that README between the ``results`` markers.
 Systems: ``teacher``, ``student_before`` (the student after its SFT), ``student_after`` (after
 OPD) and the baselines that were trained (``sft_more``, ``seqkd``, ``td_opd``).
 """
@@ -16,11 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(ROOT))
+from tools.report import refresh_stage_seconds, write_results
 
-from tools.report import refresh_stage_seconds, update_readme  # noqa: E402
-
+PROMPT = "Transcribe the audio."   # the training configs' data.prompt
 SYSTEMS = {"teacher": "teacher", "student_before": "student_sft", "student_after": "opd"}
 BASELINES = {"sft_more": "more SFT on the student's labelled set",
              "seqkd": "sequence-level KD (SFT on the teacher's greedy transcripts)",
@@ -37,7 +36,7 @@ def decode_and_score(name: str, model_dir: Path, data: Path, exp: Path, lang: st
     out = exp / "decode" / name
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    info = decode(str(model_dir), str(data / "test.jsonl"), str(out / "hyp.jsonl"))
+    info = decode(str(model_dir), str(data / "test.jsonl"), str(out / "hyp.jsonl"), prompt=PROMPT)
     refs = read_transcripts(data / "test.jsonl")
     hyps = read_transcripts(out / "hyp.jsonl")
     cer = lang == "zh"
@@ -79,7 +78,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data", required=True)
     ap.add_argument("--exp", required=True)
     ap.add_argument("--lang", default="en", help="en (WER) | zh (CER)")
-    ap.add_argument("--readme", default="", help="README to write the table into")
+    ap.add_argument("--readme", default="", help="also write the table into this README's results section "
+                    "(run.sh --update_readme true; never for a smoke run); it always goes to <exp>/RESULTS.md")
     ap.add_argument("--corpus", default="synthetic")
     ap.add_argument("--budget", default="")
     ap.add_argument("--smoke", default="false")
@@ -131,9 +131,9 @@ def main(argv=None) -> int:
     summary = (f"{table}\n\nOPD relative {unit} change vs student_before: "
                f"{-100 * rel:+.1f}%. Best student: {best[0]}.{cal_line}" if rel is not None else table)
     print(summary)
-    if args.readme and args.smoke != "true":
-        update_readme(Path(args.readme), summary + f"\n\n(measured by `run.sh` on {time.strftime('%Y-%m-%d')}, "
-                                                   f"corpus {args.corpus}, budget {args.budget} s per stage-2 run)")
+    write_results(exp, summary + f"\n\n(measured by `run.sh` on {time.strftime('%Y-%m-%d')}, "
+                                 f"corpus {args.corpus}, budget {args.budget} s per stage-2 run)",
+                  readme=args.readme, smoke=args.smoke == "true")
     try:
         from tools.plot_metrics import plot
         runs = [(d, exp / d / "metrics.jsonl") for d in ("opd", "sft_more", "seqkd", "td_opd")]

@@ -39,23 +39,11 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-
-def _find_repo_root() -> Path:
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        if (parent / "tools" / "synth" / "speech.py").is_file():
-            return parent
-    raise SystemExit(f"cannot find the repository root (tools/synth/speech.py) above {here}")
-
-
-sys.path.insert(0, str(_find_repo_root()))
-
-from tools.synth.speech import (  # noqa: E402
+from tools.synth.speech import (
     DEFAULT_VARIANTS,
     SynthesisError,
     SynthJob,

@@ -35,11 +35,7 @@ import os
 import sys
 from pathlib import Path
 
-try:
-    from core.data.manifest import write_manifest
-except ImportError:  # run from a checkout without the package installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-    from core.data.manifest import write_manifest
+from core.data.manifest import write_manifest
 
 SPLITS = ("train", "dev", "test")
 TRANSCRIPT = Path("transcript") / "aishell_transcript_v0.8.txt"

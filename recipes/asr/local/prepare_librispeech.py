@@ -36,11 +36,7 @@ import re
 import sys
 from pathlib import Path
 
-try:
-    from core.data.manifest import write_manifest
-except ImportError:  # run from a checkout without the package installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-    from core.data.manifest import write_manifest
+from core.data.manifest import write_manifest
 
 DEFAULT_PARTS = ("train-clean-100", "dev-clean", "test-clean")
 

@@ -12,9 +12,6 @@ import random
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(ROOT))
-
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)

@@ -43,11 +43,8 @@ import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
-ROOT = Path(__file__).resolve().parents[3]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from core.rewards import normalize_text  # noqa: E402
+from core.rewards import normalize_text
 
 log = logging.getLogger("caption_metrics")
 

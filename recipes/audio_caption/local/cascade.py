@@ -54,9 +54,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Mapping, Sequence
 
-ROOT = Path(__file__).resolve().parents[3]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 HYP_MODES = {"refs": "first_reference", "none": "none"}
 CAPTION_NOTES = {

@@ -12,7 +12,8 @@ caption gives the cascade's ceiling (``cascade_reference``).
 Writes ``results.json`` (``{"teacher": {metric: value}, "student_before": {...},
 "student_after": {...}, "baselines": {name: {...}}, ...}``: every number under those keys is a
 metric where higher is better; decoding details live under ``decode``), prints the table, writes
-it into the README between the ``results`` markers and draws the training curves.
+it to ``<exp>/RESULTS.md`` (with ``--readme``, i.e. ``run.sh --update_readme true``, also into that
+README between the ``results`` markers) and draws the training curves.
 Systems: ``teacher``, ``student_before`` (the student after its SFT), ``student_after`` (after
 OPD) and the baselines that were trained (``sft_more``, ``seqkd``).
 """
@@ -24,12 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[2]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(HERE))
-
-from tools.report import refresh_stage_seconds, update_readme  # noqa: E402
+from tools.local_module import load_sibling
+from tools.report import refresh_stage_seconds, write_results
 
 PROMPT = "Describe the audio."
 MAX_NEW_TOKENS = 24
@@ -62,8 +59,8 @@ def references(test_rows: list[dict]) -> dict[str, list[str]]:
 def evaluate(name: str, model_dir: Path, data: Path, exp: Path, qa_model: Path | None, has_questions: bool,
              java_metrics: bool | str = "auto") -> tuple[dict, dict]:
     """(metrics, decoding details) of one system on the test clips."""
-    from caption_metrics import score_captions
     from core.bin.decode import decode
+    score_captions = load_sibling(__file__, "caption_metrics").score_captions
     out = exp / "decode" / name
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -85,7 +82,7 @@ def evaluate(name: str, model_dir: Path, data: Path, exp: Path, qa_model: Path |
 
 
 def cascade_eval(qa_model: Path, hyp, data: Path, out: Path) -> tuple[float, dict]:
-    from cascade import evaluate as cascade_evaluate
+    cascade_evaluate = load_sibling(__file__, "cascade").evaluate
     res = cascade_evaluate(str(qa_model), str(hyp), str(data / "test.jsonl"), str(out / "cascade.json"))
     return float(res["acc"]), res
 
@@ -112,7 +109,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True)
     ap.add_argument("--exp", required=True)
-    ap.add_argument("--readme", default="", help="README to write the table into")
+    ap.add_argument("--readme", default="", help="also write the table into this README's results section "
+                    "(run.sh --update_readme true; never for a smoke run); it always goes to <exp>/RESULTS.md")
     ap.add_argument("--corpus", default="synthetic")
     ap.add_argument("--teacher", default="remote", help="how OPD reached the teacher (remote | local), for the report")
     ap.add_argument("--qa_model", default="", help="cascade text model (default: <exp>/cascade/final when trained)")
@@ -178,11 +176,10 @@ def main(argv=None) -> int:
                  f" ({', '.join(results['improved_metrics']) or 'none'}).")
     summary = "\n".join(lines)
     print(summary)
-    if args.readme and args.smoke != "true":
-        spent = (results["training"].get("opd") or {}).get("train_seconds", "")
-        update_readme(Path(args.readme), summary + f"\n\n(measured by `run.sh` on {time.strftime('%Y-%m-%d')}, "
-                                                   f"corpus {args.corpus}, {args.teacher} teacher, OPD trained "
-                                                   f"{spent} s; each baseline the same)")
+    spent = (results["training"].get("opd") or {}).get("train_seconds", "")
+    write_results(exp, summary + f"\n\n(measured by `run.sh` on {time.strftime('%Y-%m-%d')}, corpus {args.corpus}, "
+                                 f"{args.teacher} teacher, OPD trained {spent} s; each baseline the same)",
+                  readme=args.readme, smoke=args.smoke == "true")
     try:
         from tools.plot_metrics import plot
         runs = [(d, exp / d / "metrics.jsonl") for d in ("opd", "sft_more", "seqkd")]

@@ -55,7 +55,6 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -64,12 +63,9 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-ROOT = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(ROOT))
-
-from tools.synth.pool import run_pool  # noqa: E402
-from tools.synth.sound import Segment, SoundError, render_many  # noqa: E402
-from tools.synth.speech import SynthesisError, SynthJob, list_voices, synthesize_many  # noqa: E402
+from tools.synth.pool import run_pool
+from tools.synth.sound import Segment, SoundError, render_many
+from tools.synth.speech import SynthesisError, SynthJob, list_voices, synthesize_many
 
 SPLITS = ("teacher_train", "student_labelled", "unlabelled", "dev", "test")
 DEFAULT_COUNTS = {"teacher_train": 1200, "student_labelled": 100, "unlabelled": 1200, "dev": 100, "test": 200}

@@ -42,13 +42,8 @@ import os
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[2]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "recipes" / "audio_qa" / "local"))
-
-from core.data.manifest import write_manifest  # noqa: E402
-from prep_common import PrepError, run_cli  # noqa: E402
+from core.data.manifest import write_manifest
+from tools.prep_common import PrepError, run_cli
 
 HEADER = ["audiocap_id", "youtube_id", "start_time", "caption"]
 SPLITS = {"train": "train", "val": "dev", "test": "test"}

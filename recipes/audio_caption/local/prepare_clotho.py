@@ -36,9 +36,11 @@ import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prepare_audiocaps import PrepError, Problems, read_csv, row_dict, run_cli, summary, \
-    write_outputs  # noqa: E402
+from tools.local_module import load_sibling
+
+_ac = load_sibling(__file__, "prepare_audiocaps")  # what Clotho shares with AudioCaps
+PrepError, Problems, read_csv, row_dict, run_cli, summary, write_outputs = (
+    _ac.PrepError, _ac.Problems, _ac.read_csv, _ac.row_dict, _ac.run_cli, _ac.summary, _ac.write_outputs)
 
 SPLITS = {"development": "train", "validation": "dev", "evaluation": "test"}
 

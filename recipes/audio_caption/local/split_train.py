@@ -31,13 +31,10 @@ import random
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[2]))
+from core.data.manifest import ManifestError, read_manifest, write_manifest
+from tools.local_module import load_sibling
 
-sys.path.insert(0, str(HERE))
-
-from core.data.manifest import ManifestError, read_manifest, write_manifest  # noqa: E402
-from make_synthetic import corpus_lines  # noqa: E402
+corpus_lines = load_sibling(__file__, "make_synthetic").corpus_lines
 
 LABEL_FIELDS = ("text", "questions", "question", "choices", "answer")
 

@@ -5,7 +5,8 @@ score them (MMAU's rule, or MMSU's with ``--rule mmsu``), and report.
 Writes, under ``<exp>``: ``decode/<system>/hyp.jsonl``, ``score.json`` (accuracy overall and by
 category, task and difficulty, format rate, most frequent answers) and ``mmau_predictions.json``
 (the input of MMAU's official ``evaluation.py``); ``results.json``; training-reward curves in
-``plots/``. Prints the table and writes it into the README between the ``results`` markers.
+``plots/``. Prints the table and writes it to ``<exp>/RESULTS.md``; with ``--readme``
+(``run.sh --update_readme true``) also into that README between the ``results`` markers.
 
 Systems: ``base`` (the SFT-warmed policy), ``grpo``, ``rest``, ``opd`` (each trained from the
 base), the baseline ``sft_answers`` (plain SFT on the answers, same base, same wall-clock) and the
@@ -20,11 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from tools.report import update_readme  # noqa: E402
+from tools.local_module import load_sibling
+from tools.report import write_results
 
 SYSTEMS = {"base": ("base_sft", "SFT warm-up: describe every clip + labelled questions"),
            "grpo": ("grpo", "GRPO from base (format + MMAU-rule accuracy rewards)"),
@@ -44,7 +42,8 @@ def decode_and_score(name: str, model_dir: Path, test: Path, exp: Path, rule: st
     (only the predictions when the test set's answers are withheld)."""
     from core.bin.decode import decode
     from core.data.manifest import read_manifest
-    from score import mmau_items, read_hyps, score
+    S = load_sibling(__file__, "score")
+    mmau_items, read_hyps, score = S.mmau_items, S.read_hyps, S.score
     out = exp / "decode" / name
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -96,7 +95,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data", required=True, help="folder with test.jsonl")
     ap.add_argument("--exp", required=True)
     ap.add_argument("--rule", default="mmau", choices=("mmau", "mmsu"))
-    ap.add_argument("--readme", default="", help="README to write the table into")
+    ap.add_argument("--readme", default="", help="also write the table into this README's results section "
+                    "(run.sh --update_readme true; never for a smoke run); it always goes to <exp>/RESULTS.md")
     ap.add_argument("--corpus", default="synthetic")
     ap.add_argument("--budget", default="")
     ap.add_argument("--max_new_tokens", type=int, default=32)
@@ -143,9 +143,9 @@ def main(argv=None) -> int:
     deltas = ", ".join(f"{k} {100 * v:+.1f}" for k, v in results["delta_vs_base"].items())
     summary += f"\n\nChange vs base (accuracy points): {deltas}."
     print(summary)
-    if args.readme and args.smoke != "true":
-        update_readme(Path(args.readme), summary + f"\n\n(measured by `run.sh` on {time.strftime('%Y-%m-%d')}, "
-                                                   f"corpus {args.corpus}, {args.budget} s of training per method, greedy decoding)")
+    write_results(exp, summary + f"\n\n(measured by `run.sh` on {time.strftime('%Y-%m-%d')}, corpus {args.corpus}, "
+                                 f"{args.budget} s of training per method, greedy decoding)",
+                  readme=args.readme, smoke=args.smoke == "true")
     try:
         from tools.plot_metrics import plot
         runs = [(d, exp / d / "metrics.jsonl") for d in ("grpo", "teacher_grpo", "opd", "sft_answers", "rest")]

@@ -44,13 +44,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tools.local_module import load_sibling
+from tools.synth.sound import Segment, render_many
+from tools.synth.speech import SynthJob, list_voices, synthesize_many
 
-from prompt import DESCRIBE, add_prompts  # noqa: E402
-from tools.synth.sound import Segment, render_many  # noqa: E402
-from tools.synth.speech import SynthJob, list_voices, synthesize_many  # noqa: E402
+_prompt = load_sibling(__file__, "prompt")
+DESCRIBE, add_prompts = _prompt.DESCRIBE, _prompt.add_prompts
 
 WORDS = ("red", "green", "blue", "cat", "dog", "bird", "one", "three", "seven", "nine")
 NUM = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}

@@ -35,11 +35,9 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prep_common import (PrepError, add_bad, add_bad_args, make_parser, nonempty_str,  # noqa: E402
-                         run_cli, skipped_note, write_outputs)
+from tools.prep_common import (PrepError, add_bad, add_bad_args, make_parser, nonempty_str, run_cli,
+                               skipped_note, write_outputs)
 
 MAPPED = ("id", "audio_id", "question", "choices", "answer", "category", "sub-category",
           "difficulty", "dataset", "task", "split")

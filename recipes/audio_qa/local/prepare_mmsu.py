@@ -43,9 +43,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prep_common import (PrepError, add_bad, add_bad_args, make_parser, nonempty_str,  # noqa: E402
-                         run_cli, skipped_note, write_outputs)
+from tools.prep_common import (PrepError, add_bad, add_bad_args, make_parser, nonempty_str, run_cli,
+                               skipped_note, write_outputs)
 
 CHOICES = ("choice_a", "choice_b", "choice_c", "choice_d")
 MAPPED = ("id", "audio", "question", *CHOICES, "answer_gt", "category", "sub-category")

@@ -54,11 +54,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Mapping, Sequence
 
-try:
-    from core.rewards import extract_answer, get_reward
-except ImportError:  # run from a checkout without the package installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-    from core.rewards import extract_answer, get_reward
+from core.rewards import extract_answer, get_reward
+from tools.hyps import check_alignment, keys_preview, read_hyps
 
 RULES = ("mmau", "mmsu")
 GROUPS = {"by_category": "category", "by_task": "sub_category", "by_difficulty": "difficulty",
@@ -95,25 +92,6 @@ def _mmsu_unparsed(prediction: str) -> bool:
 
 # ----------------------------------------------------------------------------- scoring
 
-def _keys_preview(keys, limit: int = 10) -> str:
-    keys = sorted(keys)
-    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
-def check_alignment(rows: Sequence[Mapping], hyps: Mapping[str, str]) -> None:
-    """ValueError naming the manifest keys without a hypothesis and the hypotheses without a row."""
-    keys = {r["key"] for r in rows}
-    no_hyp, no_row = keys - set(hyps), set(hyps) - keys
-    msgs = []
-    if no_hyp:
-        msgs.append(f"{len(no_hyp)} manifest key(s) have no hypothesis: {_keys_preview(no_hyp)}")
-    if no_row:
-        msgs.append(f"{len(no_row)} hypothesis key(s) are not in the manifest: {_keys_preview(no_row)}")
-    if msgs:
-        raise ValueError("; ".join(msgs))
-
-
 def _acc(correct: list[bool]) -> dict:
     return {"acc": sum(correct) / len(correct) if correct else 0.0, "n": len(correct)}
 
@@ -138,7 +116,7 @@ def score(rows: Sequence[Mapping], hyps: Mapping[str, str], rule: str = "mmau", 
     if no_answer:
         raise ValueError(f"{len(no_answer)} row(s) have no answer, nothing to score them against "
                          f"(e.g. a test split whose answers are withheld; submit the --mmau_out "
-                         f"file instead): {_keys_preview(no_answer)}")
+                         f"file instead): {keys_preview(no_answer)}")
     texts = [hyps[r["key"]] for r in rows]
     preds = [extract_answer(t) for t in texts]
     if rule == "mmau":
@@ -195,32 +173,6 @@ def mmau_items(rows: Sequence[Mapping], hyps: Mapping[str, str]) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- files
-
-def read_hyps(path: str | os.PathLike) -> dict[str, str]:
-    """``{key: text}`` from a decode JSONL; ValueError naming ``file:line`` for bad lines
-    (malformed JSON, no string key/text, a duplicate key), all at once."""
-    hyps: dict[str, str] = {}
-    problems = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.append(f"{path}:{lineno}: malformed JSON ({e.msg})")
-                continue
-            if not isinstance(rec, dict) or not isinstance(rec.get("key"), str) \
-                    or not isinstance(rec.get("text"), str):
-                problems.append(f"{path}:{lineno}: needs a string 'key' and a string 'text'")
-            elif rec["key"] in hyps:
-                problems.append(f"{path}:{lineno}: duplicate key {rec['key']!r}")
-            else:
-                hyps[rec["key"]] = rec["text"]
-    if problems:
-        raise ValueError(f"{path}: {len(problems)} bad line(s):\n" + "\n".join(problems[:50]))
-    return hyps
-
 
 def format_table(res: dict) -> str:
     lines = [f"rule {res['rule']}: acc {100 * res['acc']:.2f}% over {res['n']} "

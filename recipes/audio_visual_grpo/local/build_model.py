@@ -15,10 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(ROOT))
-
-import yaml  # noqa: E402
+import yaml
 
 ALLOWED = {"model_dir", "tokenizer", "chunk_seconds", "thinker"}
 

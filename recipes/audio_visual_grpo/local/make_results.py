@@ -10,8 +10,9 @@ type (to see a collapse). The training reward of GRPO (first and last tenth of t
 best smoothed value) comes from its ``metrics.jsonl``.
 
 Writes ``results.json`` (``{"before": {"acc", ...}, "after": {...}, "baselines": {"sft_answers":
-{...}}, "training_reward": {...}, ...}``), prints the table, writes it into the README between
-the ``results`` markers and draws the reward curves into ``<exp>/plots``.
+{...}}, "training_reward": {...}, ...}``), prints the table, writes it to ``<exp>/RESULTS.md`` (with
+``--readme``, i.e. ``run.sh --update_readme true``, also into that README between the ``results``
+markers) and draws the reward curves into ``<exp>/plots``.
 """
 from __future__ import annotations
 
@@ -21,12 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[2]
-sys.path.insert(0, str(ROOT))
-
-from tools.local_module import load_module  # noqa: E402
-from tools.report import refresh_stage_seconds, update_readme  # noqa: E402
+from tools.local_module import load_sibling
+from tools.report import refresh_stage_seconds, write_results
 
 SYSTEMS = {"before": ("sft_qa", "SFT warm-up: describe + questions, then the questions alone (the GRPO start)"),
            "after": ("grpo", "GRPO (format 0.1 + exact_alnum 0.9)")}
@@ -36,7 +33,7 @@ WARMUP = ("sft", "sft_qa")   # the two passes of the warm-up: "before"'s train s
 
 
 def _score_module():
-    return load_module(HERE / "score.py", "audio_visual_grpo_local_score")
+    return load_sibling(__file__, "score")
 
 
 def load_json(p: Path):
@@ -98,7 +95,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True)
     ap.add_argument("--exp", required=True)
-    ap.add_argument("--readme", default="", help="README to write the table into")
+    ap.add_argument("--readme", default="", help="also write the table into this README's results section "
+                    "(run.sh --update_readme true; never for a smoke run); it always goes to <exp>/RESULTS.md")
     ap.add_argument("--corpus", default="synthetic")
     ap.add_argument("--num_frames", type=int, default=8)
     ap.add_argument("--missing_audio", default="error")
@@ -145,9 +143,9 @@ def main(argv=None) -> int:
                      f"best 5-step mean {tr['max_smoothed']:.3f} ({tr['steps']} steps).")
     summary = "\n".join(lines)
     print(summary)
-    if args.readme and args.smoke != "true":
-        update_readme(Path(args.readme), summary + f"\n\n(measured by `run.sh` on {time.strftime('%Y-%m-%d')}, "
-                                                   f"corpus {args.corpus}, {args.num_frames} frames)")
+    write_results(exp, summary + f"\n\n(measured by `run.sh` on {time.strftime('%Y-%m-%d')}, "
+                                 f"corpus {args.corpus}, {args.num_frames} frames)",
+                  readme=args.readme, smoke=args.smoke == "true")
     try:
         from tools.plot_metrics import plot
         runs = [(d, exp / d / "metrics.jsonl") for d in ("grpo", "sft_answers")]

@@ -61,22 +61,14 @@ import time
 from collections import Counter
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[2]
-sys.path.insert(0, str(ROOT))
+from tools.local_module import load_sibling
+from tools.synth.sound import Segment
+from tools.synth.sound import render_many as render_sounds
+from tools.synth.speech import DEFAULT_VARIANTS, SynthJob, list_voices, synthesize_many
+from tools.synth.video import Box, VideoSpec
+from tools.synth.video import render_many as render_videos
 
-from tools.local_module import load_module  # noqa: E402
-
-from tools.synth.sound import Segment  # noqa: E402
-from tools.synth.sound import render_many as render_sounds  # noqa: E402
-from tools.synth.speech import DEFAULT_VARIANTS, SynthJob, list_voices, synthesize_many  # noqa: E402
-from tools.synth.video import Box, VideoSpec  # noqa: E402
-from tools.synth.video import render_many as render_videos  # noqa: E402
-
-
-
-
-prompt = load_module(HERE / "prompt.py", "audio_visual_grpo_local_prompt")
+prompt = load_sibling(__file__, "prompt")
 
 COLOURS = ("red", "green", "blue")
 WORDS = {0: "zero", 1: "one", 2: "two", 3: "three"}

@@ -36,21 +36,12 @@ import json
 import os
 import re
 import sys
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[2]
-sys.path.insert(0, str(ROOT))
+from tools.local_module import load_sibling
+from tools.prep_common import (PrepError, add_bad, add_bad_args, make_parser, nonempty_str, run_cli,
+                               skipped_note, write_outputs)
 
-from tools.local_module import load_module  # noqa: E402
-sys.path.append(str(ROOT / "recipes" / "audio_qa" / "local"))
-from prep_common import (PrepError, add_bad, add_bad_args, make_parser, nonempty_str,  # noqa: E402
-                         run_cli, skipped_note, write_outputs)
-
-
-
-
-prompt = load_module(HERE / "prompt.py", "audio_visual_grpo_local_prompt")
+prompt = load_sibling(__file__, "prompt")
 
 MAPPED = ("Question", "Choice", "Answer", "video_id", "Type", "video_category", "video_duration")
 _ANSWER = re.compile(r"^\s*\(?([A-Da-d])\)?\.?\s*$")

@@ -36,23 +36,14 @@ from __future__ import annotations
 import os
 import re
 import sys
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[2]
-sys.path.insert(0, str(ROOT))
+from tools.local_module import load_sibling
+from tools.prep_common import (PrepError, add_bad, add_bad_args, make_parser, nonempty_str, run_cli,
+                               skipped_note, write_outputs)
 
-from tools.local_module import load_module  # noqa: E402
-sys.path.append(str(ROOT / "recipes" / "audio_qa" / "local"))
-from prep_common import (PrepError, add_bad, add_bad_args, make_parser, nonempty_str,  # noqa: E402
-                         run_cli, skipped_note, write_outputs)
-
-
-
-
-prompt = load_module(HERE / "prompt.py", "audio_visual_grpo_local_prompt")
-score = load_module(HERE / "score.py", "audio_visual_grpo_local_score")
-load_records = load_module(HERE / "prepare_dailyomni.py", "audio_visual_grpo_local_prepare_dailyomni").load_records
+prompt = load_sibling(__file__, "prompt")
+score = load_sibling(__file__, "score")
+load_records = load_sibling(__file__, "prepare_dailyomni").load_records
 
 PROBLEM_TYPES = ("multiple choice", "emer_ov_mc", "judge")
 MAPPED = ("problem", "problem_type", "options", "answer", "video", "path", "data_type")

@@ -53,18 +53,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Mapping, Sequence
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[2]
-sys.path.insert(0, str(ROOT))
-
-from core.rewards import extract_answer, get_reward  # noqa: E402
-from tools.local_module import load_module  # noqa: E402
-
-
-
-
-_qa_score = load_module(ROOT / "recipes" / "audio_qa" / "local" / "score.py", "audio_qa_local_score")
-read_hyps, check_alignment = _qa_score.read_hyps, _qa_score.check_alignment
+from core.rewards import extract_answer, get_reward
+from tools.hyps import check_alignment, read_hyps
 
 RULES = ("letter", "multiple choice", "emer_ov_mc", "judge")
 TOP_PREDICTIONS = 5

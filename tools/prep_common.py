@@ -1,4 +1,5 @@
-"""What the corpus prep scripts (``prepare_mmau.py``, ``prepare_mmsu.py``) share.
+"""What the recipes' corpus prep scripts share (``local/prepare_*.py``: MMAU, MMSU, AudioCaps,
+Clotho, Daily-Omni, IntentBench).
 
 - ``PrepError``: every problem of a corpus copy, reported at once;
 - ``add_bad``: records one bad item's problems and its side-file entry;
@@ -10,14 +11,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Callable
 
-try:
-    from core.data.manifest import write_manifest
-except ImportError:  # run from a checkout without the package installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-    from core.data.manifest import write_manifest
+from core.data.manifest import write_manifest
 
 
 class PrepError(ValueError):

@@ -1,10 +1,19 @@
 #!/usr/bin/env python3
-"""Stage 1a of the ASR recipe: a byte-level BPE tokenizer, then a teacher and a smaller student
-``Qwen2AudioForConditionalGeneration`` built from the sizes in ``conf/models.yaml``.
+"""Tokenizer and models of a recipe's first stage (asr, audio_caption, audio_qa): a byte-level BPE
+tokenizer trained on the recipe's text, then a teacher and a smaller student
+``Qwen2AudioForConditionalGeneration`` built from the sizes in the recipe's ``conf/models.yaml``.
 
-A model whose ``*_dir`` is set in the YAML is not built: the directory is checked (it must hold
-a config.json) and linked as ``<exp>/<name>_init``. Teacher and student share one tokenizer;
-with two existing directories their vocabularies are checked to agree.
+    python -m tools.build_models --conf conf/models.yaml --text data/text_corpus.txt --exp exp [--seed 0]
+
+(``run.sh`` sets PYTHONPATH to the repository root.) Writes ``<exp>/tokenizer``,
+``<exp>/teacher_init``, ``<exp>/student_init`` and ``<exp>/models.json`` (per model: its folder,
+whether it was built, its parameter count and sizes).
+
+``conf/models.yaml`` keys: ``tokenizer: {vocab_size}``, ``chunk_seconds``, ``teacher`` and
+``student`` (keyword arguments of ``core.models.build_tiny_qwen2_audio``: hidden sizes, layers ...),
+``teacher_dir`` / ``student_dir``. A model whose ``*_dir`` is set is not built: the directory is
+checked (it must hold a config.json) and linked as ``<exp>/<name>_init``. Teacher and student share
+one tokenizer; with two existing directories their vocabularies are checked to agree.
 """
 from __future__ import annotations
 
@@ -14,14 +23,11 @@ import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(ROOT))
-
-import yaml  # noqa: E402
+import yaml
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--conf", required=True, help="conf/models.yaml")
     ap.add_argument("--text", required=True, help="text corpus for the tokenizer (one utterance a line)")
     ap.add_argument("--exp", required=True, help="experiment dir: writes teacher_init/ and student_init/")

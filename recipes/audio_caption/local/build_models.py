@@ -1,1 +1,0 @@
-../../asr/local/build_models.py
