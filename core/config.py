@@ -271,9 +271,11 @@ class LoggingConfig:
 
 @dataclass
 class RewardsConfig:
-    modules: list = _f([], "Python files (or importable module names) whose reward functions are registered "
-                           "before training: each file registers its functions with @core.rewards.register_reward(name) (or defines REWARDS = {name: fn}); "
-                           "relative paths resolve against the working directory (the recipe folder)")
+    modules: list = _f([], "Python files (or importable module names) imported when the config loads, whose "
+                           "reward functions fn(completions, **sample_fields) -> list[float] are then usable by "
+                           "name: a file registers them with @core.rewards.register_reward('name') or defines "
+                           "REWARDS = {'name': fn}; relative paths resolve against the working directory (the "
+                           "recipe folder)")
 
 
 @dataclass

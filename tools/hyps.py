@@ -5,7 +5,10 @@
   ``file:line``, in one ValueError;
 - ``check_alignment(rows, hyps)``: ValueError naming the manifest keys without a hypothesis and
   the hypotheses without a manifest row;
-- ``keys_preview(keys)``: the first few keys, sorted, for an error message.
+- ``keys_preview(keys)``: the first few keys, sorted, for an error message;
+- ``jsonl_objects(path, problems)``: the JSON objects of a JSONL file with their line numbers,
+  each malformed line added to ``problems`` as ``file:line`` (for readers that check fields of
+  their own and report every bad line at once).
 
 Used by the recipes' scoring scripts (``local/score.py``). Left out: Kaldi-style text files
 (``tools/compute_wer.py`` reads those).
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 
 def keys_preview(keys: Iterable[str], limit: int = 10) -> str:
@@ -37,11 +40,10 @@ def check_alignment(rows: Sequence[Mapping], hyps: Mapping[str, str]) -> None:
         raise ValueError("; ".join(msgs))
 
 
-def read_hyps(path: str | os.PathLike) -> dict[str, str]:
-    """``{key: text}`` from a decode JSONL; ValueError naming ``file:line`` for bad lines
-    (malformed JSON, no string key/text, a duplicate key), all at once."""
-    hyps: dict[str, str] = {}
-    problems = []
+def jsonl_objects(path: str | os.PathLike, problems: list, prefix: str = "") -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` of every non-blank line of ``path`` that holds a JSON object;
+    a line with malformed JSON or another JSON value is added to ``problems`` as
+    ``file:line: <prefix>...`` and skipped."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -49,15 +51,26 @@ def read_hyps(path: str | os.PathLike) -> dict[str, str]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                problems.append(f"{path}:{lineno}: malformed JSON ({e.msg})")
+                problems.append(f"{path}:{lineno}: {prefix}malformed JSON ({e.msg})")
                 continue
-            if not isinstance(rec, dict) or not isinstance(rec.get("key"), str) \
-                    or not isinstance(rec.get("text"), str):
-                problems.append(f"{path}:{lineno}: needs a string 'key' and a string 'text'")
-            elif rec["key"] in hyps:
-                problems.append(f"{path}:{lineno}: duplicate key {rec['key']!r}")
-            else:
-                hyps[rec["key"]] = rec["text"]
+            if not isinstance(rec, dict):
+                problems.append(f"{path}:{lineno}: {prefix}expected a JSON object")
+                continue
+            yield lineno, rec
+
+
+def read_hyps(path: str | os.PathLike) -> dict[str, str]:
+    """``{key: text}`` from a decode JSONL; ValueError naming ``file:line`` for bad lines
+    (malformed JSON, no string key/text, a duplicate key), all at once."""
+    hyps: dict[str, str] = {}
+    problems: list[str] = []
+    for lineno, rec in jsonl_objects(path, problems):
+        if not isinstance(rec.get("key"), str) or not isinstance(rec.get("text"), str):
+            problems.append(f"{path}:{lineno}: needs a string 'key' and a string 'text'")
+        elif rec["key"] in hyps:
+            problems.append(f"{path}:{lineno}: duplicate key {rec['key']!r}")
+        else:
+            hyps[rec["key"]] = rec["text"]
     if problems:
         raise ValueError(f"{path}: {len(problems)} bad line(s):\n" + "\n".join(problems[:50]))
     return hyps

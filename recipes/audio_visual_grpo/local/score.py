@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from core.rewards import extract_answer, get_reward
-from tools.hyps import check_alignment, read_hyps
+from tools.hyps import check_alignment, jsonl_objects, read_hyps
 
 RULES = ("letter", "multiple choice", "emer_ov_mc", "judge")
 TOP_PREDICTIONS = 5
@@ -193,31 +193,20 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
     """Manifest rows (only ``key`` and ``answer`` are checked); ValueError naming ``file:line`` and
     the field for every bad line at once. Media are not opened."""
     rows, problems, seen = [], [], {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.append(f"{path}:{lineno}: json: malformed JSON ({e.msg})")
-                continue
-            if not isinstance(rec, dict):
-                problems.append(f"{path}:{lineno}: json: expected a JSON object")
-                continue
-            key = rec.get("key")
-            if not isinstance(key, str) or not key.strip():
-                problems.append(f"{path}:{lineno}: key: missing or not a non-empty string")
-            elif key in seen:
-                problems.append(f"{path}:{lineno}: key: duplicate key {key!r} (first on line {seen[key]})")
-            else:
-                seen[key] = lineno
-            if not isinstance(rec.get("answer"), str) or not rec["answer"].strip():
-                problems.append(f"{path}:{lineno}: answer: missing or not a non-empty string")
-            pt = rec.get("problem_type")
-            if pt is not None and pt not in RULES[1:]:
-                problems.append(f"{path}:{lineno}: problem_type: {pt!r} is not one of {', '.join(RULES[1:])}")
-            rows.append(rec)
+    for lineno, rec in jsonl_objects(path, problems, prefix="json: "):
+        key = rec.get("key")
+        if not isinstance(key, str) or not key.strip():
+            problems.append(f"{path}:{lineno}: key: missing or not a non-empty string")
+        elif key in seen:
+            problems.append(f"{path}:{lineno}: key: duplicate key {key!r} (first on line {seen[key]})")
+        else:
+            seen[key] = lineno
+        if not isinstance(rec.get("answer"), str) or not rec["answer"].strip():
+            problems.append(f"{path}:{lineno}: answer: missing or not a non-empty string")
+        pt = rec.get("problem_type")
+        if pt is not None and pt not in RULES[1:]:
+            problems.append(f"{path}:{lineno}: problem_type: {pt!r} is not one of {', '.join(RULES[1:])}")
+        rows.append(rec)
     if problems:
         raise ValueError(f"{path}: {len(problems)} bad line(s):\n" + "\n".join(problems[:50]))
     if not rows:
