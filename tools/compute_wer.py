@@ -16,8 +16,8 @@ Importable:
   read_transcripts(path, field="text") -> dict  a JSONL manifest (``key`` + ``field``) or a
                                 Kaldi-style text file (``key transcript`` per line).
 
-CLI:
-  python tools/compute_wer.py --ref data/test.jsonl --hyp exp/decode/hyp.jsonl \
+CLI (from the repository root):
+  python -m tools.compute_wer --ref data/test.jsonl --hyp exp/decode/hyp.jsonl \
       [--cer] [--lang en|zh|none] [--out report.json] [--details utt_errors.txt]
 
 prints ``%WER 3.27 [ 65 / 1988, 10 ins, 20 del, 35 sub ]`` and the utterance counts.
@@ -46,6 +46,8 @@ from pathlib import Path
 from typing import Mapping
 
 import jiwer
+
+from tools.hyps import jsonl_objects
 
 __all__ = ["normalize_text", "score", "read_transcripts", "format_summary", "format_details", "main"]
 
@@ -227,44 +229,35 @@ def read_transcripts(path: str | Path, field: str = "text") -> dict[str, str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    is_json = path.suffix in (".jsonl", ".json")
     out: dict[str, str] = {}
-    problems = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            if is_json:
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    problems.append(f"{where}: not valid JSON ({e.msg})")
-                    continue
-                if not isinstance(obj, dict):
-                    problems.append(f"{where}: expected a JSON object")
-                    continue
-                key, text = obj.get("key"), obj.get(field)
-                if key is None:
-                    problems.append(f"{where}: no 'key' field")
-                    continue
-                if field not in obj:
-                    problems.append(f"{where}: no '{field}' field (key {key})")
-                    continue
-                if isinstance(text, list):
-                    problems.append(f"{where}: '{field}' is a list; WER takes one reference per utterance")
-                    continue
-                if not isinstance(text, str):
-                    problems.append(f"{where}: '{field}' must be a string, got {type(text).__name__}")
-                    continue
-                key = str(key)
-            else:
-                parts = line.rstrip("\n").split(maxsplit=1)
-                key, text = parts[0], (parts[1] if len(parts) > 1 else "")
-            if key in out:
-                problems.append(f"{where}: duplicate key {key!r}")
-                continue
+    problems: list[str] = []
+
+    def add(where: str, key: str, text: str) -> None:
+        if key in out:
+            problems.append(f"{where}: duplicate key {key!r}")
+        else:
             out[key] = text
+
+    if path.suffix in (".jsonl", ".json"):
+        for lineno, obj in jsonl_objects(path, problems):
+            where = f"{path}:{lineno}"
+            key, text = obj.get("key"), obj.get(field)
+            if key is None:
+                problems.append(f"{where}: no 'key' field")
+            elif field not in obj:
+                problems.append(f"{where}: no '{field}' field (key {key})")
+            elif isinstance(text, list):
+                problems.append(f"{where}: '{field}' is a list; WER takes one reference per utterance")
+            elif not isinstance(text, str):
+                problems.append(f"{where}: '{field}' must be a string, got {type(text).__name__}")
+            else:
+                add(where, str(key), text)
+    else:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    parts = line.rstrip("\n").split(maxsplit=1)
+                    add(f"{path}:{lineno}", parts[0], parts[1] if len(parts) > 1 else "")
     if problems:
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise ValueError(f"{len(problems)} problem(s) in {path}:\n  " + "\n  ".join(problems[:20]) + more)

@@ -27,15 +27,18 @@ def keys_preview(keys: Iterable[str], limit: int = 10) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def check_alignment(rows: Sequence[Mapping], hyps: Mapping[str, str]) -> None:
-    """ValueError naming the manifest keys without a hypothesis and the hypotheses without a row."""
+def check_alignment(rows: Sequence[Mapping], hyps: Mapping[str, str], *, known: Iterable[str] | None = None,
+                    missing: str = "manifest key(s) have no hypothesis",
+                    stray: str = "hypothesis key(s) are not in the manifest") -> None:
+    """ValueError naming the keys of ``rows`` without a hypothesis (``missing``) and the hypotheses
+    whose key is not in ``known`` (default: the keys of ``rows``) (``stray``)."""
     keys = {r["key"] for r in rows}
-    no_hyp, no_row = keys - set(hyps), set(hyps) - keys
+    no_hyp, no_row = keys - set(hyps), set(hyps) - (keys if known is None else set(known))
     msgs = []
     if no_hyp:
-        msgs.append(f"{len(no_hyp)} manifest key(s) have no hypothesis: {keys_preview(no_hyp)}")
+        msgs.append(f"{len(no_hyp)} {missing}: {keys_preview(no_hyp)}")
     if no_row:
-        msgs.append(f"{len(no_row)} hypothesis key(s) are not in the manifest: {keys_preview(no_row)}")
+        msgs.append(f"{len(no_row)} {stray}: {keys_preview(no_row)}")
     if msgs:
         raise ValueError("; ".join(msgs))
 

@@ -230,20 +230,14 @@ def evaluate(model_dir: str, hyp: str, manifest: str, out: str, *, batch_size: i
     from core.data.manifest import read_manifest, write_manifest
     from core.rewards import get_reward
     from tools.compute_wer import read_transcripts
+    from tools.hyps import check_alignment
 
     rows, without = read_clips(manifest)
     all_keys = {r["key"] for r in read_manifest(manifest, check_media=False, require_media=False)}
     caps, source = _captions(hyp, rows, manifest)
     if source == "hypotheses":
-        no_cap = [r["key"] for r in rows if r["key"] not in caps]
-        stray = sorted(set(caps) - all_keys)
-        msgs = []
-        if no_cap:
-            msgs.append(f"{len(no_cap)} clip(s) with questions have no caption in {hyp}: {', '.join(no_cap[:10])}")
-        if stray:
-            msgs.append(f"{len(stray)} caption key(s) of {hyp} are not in {manifest}: {', '.join(stray[:10])}")
-        if msgs:
-            raise ValueError("; ".join(msgs))
+        check_alignment(rows, caps, known=all_keys, missing=f"clip(s) with questions have no caption in {hyp}",
+                        stray=f"caption key(s) of {hyp} are not in {manifest}")
     qrows, groups = [], []
     for r in rows:
         for j, q in enumerate(r["questions"]):
