@@ -65,7 +65,7 @@ def _snapshot(dst: Path) -> None:
     with open(dst / ".git" / "info" / "exclude", "a") as f:
         f.write(".venv\n")
     _git(dst, "add", "-A")
-    _git(dst, "commit", "-q", "-m", "snapshot of the working tree")
+    _git(dst, "commit", "-q", "--allow-empty", "-m", "snapshot of the working tree")  # a clean tree: nothing new
 
 
 def _edit(path: Path, old: str, new: str) -> None:
