@@ -41,17 +41,23 @@ and ``core/advantages.py``; this module only wires tensors.
 """
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from core import advantages as A
 from core import losses as L
-from core.config import ConfigError
+from core.config import ConfigError, _bad
 from core.data.collate import PromptBatch
 from core.forward import completion_hidden, completion_logits, fusable_head, token_logp
 from core.rewards import compute_rewards
 from core.sampling import Completions, generate_completions
+from core.utils import dist
+
+log = logging.getLogger("core.trainer")
 
 
 @dataclass
@@ -88,11 +94,6 @@ class LossNorm:
 
     def kw(self) -> dict:
         return {"global_tokens": self.tokens, "global_seqs": self.seqs}
-
-    @staticmethod
-    def local(exp: "Experience") -> "LossNorm":
-        """The norm of ``exp`` alone (one part that is the whole step)."""
-        return LossNorm(float(exp.mask.sum()), float(len(exp)))
 
 
 def _kw(norm: LossNorm | None) -> dict:
@@ -156,10 +157,6 @@ def _rewards(weights: dict, comp: Completions, rows: list[dict]):
     metrics = {f"reward/{k}": float(sum(v) / max(1, len(v))) for k, v in parts.items()}
     metrics["reward"] = float(sum(total) / max(1, len(total)))
     return torch.tensor(total, dtype=torch.float32, device=comp.ids.device), metrics
-
-
-def _bad(key: str, msg: str):
-    raise ConfigError(f"config key '{key}': {msg}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -474,13 +471,7 @@ class Calibrate(Method):
 
     @torch.no_grad()
     def evaluate(self, trainer) -> dict:
-        import json
-        import logging
-
-        from tqdm.auto import tqdm
-
-        from core.trainer import step_seed
-        from core.utils import dist
+        from core.trainer import step_seed  # the trainer imports this module
         cfg, ctx = trainer.cfg, trainer.ctx
         rows = trainer.dev_rows
         bs = cfg.train.batch_size
@@ -512,5 +503,5 @@ class Calibrate(Method):
                "tokens": tot["tokens"], "completion_len": sum(lens) / max(1, len(lens)), "samples": len(lens)}
         if dist.is_main():
             (trainer.out / "calibrate.json").write_text(json.dumps(res, indent=2))
-            logging.getLogger("core.trainer").info("calibrate: %s", res)
+            log.info("calibrate: %s", res)
         return res

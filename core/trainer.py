@@ -461,10 +461,10 @@ class Trainer:
                                           [_minibatch(e, mb, minibatches) for e in exps], accum, self.world)
                     if done is None:
                         bad = True
-                    else:
+                    else:  # a skipped step logs its loss as nan, as before
                         loss_sum += done[0]
+                        n_loss += 1
                         metrics.update({f"train/{k}": v for k, v in done[1].items()})
-                    n_loss += 1
                     if bad:
                         self.engine.zero_grad()
                         break

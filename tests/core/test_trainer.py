@@ -306,6 +306,8 @@ def test_nan_loss_steps_are_skipped_and_counted(train_config, monkeypatch):
     assert summary["skipped_steps"] == 2 and summary["steps"] == 5
     rows = read_metrics(t.cfg.output_dir)
     assert [r["skipped_steps"] for r in rows] == [0, 1, 2, 2, 2]
+    assert [r["loss"] for r in rows][1:3] == ["nan", "nan"]  # a skipped step logs no loss
+    assert all(isinstance(r["loss"], float) for r in rows[:1] + rows[3:])
     # the optimizer stepped only on the 3 good steps
     opt = t.engine.optimizer
     steps = {int(s["step"]) for s in opt.state.values()}
