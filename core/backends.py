@@ -21,12 +21,15 @@ What it leaves out: the loop (``core/trainer.py``) and any loss maths.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
 import torch
 
 from core.utils import dist
+
+log = logging.getLogger(__name__)
 
 
 def _clean_state_dict(sd: dict) -> dict:
@@ -132,7 +135,11 @@ class TorchEngine:
         dist.barrier()
 
 
-def fill_ds_config(path: str, *, batch_size: int, grad_accum: int, grad_clip: float) -> dict:
+def fill_ds_config(path: str, *, batch_size: int, grad_accum: int, grad_clip: float,
+                   dtype: str = "float32") -> dict:
+    """The DeepSpeed JSON with its ``"auto"`` values filled from the training config: the batch
+    sizes, gradient clipping, and ``bf16`` / ``fp16`` ``enabled`` from the model's dtype (so
+    ``model.dtype: bfloat16`` turns on DeepSpeed's bf16 mode; an explicit true/false is kept)."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"DeepSpeed config not found: {p}")
@@ -146,6 +153,14 @@ def fill_ds_config(path: str, *, batch_size: int, grad_accum: int, grad_clip: fl
     for k, v in auto.items():
         if cfg.get(k, "auto") == "auto":
             cfg[k] = v
+    for key, want in (("bf16", "bfloat16"), ("fp16", "float16")):
+        sect = cfg.get(key)
+        if isinstance(sect, dict) and sect.get("enabled") == "auto":
+            sect["enabled"] = dtype == want
+    if dtype in ("bfloat16", "float16") and not any(
+            isinstance(cfg.get(k), dict) and cfg[k].get("enabled") is True for k in ("bf16", "fp16")):
+        log.warning("%s: model.dtype is %s but neither bf16 nor fp16 is enabled; DeepSpeed will "
+                    "train in float32", p, dtype)
     cfg.setdefault("zero_allow_untested_optimizer", True)
     for k in ("optimizer", "scheduler"):
         if k in cfg:

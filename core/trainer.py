@@ -341,7 +341,7 @@ class Trainer:
                               num_training_steps=cfg.train.max_steps)
         if cfg.backend.name == "deepspeed":
             ds = fill_ds_config(cfg.backend.ds_config, batch_size=cfg.train.batch_size,
-                                grad_accum=o.grad_accum, grad_clip=o.grad_clip)
+                                grad_accum=o.grad_accum, grad_clip=o.grad_clip, dtype=cfg.model.dtype)
             self.engine = DeepSpeedEngine(self.model, opt, sched, ds)
         else:
             self.engine = TorchEngine(self.model, opt, sched, grad_clip=o.grad_clip, grad_accum=o.grad_accum)

@@ -230,14 +230,16 @@ def _common(tmp_path, body):
 def test_train_wrapper_builds_one_command(tmp_path):
     r = _common(tmp_path, "seed=3\ntrain conf.yaml a=1")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "[-m][core.bin.train][--config][conf.yaml][train.seed=3][a=1]"
-    # per-recipe overrides, DeepSpeed, LoRA, then the call's own overrides (last, so they win)
-    r = _common(tmp_path, 'seed=0; backend=deepspeed; lora=true; train_extra=(train.resume=never "x=a b")\n'
+    assert r.stdout.strip() == ("[-m][core.bin.train][--config][conf.yaml][train.seed=3][model.dtype=float32]"
+                                "[teacher.dtype=float32][train.resume=auto][a=1]")
+    # per-recipe overrides, the launch options, DeepSpeed, LoRA, then the call's own overrides
+    # (last, so they win)
+    r = _common(tmp_path, 'seed=0; backend=deepspeed; lora=true; resume=never; train_extra=("x=a b")\n'
                           "train conf.yaml train.resume=auto")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == ("[-m][core.bin.train][--config][conf.yaml][train.seed=0][train.resume=never][x=a b]"
-                                "[backend.name=deepspeed][model.lora={r: 16, lora_alpha: 32, lora_dropout: 0.0}]"
-                                "[train.resume=auto]")
+    assert r.stdout.strip() == ("[-m][core.bin.train][--config][conf.yaml][train.seed=0][x=a b][model.dtype=float32]"
+                                "[teacher.dtype=float32][train.resume=never][backend.name=deepspeed]"
+                                "[model.lora={r: 16, lora_alpha: 32, lora_dropout: 0.0}][train.resume=auto]")
 
 
 def test_train_wrapper_errors(tmp_path):

@@ -42,20 +42,41 @@ __po_print_help() {
     return 0
   fi
   printf '\nOptions (default values):\n'
+  __po_scan "${script}" 1
+}
+
+# Print the options assigned at the start of a line of file $1 (before it sources this file);
+# with $2 = 1, also those of a file it sources first (". FILE", e.g. tools/launch_options.sh).
+__po_scan() {
+  local file="$1" nested="$2" line name
   while IFS= read -r line || [ -n "${line}" ]; do
-    case "${line}" in
-      *parse_options.sh*) break ;;
-    esac
+    if [ "${nested}" = 1 ]; then
+      case "${line}" in
+        *parse_options.sh*) break ;;
+      esac
+    fi
+    if [ "${nested}" = 1 ] && [[ "${line}" =~ ^[[:space:]]*(\.|source)[[:space:]]+([^[:space:]]+) ]]; then
+      if [ -r "${BASH_REMATCH[2]}" ]; then
+        printf '\n  (from %s)\n' "$(basename "${BASH_REMATCH[2]}")"
+        __po_scan "${BASH_REMATCH[2]}" 0
+        printf '\n'
+      fi
+      continue
+    fi
     if [[ "${line}" =~ ^[[:space:]]*([A-Za-z_][A-Za-z0-9_]*)= ]]; then
       name="${BASH_REMATCH[1]}"
       case "${name}" in help_message) continue ;; esac
       case "${seen}" in *" ${name} "*) continue ;; esac
       seen="${seen}${name} "
       if [ -n "${!name+x}" ]; then
-        printf '  --%-24s %s\n' "${name}" "${!name}"
+        if [ "${nested}" = 1 ]; then
+          printf '  --%-24s %s\n' "${name}" "${!name}"
+        else  # a shared file: its comment says what the option does
+          printf '  --%-24s %-12s %s\n' "${name}" "${!name}" "$(sed -E 's/^[^#]*#? ?//' <<< "${line}")"
+        fi
       fi
     fi
-  done < "${script}"
+  done < "${file}"
 }
 
 while [ $# -gt 0 ]; do
@@ -112,5 +133,5 @@ while [ $# -gt 0 ]; do
 done
 
 unset __po_name __po_value __po_nargs
-unset -f __po_print_help
+unset -f __po_print_help __po_scan
 true

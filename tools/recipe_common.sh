@@ -8,17 +8,25 @@
 #                                 by run.sh before it changes to the recipe folder)
 #   train CONF [key=value...]     python -m core.bin.train --config CONF train.seed=${seed}, then
 #                                 ${train_extra[@]} (per-recipe overrides run.sh sets for every
-#                                 training run, e.g. train_extra=(train.resume=never)),
-#                                 backend.name=deepspeed when backend=deepspeed, LoRA adapters when
-#                                 lora=true, then the call's own overrides (these win)
-#   fresh DIR...                  removes DIRs: a stage that runs again starts from nothing (no
-#                                 stale rounds, curves or models)
+#                                 training run, e.g. train_extra=(data.num_frames=8)), the launch
+#                                 options of tools/launch_options.sh (model/teacher dtype,
+#                                 train.resume, DeepSpeed and its ZeRO JSON), backend.name=deepspeed
+#                                 when backend=deepspeed, LoRA adapters when lora=true, then the
+#                                 call's own overrides (these win). --ngpu/--num_nodes run it under
+#                                 torchrun, --hostfile under the DeepSpeed launcher. With
+#                                 --resume auto an output_dir= holding a finished run (its final/)
+#                                 is removed first (the stage starts over) and an interrupted one is
+#                                 continued; with --resume never it is always removed.
+#                                 LAUNCH_DRY_RUN=1 prints the command instead of running it.
+#   launch_prefix                 the command train() runs core.bin.train with (an array, LAUNCH)
+#   prep_args                     (--skip_bad) when skip_bad=true, else empty: for the prep scripts
+#   fresh DIR...                  removes DIRs (non-training outputs a stage rewrites)
 #   readme_args                   (--readme README.md) when update_readme=true, else empty: what
 #                                 the last stage passes to local/make_results.py. Runs write their
 #                                 table to ${exp}/RESULTS.md; only --update_readme true also
 #                                 rewrites the README's results section (for maintainers).
 # Needs: recipe (name for the log), exp (the experiment folder) and seed; reads backend, lora,
-# update_readme and train_extra when run.sh has them.
+# update_readme, train_extra and the options of tools/launch_options.sh when run.sh has them.
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [ -x "${ROOT}/.venv/bin/python" ]; then
   PY="${ROOT}/.venv/bin/python"
@@ -43,18 +51,67 @@ PY
 abspath() { case "$1" in ""|/*) echo "$1" ;; *) echo "${caller_pwd:-$PWD}/$1" ;; esac; }
 summary_seconds() { "${PY}" -c "import json,sys;print(json.load(open(sys.argv[1]))['train_seconds'])" "$1"; }
 
+launch_prefix() {  # sets LAUNCH: how core.bin.train is started (one process, torchrun, DeepSpeed)
+  local n=${ngpu:-1} nodes=${num_nodes:-1}
+  [[ "${n}" =~ ^[1-9][0-9]*$ ]] || { echo "--ngpu must be a positive integer, got '${n}'" >&2; return 2; }
+  [[ "${nodes}" =~ ^[1-9][0-9]*$ ]] || { echo "--num_nodes must be a positive integer, got '${nodes}'" >&2; return 2; }
+  if [ -n "${hostfile:-}" ]; then
+    [ -f "${hostfile}" ] || { echo "--hostfile ${hostfile}: no such file" >&2; return 2; }
+    # every node runs the same folder (same path) with the environment's PYTHON* variables
+    LAUNCH=("${ROOT}/.venv/bin/deepspeed" --hostfile "${hostfile}" --num_nodes "${nodes}" --num_gpus "${n}"
+            --master_addr "${master_addr:-127.0.0.1}" --master_port "${master_port:-29500}" --module)
+  elif [ "${nodes}" -gt 1 ]; then
+    [[ "${node_rank:-0}" =~ ^[0-9]+$ ]] && [ "${node_rank:-0}" -lt "${nodes}" ] || {
+      echo "--node_rank must be 0 .. $((nodes - 1)), got '${node_rank:-}'" >&2; return 2; }
+    LAUNCH=("${PY}" -m torch.distributed.run --nnodes "${nodes}" --node_rank "${node_rank:-0}"
+            --nproc_per_node "${n}" --master_addr "${master_addr:-127.0.0.1}" --master_port "${master_port:-29500}" -m)
+  elif [ "${n}" -gt 1 ]; then
+    LAUNCH=("${PY}" -m torch.distributed.run --standalone --nproc_per_node "${n}" -m)
+  else
+    LAUNCH=("${PY}" -m)
+  fi
+}
+
 train() {  # CONF [key=value...]
   [ $# -ge 1 ] || { echo "train: needs a config file" >&2; return 2; }
   local conf=$1; shift
   [ -f "${conf}" ] || { echo "train: no config file ${conf} (in $(pwd))" >&2; return 2; }
-  local extra=(${train_extra[@]+"${train_extra[@]}"})
+  local extra=(${train_extra[@]+"${train_extra[@]}"}) a out=""
+  case "${dtype:-float32}" in
+    float32|bfloat16|float16) extra+=(model.dtype=${dtype:-float32} teacher.dtype=${dtype:-float32}) ;;
+    *) echo "--dtype must be float32, bfloat16 or float16, got '${dtype}'" >&2; return 2 ;;
+  esac
+  case "${resume:-auto}" in
+    auto|never) extra+=(train.resume=${resume:-auto}) ;;
+    *) echo "--resume must be auto or never, got '${resume}'" >&2; return 2 ;;
+  esac
+  case "${zero:-0}" in
+    0) ;;
+    2|3) backend=deepspeed; extra+=(backend.ds_config=conf/ds_zero${zero}.json) ;;
+    *) echo "--zero must be 2 or 3 (or 0: as --backend says), got '${zero}'" >&2; return 2 ;;
+  esac
   case "${backend:-torch}" in
     torch) ;;
     deepspeed) extra+=(backend.name=deepspeed) ;;
     *) echo "--backend must be torch or deepspeed, got '${backend}'" >&2; return 2 ;;
   esac
   if [ "${lora:-false}" = "true" ]; then extra+=("model.lora={r: 16, lora_alpha: 32, lora_dropout: 0.0}"); fi
-  "${PY}" -m core.bin.train --config "${conf}" train.seed=${seed} ${extra[@]+"${extra[@]}"} "$@"
+  for a in ${extra[@]+"${extra[@]}"} "$@"; do case "${a}" in output_dir=*) out=${a#output_dir=} ;; esac; done
+  for a in "$@"; do case "${a}" in train.resume=*) out="" ;; esac; done  # the call decides itself
+  if [ -n "${out}" ] && [ -d "${out}" ] && [ -z "${LAUNCH_DRY_RUN:-}" ]; then
+    if [ "${resume:-auto}" = auto ] && [ ! -e "${out}/final" ] &&
+       compgen -G "${out}/checkpoints/step_*" > /dev/null || compgen -G "${out}/round_*" > /dev/null; then
+      log "${out}: continuing its interrupted run (--resume never starts over)"
+    else  # finished (final/), nothing to continue, or --resume never: the stage starts over
+      fresh "${out}"
+    fi
+  fi
+  launch_prefix || return
+  if [ -n "${LAUNCH_DRY_RUN:-}" ]; then
+    echo "${LAUNCH[*]} core.bin.train --config ${conf} train.seed=${seed} ${extra[*]} $*"
+    return 0
+  fi
+  "${LAUNCH[@]}" core.bin.train --config "${conf}" train.seed=${seed} ${extra[@]+"${extra[@]}"} "$@"
 }
 fresh() {  # DIR...
   local d
@@ -65,3 +122,5 @@ fresh() {  # DIR...
 }
 readme_args=()
 if [ "${update_readme:-false}" = "true" ]; then readme_args=(--readme README.md); fi
+prep_args=()
+if [ "${skip_bad:-false}" = "true" ]; then prep_args=(--skip_bad); fi

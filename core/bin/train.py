@@ -3,8 +3,11 @@
 The method (sft | opd | grpo | rest | calibrate, or one registered by the user), model, teacher, data, rollout, losses, optimiser,
 backend (torch | deepspeed) and checkpointing all come from the config; ``key=value`` arguments
 override it (``optim.lr=1e-4 train.max_steps=50``). ``--print-config-keys`` lists every key.
-Multi-process: ``torchrun --nproc_per_node 2 -m core.bin.train ...`` or the DeepSpeed launcher
-(``deepspeed --hostfile hostfile -m core.bin.train ...``). Each method says what runs it
+Multi-process (from the folder the config's relative paths start at, e.g. a recipe's, with
+PYTHONPATH=<repository root>): ``torchrun --standalone --nproc_per_node 8 -m core.bin.train ...``,
+or across nodes the DeepSpeed launcher, ``deepspeed --hostfile hostfile --module core.bin.train
+...`` (every node with the repository at the same path). A recipe's ``run.sh --ngpu 8 [--hostfile
+F]`` writes these for you (``tools/recipe_common.sh``). Each method says what runs it
 (``core.methods``): ``method: rest`` runs ``core.rest`` (rounds of sampling, filtering by reward
 and SFT through the same trainer), the others the trainer's loop.
 

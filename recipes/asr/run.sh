@@ -13,7 +13,7 @@
 # Stage 3: greedy decoding of the test set, WER/CER, results.json, exp/RESULTS.md (the table; the
 # README's with --update_readme true), plots.
 set -euo pipefail
-caller_pwd=$PWD
+readonly caller_pwd=$PWD
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 stage=0
@@ -24,11 +24,14 @@ data=data             # manifests
 exp=exp               # models, logs, results
 budget=150            # seconds of training for OPD and for each baseline (equal wall-clock)
 baselines=true        # also train the fair baselines (sft_more, seqkd, td_opd)
-backend=torch         # torch | deepspeed (uses conf/ds_zero2.json; multi-node: see README)
+backend=torch         # torch | deepspeed (conf/ds_zero2.json; --zero 3 for conf/ds_zero3.json)
 smoke=false           # tiny corpus and few steps, for tests
 update_readme=false   # true: also write the results table into README.md (maintainers; always in ${exp}/RESULTS.md)
 seed=0
-help_message="Usage: bash run.sh [--stage N] [--stop_stage N] [--corpus synthetic|librispeech|aishell] [--corpus_dir DIR] [--budget SECONDS] [--smoke true] [--update_readme true]"
+help_message="Usage: bash run.sh [--stage N] [--stop_stage N] [--corpus synthetic|librispeech|aishell] [--corpus_dir DIR] [--budget SECONDS] [--smoke true] [--update_readme true]
+       [--ngpu N] [--num_nodes N --node_rank R --master_addr HOST] [--hostfile F] [--dtype bfloat16] [--zero 2|3]
+       [--resume auto|never] [--skip_bad true]   (launch options: tools/launch_options.sh)"
+. ../../tools/launch_options.sh   # --ngpu, --num_nodes, --hostfile, --dtype, --zero, --resume, --skip_bad
 . ../../tools/parse_options.sh
 recipe=asr
 . ../../tools/recipe_common.sh   # PY, PYTHONPATH, log, train, fresh, readme_args, abspath ...
@@ -83,14 +86,14 @@ if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
   if [ "${built_teacher}" = "True" ]; then
     log "stage 1: teacher SFT on its own labelled set"
     train conf/teacher_sft.yaml model.path=${exp}/teacher_init output_dir=${exp}/teacher \
-      data.train=${data}/teacher_train.jsonl data.dev=${data}/dev.jsonl train.resume=never "${teacher_over[@]}"
+      data.train=${data}/teacher_train.jsonl data.dev=${data}/dev.jsonl "${teacher_over[@]}"
   else
     rm -rf "${exp}/teacher"; mkdir -p "${exp}/teacher"; ln -sfn "$(readlink -f ${exp}/teacher_init)" "${exp}/teacher/final"
   fi
   if [ "${built_student}" = "True" ]; then
     log "stage 1: student SFT on its small labelled set"
     train conf/student_sft.yaml model.path=${exp}/student_init output_dir=${exp}/student_sft \
-      data.train=${data}/student_labelled.jsonl data.dev=${data}/dev.jsonl train.resume=never "${student_over[@]}"
+      data.train=${data}/student_labelled.jsonl data.dev=${data}/dev.jsonl "${student_over[@]}"
   else
     rm -rf "${exp}/student_sft"; mkdir -p "${exp}/student_sft"; ln -sfn "$(readlink -f ${exp}/student_init)" "${exp}/student_sft/final"
   fi
@@ -106,7 +109,7 @@ if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
   log "stage 2: calibrate (student vs teacher KL on dev, before OPD)"
   train conf/opd.yaml "${opd_paths[@]}" method=calibrate output_dir=${exp}/calibrate_before
   log "stage 2: on-policy distillation, ${budget} s"
-  train conf/opd.yaml "${opd_paths[@]}" train.max_seconds=${budget} train.resume=never "${common[@]}" "${opd_steps[@]}"
+  train conf/opd.yaml "${opd_paths[@]}" train.max_seconds=${budget} "${common[@]}" "${opd_steps[@]}"
   record_time opd $(( $(date +%s) - t0 ))
   train conf/opd.yaml "${opd_paths[@]}" method=calibrate model.path=${exp}/opd/final output_dir=${exp}/calibrate_after
   # the baselines get the wall-clock OPD actually trained for
@@ -116,7 +119,7 @@ if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
     t1=$(date +%s)
     log "baseline sft_more: more SFT on the labelled set, ${spent} s"
     train conf/sft_more.yaml model.path=${exp}/student_sft/final output_dir=${exp}/sft_more data.train=${data}/student_labelled.jsonl \
-      data.dev=${data}/dev.jsonl train.max_seconds=${spent} train.resume=never "${common[@]}"
+      data.dev=${data}/dev.jsonl train.max_seconds=${spent} "${common[@]}"
     record_time sft_more $(( $(date +%s) - t1 ))
     t1=$(date +%s)
     log "baseline seqkd: the teacher transcribes the unlabelled audio"
@@ -125,13 +128,13 @@ if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
     record_time teacher_transcribe $(( $(date +%s) - t1 ))
     t1=$(date +%s)
     log "baseline seqkd: SFT on the teacher's transcripts, ${spent} s"
-    train conf/seqkd.yaml "${kd_paths[@]}" output_dir=${exp}/seqkd train.max_seconds=${spent} train.resume=never "${common[@]}"
+    train conf/seqkd.yaml "${kd_paths[@]}" output_dir=${exp}/seqkd train.max_seconds=${spent} "${common[@]}"
     record_time seqkd $(( $(date +%s) - t1 ))
     t1=$(date +%s)
     log "td_opd: sequence-level KD then OPD, ${half} s each"
-    train conf/seqkd.yaml "${kd_paths[@]}" train.max_seconds=${half} output_dir=${exp}/td_kd train.resume=never "${common[@]}"
+    train conf/seqkd.yaml "${kd_paths[@]}" train.max_seconds=${half} output_dir=${exp}/td_kd "${common[@]}"
     train conf/opd.yaml "${opd_paths[@]}" model.path=${exp}/td_kd/final train.max_seconds=${half} output_dir=${exp}/td_opd \
-      train.resume=never "${common[@]}"
+      "${common[@]}"
     record_time td_opd $(( $(date +%s) - t1 ))
   fi
 fi

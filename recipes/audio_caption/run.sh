@@ -19,7 +19,7 @@
 # (a text model answers multiple-choice questions about each clip from its caption),
 # results.json, exp/RESULTS.md (the table; the README's with --update_readme true).
 set -euo pipefail
-caller_pwd=$PWD
+readonly caller_pwd=$PWD
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 stage=0
@@ -36,13 +36,16 @@ port=0                # port of the server run.sh starts (0: a free one)
 budget=150            # seconds of training for OPD and for each baseline (equal wall-clock)
 baselines=true        # also train the fair baselines (sft_more, seqkd)
 qa_model=""           # cascade: a local HF text LLM directory; empty: train the tiny one
-backend=torch         # torch | deepspeed (uses conf/ds_zero2.json; conf/ds_zero3.json for big models)
+backend=torch         # torch | deepspeed (conf/ds_zero2.json; --zero 3 for conf/ds_zero3.json)
 smoke=false           # tiny corpus and few steps, for tests
 update_readme=false   # true: also write the results table into README.md (maintainers; always in ${exp}/RESULTS.md)
 seed=0
 help_message="Usage: bash run.sh [--stage N] [--stop_stage N] [--corpus synthetic|audiocaps|clotho] [--corpus_dir DIR] [--audio_dir DIR]
        [--teacher remote|local] [--teacher_url URL] [--teacher_model NAME] [--budget SECONDS] [--baselines true|false]
-       [--qa_model DIR] [--backend torch|deepspeed] [--data DIR] [--exp DIR] [--smoke true] [--update_readme true]"
+       [--qa_model DIR] [--backend torch|deepspeed] [--data DIR] [--exp DIR] [--smoke true] [--update_readme true]
+       [--ngpu N] [--num_nodes N --node_rank R --master_addr HOST] [--hostfile F] [--dtype bfloat16] [--zero 2|3]
+       [--resume auto|never] [--skip_bad true]   (launch options: tools/launch_options.sh)"
+. ../../tools/launch_options.sh   # --ngpu, --num_nodes, --hostfile, --dtype, --zero, --resume, --skip_bad
 . ../../tools/parse_options.sh
 recipe=audio_caption
 . ../../tools/recipe_common.sh   # PY, PYTHONPATH, log, train, fresh, readme_args, abspath ...
@@ -74,12 +77,12 @@ if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
     audiocaps)
       [ -n "${corpus_dir}" ] || { echo "--corpus_dir is required for audiocaps" >&2; exit 1; }
       "${PY}" local/prepare_audiocaps.py --corpus_dir "${corpus_dir}" --audio_dir "${audio_dir:-${corpus_dir}/audio}" \
-        --out_dir "${data}/raw"
+        --out_dir "${data}/raw" "${prep_args[@]}"
       "${PY}" local/split_train.py --train "${data}/raw/train.jsonl" --dev "${data}/raw/dev.jsonl" \
         --test "${data}/raw/test.jsonl" --out_dir "${data}" --seed ${seed} ;;
     clotho)
       [ -n "${corpus_dir}" ] || { echo "--corpus_dir is required for clotho" >&2; exit 1; }
-      "${PY}" local/prepare_clotho.py --corpus_dir "${corpus_dir}" --out_dir "${data}/raw"
+      "${PY}" local/prepare_clotho.py --corpus_dir "${corpus_dir}" --out_dir "${data}/raw" "${prep_args[@]}"
       "${PY}" local/split_train.py --train "${data}/raw/train.jsonl" --dev "${data}/raw/dev.jsonl" \
         --test "${data}/raw/test.jsonl" --out_dir "${data}" --seed ${seed} ;;
     *) echo "unknown corpus '${corpus}'" >&2; exit 1 ;;
@@ -96,14 +99,14 @@ if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
   if [ "${built_teacher}" = "True" ]; then
     log "stage 1: teacher SFT on its own captioned clips"
     train conf/teacher_sft.yaml model.path=${exp}/teacher_init output_dir=${exp}/teacher \
-      data.train=${data}/teacher_train.jsonl data.dev=${data}/dev.jsonl train.resume=never "${teacher_over[@]}" "${quick[@]}"
+      data.train=${data}/teacher_train.jsonl data.dev=${data}/dev.jsonl "${teacher_over[@]}" "${quick[@]}"
   else
     rm -rf "${exp}/teacher"; mkdir -p "${exp}/teacher"; ln -sfn "$(readlink -f ${exp}/teacher_init)" "${exp}/teacher/final"
   fi
   if [ "${built_student}" = "True" ]; then
     log "stage 1: student SFT on its small captioned set"
     train conf/student_sft.yaml model.path=${exp}/student_init output_dir=${exp}/student_sft \
-      data.train=${data}/student_labelled.jsonl data.dev=${data}/dev.jsonl train.resume=never "${student_over[@]}" "${quick[@]}"
+      data.train=${data}/student_labelled.jsonl data.dev=${data}/dev.jsonl "${student_over[@]}" "${quick[@]}"
   else
     rm -rf "${exp}/student_sft"; mkdir -p "${exp}/student_sft"; ln -sfn "$(readlink -f ${exp}/student_init)" "${exp}/student_sft/final"
   fi
@@ -161,7 +164,7 @@ if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
     teacher_args=(teacher.kind=local teacher.path=${exp}/teacher/final)
   fi
   log "stage 2: on-policy distillation from the ${teacher} teacher, ${budget} s"
-  train conf/opd.yaml "${opd_paths[@]}" "${teacher_args[@]}" train.max_seconds=${budget} train.resume=never \
+  train conf/opd.yaml "${opd_paths[@]}" "${teacher_args[@]}" train.max_seconds=${budget} \
     "${quick[@]}" "${opd_steps[@]}"
   stop_server
   record_time opd $(( $(date +%s) - t0 ))
@@ -171,7 +174,7 @@ if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
     t1=$(date +%s)
     log "baseline sft_more: more SFT on the student's captioned set, ${spent} s"
     train conf/sft_more.yaml model.path=${exp}/student_sft/final output_dir=${exp}/sft_more \
-      data.train=${data}/student_labelled.jsonl data.dev=${data}/dev.jsonl train.max_seconds=${spent} train.resume=never "${quick[@]}"
+      data.train=${data}/student_labelled.jsonl data.dev=${data}/dev.jsonl train.max_seconds=${spent} "${quick[@]}"
     record_time sft_more $(( $(date +%s) - t1 ))
     t1=$(date +%s)
     log "baseline seqkd: the teacher captions the unlabelled clips"
@@ -180,7 +183,7 @@ if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
     record_time teacher_caption $(( $(date +%s) - t1 ))
     t1=$(date +%s)
     log "baseline seqkd: SFT on the teacher's captions, ${spent} s"
-    train conf/seqkd.yaml "${kd_paths[@]}" output_dir=${exp}/seqkd train.max_seconds=${spent} train.resume=never "${quick[@]}"
+    train conf/seqkd.yaml "${kd_paths[@]}" output_dir=${exp}/seqkd train.max_seconds=${spent} "${quick[@]}"
     record_time seqkd $(( $(date +%s) - t1 ))
   fi
 fi
@@ -196,7 +199,7 @@ if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
       --out "${exp}/cascade_data/qa_train.jsonl"
     "${PY}" local/cascade.py build --tokenizer "${exp}/student_init" --out "${exp}/cascade_init"
     train conf/cascade_sft.yaml model.path=${exp}/cascade_init data.train=${exp}/cascade_data/qa_train.jsonl \
-      output_dir=${exp}/cascade train.resume=never "${cascade_over[@]}"
+      output_dir=${exp}/cascade "${cascade_over[@]}"
   fi
   [ "${has_questions}" = "True" ] || log "stage 3: the test clips carry no questions: no cascaded evaluation"
   "${PY}" local/make_results.py --data "${data}" --exp "${exp}" "${readme_args[@]}" --corpus ${corpus} \

@@ -17,7 +17,7 @@
 # category / task / difficulty, MMAU-format predictions, results.json, exp/RESULTS.md (the table;
 # the README's with --update_readme true), plots.
 set -euo pipefail
-caller_pwd=$PWD
+readonly caller_pwd=$PWD
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 stage=0
@@ -32,11 +32,14 @@ budget=150            # seconds of training for GRPO, ReST, OPD and the SFT base
 teacher_budget=200    # seconds of GRPO for the teacher
 baselines=true        # also train the fair baseline (sft_answers)
 lora=false            # true: LoRA (peft) adapters for every training stage, merged at export
-backend=torch         # torch | deepspeed (conf/ds_zero2.json; conf/ds_zero3.json for big models)
+backend=torch         # torch | deepspeed (conf/ds_zero2.json; --zero 3 for conf/ds_zero3.json)
 smoke=false           # tiny corpus and few steps, for tests
 update_readme=false   # true: also write the results table into README.md (maintainers; always in ${exp}/RESULTS.md)
 seed=0
-help_message="Usage: bash run.sh [--stage N] [--stop_stage N] [--corpus synthetic|mmau|mmsu] [--train_json F] [--test_json F] [--mmsu_dir D] [--budget S] [--lora true] [--backend torch|deepspeed] [--smoke true] [--update_readme true]"
+help_message="Usage: bash run.sh [--stage N] [--stop_stage N] [--corpus synthetic|mmau|mmsu] [--train_json F] [--test_json F] [--mmsu_dir D] [--budget S] [--lora true] [--backend torch|deepspeed] [--smoke true] [--update_readme true]
+       [--ngpu N] [--num_nodes N --node_rank R --master_addr HOST] [--hostfile F] [--dtype bfloat16] [--zero 2|3]
+       [--resume auto|never] [--skip_bad true]   (launch options: tools/launch_options.sh)"
+. ../../tools/launch_options.sh   # --ngpu, --num_nodes, --hostfile, --dtype, --zero, --resume, --skip_bad
 . ../../tools/parse_options.sh
 recipe=audio_qa
 . ../../tools/recipe_common.sh   # PY, PYTHONPATH, log, train, fresh, readme_args, abspath ...
@@ -44,7 +47,6 @@ recipe=audio_qa
 train_json=$(abspath "${train_json}"); test_json=$(abspath "${test_json}"); mmsu_dir=$(abspath "${mmsu_dir}")
 [ "${data}" = data ] || data=$(abspath "${data}"); [ "${exp}" = exp ] || exp=$(abspath "${exp}")
 mkdir -p "${exp}"
-train_extra=(train.resume=never)   # every training run of this recipe starts from its input model
 
 synth_args=(); base_over=(); teacher_over=()
 if [ "${smoke}" = "true" ]; then
@@ -64,13 +66,13 @@ if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
     mmau|mmsu)
       [ -n "${train_json}" ] || { echo "--train_json (training questions in MMAU's JSON layout) is required for ${corpus}" >&2; exit 1; }
       mkdir -p "${data}"; rm -f "${data}/stats.json"
-      "${PY}" local/prepare_mmau.py --json "${train_json}" --out "${data}/train_all_raw.jsonl"
+      "${PY}" local/prepare_mmau.py --json "${train_json}" --out "${data}/train_all_raw.jsonl" "${prep_args[@]}"
       if [ "${corpus}" = "mmau" ]; then
         [ -n "${test_json}" ] || { echo "--test_json is required for corpus mmau" >&2; exit 1; }
-        "${PY}" local/prepare_mmau.py --json "${test_json}" --out "${data}/test_raw.jsonl"
+        "${PY}" local/prepare_mmau.py --json "${test_json}" --out "${data}/test_raw.jsonl" "${prep_args[@]}"
       else
         [ -n "${mmsu_dir}" ] || { echo "--mmsu_dir is required for corpus mmsu" >&2; exit 1; }
-        "${PY}" local/prepare_mmsu.py --data "${mmsu_dir}" --out "${data}/test_raw.jsonl"
+        "${PY}" local/prepare_mmsu.py --data "${mmsu_dir}" --out "${data}/test_raw.jsonl" "${prep_args[@]}"
       fi
       "${PY}" local/prompt.py "${data}/train_all_raw.jsonl" "${data}/train_all.jsonl" "${letters[@]}"
       "${PY}" local/prompt.py "${data}/test_raw.jsonl" "${data}/test.jsonl" "${letters[@]}"
@@ -102,7 +104,6 @@ if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
   log "stage 1: tokenizer and models"
   "${PY}" -m tools.build_models --conf conf/models.yaml --text "${data}/text_corpus.txt" --exp "${exp}" --seed ${seed}
   log "stage 1: SFT warm-up of the base policy"
-  fresh "${exp}/base_sft" "${exp}/teacher_sft"
   train conf/base_sft.yaml model.path=${exp}/student_init output_dir=${exp}/base_sft \
     data.train=${data}/base_sft.jsonl data.dev=${data}/dev.jsonl "${base_over[@]}" "${quick[@]}"
   log "stage 1: SFT warm-up of the teacher"
@@ -116,7 +117,6 @@ paths=(data.train=${data}/train.jsonl data.dev=${data}/dev.jsonl)
 if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
   t0=$(date +%s)
   log "stage 2: GRPO of the base policy, ${budget} s"
-  fresh "${exp}/grpo" "${exp}/teacher_grpo"
   train conf/grpo.yaml model.path=${exp}/base_sft/final output_dir=${exp}/grpo "${paths[@]}" \
     train.max_seconds=${budget} "${quick[@]}"
   record_time grpo $(( $(date +%s) - t0 ))
@@ -134,7 +134,6 @@ spent=${budget}
 if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
   t0=$(date +%s)
   log "stage 3: ReST from the base, ${spent} s of sampling and training"
-  fresh "${exp}/rest"
   train conf/rest.yaml model.path=${exp}/base_sft/final output_dir=${exp}/rest "${paths[@]}" \
     train.max_seconds=${spent} "${quick[@]}"
   record_time rest $(( $(date +%s) - t0 ))
@@ -143,7 +142,6 @@ fi
 if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
   t0=$(date +%s)
   log "stage 4: OPD of the base from the GRPO-trained teacher, ${spent} s"
-  fresh "${exp}/opd"
   train conf/opd.yaml model.path=${exp}/base_sft/final teacher.path=${exp}/teacher_grpo/final \
     output_dir=${exp}/opd "${paths[@]}" train.max_seconds=${spent} "${quick[@]}"
   record_time opd $(( $(date +%s) - t0 ))
@@ -152,7 +150,6 @@ fi
 if [ ${stage} -le 5 ] && [ ${stop_stage} -ge 5 ] && [ "${baselines}" = "true" ]; then
   t0=$(date +%s)
   log "stage 5: baseline, plain SFT on the answers, ${spent} s"
-  fresh "${exp}/sft_answers"
   train conf/sft_answers.yaml model.path=${exp}/base_sft/final output_dir=${exp}/sft_answers "${paths[@]}" \
     train.max_seconds=${spent} "${quick[@]}"
   record_time sft_answers $(( $(date +%s) - t0 ))

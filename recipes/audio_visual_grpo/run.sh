@@ -16,7 +16,7 @@
 # by question type and by duration (Daily-Omni rule; IntentBench rules by problem type),
 # results.json, exp/RESULTS.md (the table; the README's with --update_readme true), reward curves.
 set -euo pipefail
-caller_pwd=$PWD
+readonly caller_pwd=$PWD
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 stage=0
@@ -33,13 +33,16 @@ budget=200                # seconds of GRPO, and of the SFT baseline (equal wall
 baselines=true            # also train the fair baseline (sft_answers)
 num_frames=8              # frames per video (uniformly sampled)
 missing_audio=error       # error | silence: a video without a sound track
-backend=torch             # torch | deepspeed (conf/ds_zero2.json; conf/ds_zero3.json for Omni-size models)
+backend=torch             # torch | deepspeed (conf/ds_zero2.json; --zero 3 for conf/ds_zero3.json)
 smoke=false               # tiny corpus and few steps, for tests
 update_readme=false       # true: also write the results table into README.md (maintainers; always in ${exp}/RESULTS.md)
 seed=0
 help_message="Usage: bash run.sh [--stage N] [--stop_stage N] [--corpus synthetic|real] [--train_json F --train_video_root D]
        [--dailyomni_dir D] [--intentbench_json F --intentbench_video_root D] [--budget S] [--num_frames N]
-       [--missing_audio error|silence] [--backend torch|deepspeed] [--data DIR] [--exp DIR] [--smoke true] [--update_readme true]"
+       [--missing_audio error|silence] [--backend torch|deepspeed] [--data DIR] [--exp DIR] [--smoke true] [--update_readme true]
+       [--ngpu N] [--num_nodes N --node_rank R --master_addr HOST] [--hostfile F] [--dtype bfloat16] [--zero 2|3]
+       [--resume auto|never] [--skip_bad true]   (launch options: tools/launch_options.sh)"
+. ../../tools/launch_options.sh   # --ngpu, --num_nodes, --hostfile, --dtype, --zero, --resume, --skip_bad
 . ../../tools/parse_options.sh
 recipe=audio_visual_grpo
 . ../../tools/recipe_common.sh   # PY, PYTHONPATH, log, train, fresh, readme_args, abspath ...
@@ -49,7 +52,7 @@ intentbench_video_root=$(abspath "${intentbench_video_root}")
 [ "${data}" = data ] || data=$(abspath "${data}"); [ "${exp}" = exp ] || exp=$(abspath "${exp}")
 mkdir -p "${exp}"
 # every training run starts from its input model and reads the videos the same way
-train_extra=(train.resume=never data.num_frames=${num_frames} data.missing_audio=${missing_audio})
+train_extra=(data.num_frames=${num_frames} data.missing_audio=${missing_audio})
 
 synth_args=(); sft_over=(); qa_over=(); quick=()
 if [ "${smoke}" = "true" ]; then
@@ -74,16 +77,16 @@ if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
       [ -n "${dailyomni_dir}" ] || [ -n "${intentbench_json}" ] || {
         echo "corpus real needs a test set: --dailyomni_dir and/or --intentbench_json" >&2; exit 1; }
       mkdir -p "${data}"; rm -f "${data}/stats.json"
-      "${PY}" local/prepare_intentbench.py --json "${train_json}" --video_root "${train_video_root}" --out "${data}/train_all.jsonl"
+      "${PY}" local/prepare_intentbench.py --json "${train_json}" --video_root "${train_video_root}" --out "${data}/train_all.jsonl" "${prep_args[@]}"
       tests=()
       if [ -n "${dailyomni_dir}" ]; then
-        "${PY}" local/prepare_dailyomni.py --corpus_dir "${dailyomni_dir}" --out "${data}/test_dailyomni.jsonl"
+        "${PY}" local/prepare_dailyomni.py --corpus_dir "${dailyomni_dir}" --out "${data}/test_dailyomni.jsonl" "${prep_args[@]}"
         tests+=("${data}/test_dailyomni.jsonl")
       fi
       if [ -n "${intentbench_json}" ]; then
         [ -n "${intentbench_video_root}" ] || { echo "--intentbench_video_root is required with --intentbench_json" >&2; exit 1; }
         "${PY}" local/prepare_intentbench.py --json "${intentbench_json}" --video_root "${intentbench_video_root}" \
-          --out "${data}/test_intentbench.jsonl"
+          --out "${data}/test_intentbench.jsonl" "${prep_args[@]}"
         tests+=("${data}/test_intentbench.jsonl")
       fi
       # test: every test set given (scored by its own rule); dev: the last min(200, n/5) training
@@ -121,11 +124,9 @@ if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
   log "stage 1: tokenizer and the Omni thinker"
   "${PY}" local/build_model.py --conf conf/models.yaml --text "${data}/text_corpus.txt" --exp "${exp}" --seed ${seed}
   log "stage 1: SFT warm-up, first pass: describe clips + labelled questions"
-  fresh "${exp}/sft"
   train conf/sft.yaml model.path=${exp}/init output_dir=${exp}/sft data.train=${data}/base_sft.jsonl \
     data.dev=${data}/dev.jsonl "${sft_over[@]}" "${quick[@]}"
   log "stage 1: SFT warm-up, second pass: the labelled questions alone"
-  fresh "${exp}/sft_qa"
   train conf/sft_qa.yaml model.path=${exp}/sft/final output_dir=${exp}/sft_qa data.train=${data}/sft.jsonl \
     data.dev=${data}/dev.jsonl "${qa_over[@]}" "${quick[@]}"
   record_time models $(( $(date +%s) - t0 ))
@@ -136,7 +137,6 @@ paths=(data.train=${data}/train.jsonl data.dev=${data}/dev.jsonl)
 if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
   t0=$(date +%s)
   log "stage 2: GRPO, ${budget} s"
-  fresh "${exp}/grpo"
   train conf/grpo.yaml model.path=${exp}/sft_qa/final output_dir=${exp}/grpo "${paths[@]}" \
     train.max_seconds=${budget} "${quick[@]}" "${grpo_steps[@]}"
   record_time grpo $(( $(date +%s) - t0 ))
@@ -149,7 +149,6 @@ spent=${budget}
 if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ] && [ "${baselines}" = "true" ]; then
   t0=$(date +%s)
   log "stage 3: baseline sft_answers, SFT on the answers for ${spent} s"
-  fresh "${exp}/sft_answers"
   train conf/sft_answers.yaml model.path=${exp}/sft_qa/final output_dir=${exp}/sft_answers "${paths[@]}" \
     train.max_seconds=${spent} "${quick[@]}"
   record_time sft_answers $(( $(date +%s) - t0 ))
