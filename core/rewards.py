@@ -340,8 +340,9 @@ def mcq_accuracy_reward(completions: Sequence[str], answer=None, choices=None, l
     ValueError naming it. Our addition to MMAU's rule (``letters=True``, the default): a
     prediction that is only an option letter ``A``-``E`` (uppercase, optionally ``A.``, ``A)`` or
     ``(A)``) is replaced by the text of that choice first (``A`` = ``choices[0]``), unless the
-    prediction is itself one of the choices (choices that are letters); a letter past the last
-    choice is left as is (and is then wrong unless it matches by the rule).
+    prediction already names a choice by MMAU's tokens (choices that are letters or letter-words:
+    "A" for the choice "a", a musical note "E"); a letter past the last choice is left as is (and
+    is then wrong unless it matches by the rule).
     """
     n = len(completions)
     answers, choice_lists = _field("answer", answer, n), _field("choices", choices, n)
@@ -350,7 +351,8 @@ def mcq_accuracy_reward(completions: Sequence[str], answer=None, choices=None, l
         if isinstance(ch, str) or not isinstance(ch, Sequence):
             raise ValueError(f"field 'choices' must hold a list of strings per sample (sample {i})")
         pred = extract_answer(c)
-        m = _LETTER.fullmatch(pred) if letters and pred not in [str(x) for x in ch] else None
+        names_a_choice = any(_tokens(pred) == _tokens(str(x)) for x in ch)
+        m = _LETTER.fullmatch(pred) if letters and not names_a_choice else None
         if m and ord(m.group(1)) - ord("A") < len(ch):
             pred = ch[ord(m.group(1)) - ord("A")]
         out.append(1.0 if string_match(str(a), pred, [str(x) for x in ch]) else 0.0)

@@ -203,3 +203,52 @@ def test_rows_without_answer_are_not_scored(tmp_path, capsys):
     preds = json.loads(pred_file.read_text())  # the file to submit is still written
     assert len(preds) == 3 and all("answer" not in p and p["model_output"] == "Man" for p in preds)
     assert not (tmp_path / "r.json").exists()
+
+
+# MMAU's evaluation.py (github.com/Sakshi113/MMAU) on its own input file: every output class,
+# decided by hand from its string_match rule; "ours" is the documented lenient score (letters
+# mapped to their choice).
+PEOPLE = ["Man", "Woman", "Child", "Robot"]
+#            output                                   official  ours
+MMAU_CLASSES = [("A", False, True), ("(A)", False, True), ("A.", False, True),
+                ("a", False, False),                    # not a letter to us: one token "a"
+                ("The answer is A.", False, False),
+                ("Man", True, True), ("man", True, True), ("MAN.", True, True),
+                ("(A) Man", True, True), ("A. Man", True, True),
+                ("The answer is Man.", True, True),
+                ("<think>deep voice</think><answer>Man</answer>", True, True),
+                ("It is a man, not a woman.", False, False),   # names a wrong choice
+                ("Man or Child", False, False), ("Woman", False, False), ("B", False, False),
+                ("", False, False)]
+
+
+@pytest.mark.parametrize("output, official, ours", MMAU_CLASSES)
+def test_mmau_official_and_lenient_on_every_output_class(output, official, ours):
+    rows = [{"key": "k", "audio": "k.wav", "question": "Who speaks?", "choices": PEOPLE, "answer": "Man",
+             "domain": "speech", "difficulty": "easy"}]
+    res = S.score(rows, {"k": output})
+    assert res["acc_official"] == float(official) and res["acc"] == float(ours)
+    # the official number is MMAU's rule on the file we write, with nothing of ours in between
+    item = S.mmau_items(rows, {"k": output})[0]
+    assert item["task"] == "speech" and S.string_match("Man", item["model_output"], PEOPLE) == official
+    assert "official_warnings" not in res
+
+
+def test_mmau_official_tokens_and_letter_words():
+    rows = [{"key": "n", "audio": "n.wav", "question": "q", "choices": ["White noise", "Wind"],
+             "answer": "White noise", "domain": "sound", "difficulty": "hard"},
+            {"key": "w", "audio": "w.wav", "question": "q", "choices": ["the", "a", "an"],
+             "answer": "a", "domain": "speech", "difficulty": "medium"}]
+    res = S.score(rows, {"n": "white-noise", "w": "A"})
+    assert res["acc_official"] == 1.0
+    # "A" names the choice "a": it is not read as option A ("the")
+    assert res["acc"] == 1.0
+    res = S.score(rows, {"n": "noise", "w": "B"})
+    assert res["acc_official"] == 0.0 and res["acc"] == 0.5  # B -> "a" is ours only
+
+
+def test_mmau_official_warns_on_rows_its_script_cannot_tabulate():
+    res = S.score(_rows(), _hyps())  # no domain (MMAU's task) in these rows
+    assert "official_warnings" in res and "evaluation.py stops" in res["official_warnings"][0]
+    # k1 and k3 name their answers; letters (k4 "B", k5 "B") and k6 "" are wrong officially
+    assert res["acc_official"] == pytest.approx(2 / 6)

@@ -38,6 +38,9 @@ S = _load("score")
     ("<think>A looks wrong</think>D", "D"),                    # reasoning removed first
     ("<think>x</think><answer>A</answer><answer>C</answer>", "C"),  # the last block
     ("Based on the video, A", None),                            # "Based" is not B
+    ("Based on the video, the answer is B.", "B"),              # named after "answer is"
+    ("The answer: (C)", "C"), ("I pick option D", "D"),
+    ("the answer is a dog", None),                              # a lowercase word, not a letter
     ("<answer>E</answer>", None),                               # not one of four letters
     ("<answer>the green one</answer>", None),
     ("<think>unfinished", None),
@@ -70,11 +73,15 @@ HYPS = {"s1": "<think>voice: red</think><answer>B</answer>",  # right (tag)
 def test_letter_rule_breakdowns():
     res = S.score(ROWS, HYPS)
     assert res["acc"] == pytest.approx(0.5) and res["n"] == 4 and res["unparsed"] == 1
-    assert res["by_type"] == {"AV Event Alignment": {"acc": 0.0, "n": 1}, "count": {"acc": 1.0, "n": 2},
-                              "motion": {"acc": 0.0, "n": 1}}
-    assert res["by_duration"] == {"2s": {"acc": 0.5, "n": 2}, "30s": {"acc": 0.0, "n": 1},
-                                  "3s": {"acc": 1.0, "n": 1}}
-    assert res["by_rule"] == {"letter": {"acc": 0.5, "n": 4}}
+    # official (Daily-Omni): s1 "B" and s2 "a" start with their letters; s3, d1 do not
+    assert res["acc_official"] == pytest.approx(0.5)
+    assert res["by_type"] == {"AV Event Alignment": {"acc": 0.0, "n": 1, "acc_official": 0.0},
+                              "count": {"acc": 1.0, "n": 2, "acc_official": 1.0},
+                              "motion": {"acc": 0.0, "n": 1, "acc_official": 0.0}}
+    assert res["by_duration"] == {"2s": {"acc": 0.5, "n": 2, "acc_official": 0.5},
+                                  "30s": {"acc": 0.0, "n": 1, "acc_official": 0.0},
+                                  "3s": {"acc": 1.0, "n": 1, "acc_official": 1.0}}
+    assert res["by_rule"] == {"letter": {"acc": 0.5, "n": 4, "acc_official": 0.5}}
     assert res["format_rate"] == pytest.approx(0.5)
     assert res["pred_dist"]["count"] == {"B": 1, "A": 1} and res["pred_dist"]["motion"] == {"(unparsed)": 1}
 
@@ -102,9 +109,11 @@ def test_intentbench_rules():
     res = S.score(IB_ROWS, IB_HYPS)
     assert res["acc"] == pytest.approx((1 + 0 + 0.8 + 0 + 1 + 0 + 0) / 7)
     assert res["unparsed"] == 1
-    assert res["by_type"]["multiple choice"] == {"acc": 0.5, "n": 2}
-    assert res["by_type"]["emer_ov_mc"] == {"acc": pytest.approx(0.4), "n": 2}
-    assert res["by_type"]["judge"] == {"acc": pytest.approx(1 / 3), "n": 3}
+    # official: e1 "A, C" splits into "A" and " C" (0.4 against "A,B,C"), the rest as ours
+    assert res["acc_official"] == pytest.approx((1 + 0 + 0.4 + 0 + 1 + 0 + 0) / 7)
+    assert res["by_type"]["multiple choice"] == {"acc": 0.5, "n": 2, "acc_official": 0.5}
+    assert res["by_type"]["emer_ov_mc"] == {"acc": pytest.approx(0.4), "n": 2, "acc_official": pytest.approx(0.2)}
+    assert res["by_type"]["judge"] == {"acc": pytest.approx(1 / 3), "n": 3, "acc_official": pytest.approx(1 / 3)}
     assert res["by_duration"] == {}
 
 
@@ -130,3 +139,63 @@ def test_cli(tmp_path, capsys):
     man.write_text(json.dumps(ROWS[0]) + "\n" + json.dumps({"key": "z"}) + "\n", encoding="utf-8")
     assert S.main(["--hyp", str(hyp), "--manifest", str(man)]) == 1
     assert f"{man}:2: answer: missing" in capsys.readouterr().err
+
+
+# Each benchmark's own rule on every output class, decided by hand from its code
+# (Daily-Omni: test_model_api/test_utils.py evaluate_answer; IntentBench: HumanOmniV2's
+# eval_humanomniv2.py), beside our lenient score.
+DAILY_CLASSES = [  # output, official right, ours right   (answer B)
+    ("B", True, True), ("b", True, True), ("B.", True, True), ("B. Facial treatment", True, True),
+    ("(B)", False, True), ("The answer is B.", False, True),
+    ("Based on the video, the answer is B.", True, True),      # official: "B" of "Based"
+    ("Based on the video, the answer is C.", True, False),     # right by accident officially
+    ("Answer: C", False, False), ("Definitely B", False, False),
+    ("<think>x</think><answer>B</answer>", True, True),         # the file holds the answer block
+    ("<answer>C</answer> then <answer>B</answer>", True, True),  # the file holds the last block's "B"
+    ("", False, False)]
+
+
+@pytest.mark.parametrize("output, official, ours", DAILY_CLASSES)
+def test_dailyomni_official_and_lenient(output, official, ours):
+    row = {"key": "v-0001", "video_id": "v", "question": "q?", "choices": ["w", "x", "y", "z"], "answer": "B",
+           "Type": "Reasoning", "video_duration": "30s"}
+    res = S.score([row], {"v-0001": output})
+    assert res["acc_official"] == float(official) and res["acc"] == float(ours)
+    item = S.official_predictions([row], {"v-0001": output})["dailyomni"][0]
+    assert item["Choice"] == ["A. w", "B. x", "C. y", "D. z"] and item["Answer"] == "B"
+    assert S.dailyomni_official(item["model_answer"], "B") == official == item["correct"]
+
+
+IB_CLASSES = [  # output, problem_type, answer, official reward
+    ("<answer>A</answer>", "multiple choice", "A", 1.0), ("<answer> A </answer>", "multiple choice", "A", 1.0),
+    ("<answer>(A)</answer>", "multiple choice", "A", 0.0), ("<answer>a</answer>", "multiple choice", "A", 0.0),
+    ("<answer>A.</answer>", "multiple choice", "A", 0.0),
+    ("<answer>C</answer> <answer>A</answer>", "multiple choice", "A", 0.0),   # the first block
+    ("A", "multiple choice", "A", 1.0),            # no block: the item's own output (see docstring)
+    ("<answer>A,E</answer>", "emer_ov_mc", "A,E", 1.0), ("<answer>E,A</answer>", "emer_ov_mc", "A,E", 1.0),
+    ("<answer>A,E,E</answer>", "emer_ov_mc", "A,E", 0.8), ("<answer>A</answer>", "emer_ov_mc", "A,E", 2 / 3),
+    ("<answer>A, E</answer>", "emer_ov_mc", "A,E", 0.5), ("<answer>A,B</answer>", "emer_ov_mc", "A,E", 0.5),
+    ("<answer>a,e</answer>", "emer_ov_mc", "A,E", 0.0),
+    ("<answer>Yes</answer>", "judge", "Yes", 1.0), ("<answer>Eyes</answer>", "judge", "Yes", 1.0),
+    ("<answer>Nope</answer>", "judge", "Yes", 0.0), ("<answer>Nope</answer>", "judge", "No", 1.0),
+    ("<answer>I don't know</answer>", "judge", "No", 1.0), ("<answer>Yes</answer>", "judge", "No", 0.0),
+]
+
+
+@pytest.mark.parametrize("output, problem_type, answer, reward", IB_CLASSES)
+def test_intentbench_official(output, problem_type, answer, reward):
+    row = {"key": "i1", "problem_type": problem_type, "answer": answer, "video": "/v.mp4"}
+    res = S.score([row], {"i1": output})
+    assert res["acc_official"] == pytest.approx(reward)
+    out = S.official_predictions([row], {"i1": output})["intentbench"]
+    assert out["results"][0]["output"] == output and out["results"][0]["reward"] == pytest.approx(reward)
+    assert out["final_acc"] == [{"mean_acc": pytest.approx(reward)}]
+
+
+def test_official_files(tmp_path):
+    written = S.write_official(tmp_path, ROWS + IB_ROWS, {**HYPS, **IB_HYPS})
+    assert [p.name for p in written] == ["dailyomni_predictions.json", "intentbench_results.json"]
+    daily = json.loads((tmp_path / "dailyomni_predictions.json").read_text())
+    assert [d["correct"] for d in daily] == [True, True, False, False]
+    ib = json.loads((tmp_path / "intentbench_results.json").read_text())
+    assert ib["final_acc"][0]["mean_acc"] == pytest.approx(2.4 / 7) and len(ib["results"]) == 7

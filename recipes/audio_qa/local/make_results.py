@@ -64,8 +64,8 @@ def decode_and_score(name: str, model_dir: Path, test: Path, exp: Path, rule: st
 
 def fmt_table(results: dict, training: dict) -> str:
     cats = sorted(results["base"]["by_category"])
-    lines = ["| system | acc (%) | " + " | ".join(cats) + " | format (%) | train s | steps | what |",
-             "|---|---|" + "---|" * len(cats) + "---|---|---|---|"]
+    lines = ["| system | acc (%) | official (%) | " + " | ".join(cats) + " | format (%) | train s | steps | what |",
+             "|---|---|---|" + "---|" * len(cats) + "---|---|---|---|"]
     entries = [(k, results.get(k), SYSTEMS[k]) for k in SYSTEMS]
     entries += [(k, results["baselines"].get(k), BASELINES[k]) for k in BASELINES]
     entries += [(k, results.get(k), TEACHERS[k]) for k in TEACHERS]
@@ -74,7 +74,9 @@ def fmt_table(results: dict, training: dict) -> str:
             continue
         t = training.get(d) or {}
         per = " | ".join(f"{100 * r['by_category'].get(c, {}).get('acc', 0):.1f}" for c in cats)
-        lines.append(f"| {name} | {100 * r['acc']:.1f} | {per} | {100 * r['format_rate']:.0f} | "
+        off = r.get("acc_official")
+        off = f"{100 * off:.1f}" if off is not None else ""
+        lines.append(f"| {name} | {100 * r['acc']:.1f} | {off} | {per} | {100 * r['format_rate']:.0f} | "
                      f"{t.get('train_seconds', '')} | {t.get('steps', '')} | {what} |")
     return "\n".join(lines)
 

@@ -14,8 +14,15 @@ The predicted answer of a hypothesis is ``core.rewards.extract_answer(text)`` (t
 
 - ``mmau`` (default): MMAU's official ``string_match`` (the ``mcq_accuracy`` reward): the
   prediction holds every word of the answer and no word that only a wrong choice has. A bare
-  option letter ("B", "(B)") counts as that choice's text unless ``--no_letters``; the official
-  script has no such mapping.
+  option letter ("B", "(B)") counts as that choice's text unless ``--no_letters`` or the
+  prediction already names a choice ("A" for the choice "a"); the official script has no such
+  mapping. ``acc_official`` beside ``acc`` is what MMAU's own ``evaluation.py``
+  (github.com/Sakshi113/MMAU) computes on the ``--mmau_out`` file we write: ``string_match`` of
+  each item's ``model_output`` (the predicted answer as the model gave it, no letter mapping)
+  against its ``answer`` and ``choices``, over every item. So a letter answer is right in ``acc``
+  and wrong in ``acc_official``, as MMAU's leaderboard would score it; ``official_warnings`` lists
+  rows whose ``task`` (sound | music | speech) or ``difficulty`` (easy | medium | hard) the official
+  script cannot tabulate (it stops with a KeyError on them).
 - ``mmsu``: MMSU's official ``mmsu_evaluation.py`` (github.com/dingdongwang/MMSU): newlines
   removed; the letter is the first character if it is one of A-D, else the second-to-last
   character if it is one of A-D ("The answer is B.", "(B)"); ``choices[letter]`` must equal the
@@ -25,9 +32,9 @@ The predicted answer of a hypothesis is ``core.rewards.extract_answer(text)`` (t
 
 Output (``--out``, JSON)::
 
-    {"rule", "acc", "n", "by_category": {cat: {"acc", "n"}}, "by_task": {sub_category: ...},
-     "by_difficulty": {...}, "by_domain": {...}, "format_rate", "answer_dist": {category:
-     {answer: count}}, ["n_unparsed", "acc_official"]}
+    {"rule", "acc", "acc_official", "n", "by_category": {cat: {"acc", "n"}}, "by_task":
+     {sub_category: ...}, "by_difficulty": {...}, "by_domain": {...}, "format_rate", "answer_dist":
+     {category: {answer: count}}, ["official_warnings"], ["n_unparsed"]}
 
 Accuracies are fractions in [0, 1]. A breakdown is empty when no row has its field (rows
 lacking it are grouped under "(none)" otherwise); ``by_domain`` groups by ``domain`` (MMAU's
@@ -54,7 +61,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from core.rewards import extract_answer, get_reward
+from core.rewards import extract_answer, get_reward, string_match
 from tools.hyps import check_alignment, keys_preview, read_hyps
 
 RULES = ("mmau", "mmsu")
@@ -123,10 +130,15 @@ def score(rows: Sequence[Mapping], hyps: Mapping[str, str], rule: str = "mmau", 
         values = get_reward("mcq_accuracy")(texts, answer=[r["answer"] for r in rows],
                                             choices=[r["choices"] for r in rows], letters=letters)
         correct = [v == 1.0 for v in values]
+        official = mmau_official(mmau_items(rows, hyps))
     else:
         correct = [mmsu_correct(p, r["answer"], r["choices"]) for p, r in zip(preds, rows)]
 
     out = {"rule": rule, **_acc(correct)}
+    if rule == "mmau":
+        out["acc_official"] = official["acc"]
+        if official["warnings"]:
+            out["official_warnings"] = official["warnings"]
     for name, field in GROUPS.items():
         groups: dict[str, list[bool]] = defaultdict(list)
         if any(r.get(field) is not None for r in rows):
@@ -145,6 +157,28 @@ def score(rows: Sequence[Mapping], hyps: Mapping[str, str], rule: str = "mmau", 
         kept = [c for c, u in zip(correct, unparsed) if not u]
         out["acc_official"] = _acc(kept)["acc"]
     return out
+
+
+MMAU_TASKS = ("sound", "music", "speech")
+MMAU_DIFFICULTIES = ("easy", "medium", "hard")
+
+
+def mmau_official(items: Sequence[Mapping]) -> dict:
+    """MMAU's ``evaluation.py`` on a list of its input items: items without ``model_output`` are
+    skipped (as there), every other item is right iff ``string_match(answer, model_output,
+    choices)``; ``acc`` over the items kept. ``warnings`` names items whose ``task`` or
+    ``difficulty`` the official script cannot tabulate."""
+    kept = [it for it in items if "model_output" in it]
+    right = [string_match(str(it.get("answer", "")), str(it["model_output"] or ""),
+                          [str(c) for c in it.get("choices") or []]) for it in kept]
+    warnings = []
+    for it in kept:
+        if it.get("task") not in MMAU_TASKS or it.get("difficulty") not in MMAU_DIFFICULTIES:
+            warnings.append(f"{it.get('id')}: task {it.get('task')!r} / difficulty {it.get('difficulty')!r}")
+    if warnings:
+        warnings = [f"{len(warnings)} item(s) outside MMAU's tasks {MMAU_TASKS} / difficulties "
+                    f"{MMAU_DIFFICULTIES}, which its evaluation.py stops on: " + "; ".join(warnings[:5])]
+    return {"acc": sum(right) / len(right) if right else 0.0, "n": len(right), "warnings": warnings}
 
 
 def mmau_items(rows: Sequence[Mapping], hyps: Mapping[str, str]) -> list[dict]:
@@ -177,6 +211,9 @@ def mmau_items(rows: Sequence[Mapping], hyps: Mapping[str, str]) -> list[dict]:
 def format_table(res: dict) -> str:
     lines = [f"rule {res['rule']}: acc {100 * res['acc']:.2f}% over {res['n']} "
              f"(format ok {100 * res['format_rate']:.1f}%)"]
+    if res["rule"] == "mmau":
+        lines.append(f"  official MMAU evaluation.py on the predictions file: {100 * res['acc_official']:.2f}%")
+        lines += [f"  warning: {w}" for w in res.get("official_warnings", [])]
     if "n_unparsed" in res:
         lines.append(f"  unparsed {res['n_unparsed']}; acc without them (official MMSU) "
                      f"{100 * res['acc_official']:.2f}%")

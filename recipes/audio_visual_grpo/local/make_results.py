@@ -5,7 +5,8 @@ SFT warm-up), after GRPO and the baseline, score, and report.
 For each system: greedy answers (``decode/<system>/hyp.jsonl``, the Omni thinker reading
 ``--num_frames`` frames and the sound track of each video) and ``local/score.py``'s accuracy:
 overall, by question type, by duration and by rule (Daily-Omni's letter rule; IntentBench's
-rules by problem type), the unparsed count, the format rate and the most frequent answers per
+rules by problem type), the official score (each benchmark's own code on the
+``dailyomni_predictions.json`` / ``intentbench_results.json`` written beside ``hyp.jsonl``), the unparsed count, the format rate and the most frequent answers per
 type (to see a collapse). The training reward of GRPO (first and last tenth of the steps, the
 best smoothed value) comes from its ``metrics.jsonl``.
 
@@ -49,7 +50,9 @@ def evaluate(name: str, model_dir: Path, data: Path, exp: Path, args) -> dict:
     info = decode(str(model_dir), str(data / "test.jsonl"), str(out / "hyp.jsonl"), prompt="{prompt}",
                   max_new_tokens=MAX_NEW_TOKENS, target_field="target", modality="av",
                   num_frames=args.num_frames, missing_audio=args.missing_audio, batch_size=16)
-    res = sc.score(sc.read_rows(data / "test.jsonl"), sc.read_hyps(out / "hyp.jsonl"))
+    rows, hyps = sc.read_rows(data / "test.jsonl"), sc.read_hyps(out / "hyp.jsonl")
+    res = sc.score(rows, hyps)
+    sc.write_official(out, rows, hyps)  # what Daily-Omni's / IntentBench's own code reads
     res["decode_seconds"] = round(time.time() - t0, 2)
     res["empty_outputs"] = info["empty"]
     res["model"] = str(model_dir)
@@ -78,15 +81,16 @@ def fmt_table(results: dict) -> str:
     rows += [(k, v, BASELINES[k][1]) for k, v in results.get("baselines", {}).items()]
     types = sorted({t for _, r, _ in rows for t in r.get("by_type", {})})
     tr = results.get("training", {})
-    head = "| system | acc % | " + " | ".join(types) + " | unparsed | train s | steps | what |"
-    lines = [head, "|---" * (len(types) + 6) + "|"]
+    head = "| system | acc % | official % | " + " | ".join(types) + " | unparsed | train s | steps | what |"
+    lines = [head, "|---" * (len(types) + 7) + "|"]
     for name, r, what in rows:
         d = (SYSTEMS.get(name) or BASELINES.get(name))[0]
         t = tr.get(d, {})
         if name == "before" and all(w in tr for w in WARMUP):
             t = {k: round(sum(tr[w].get(k, 0) for w in WARMUP), 2) for k in ("train_seconds", "steps")}
         cells = [f"{100 * r['by_type'][ty]['acc']:.1f}" if ty in r.get("by_type", {}) else "" for ty in types]
-        lines.append(f"| {name} | {100 * r['acc']:.1f} | " + " | ".join(cells)
+        off = f"{100 * r['acc_official']:.1f}" if r.get("acc_official") is not None else ""
+        lines.append(f"| {name} | {100 * r['acc']:.1f} | {off} | " + " | ".join(cells)
                      + f" | {r['unparsed']} | {t.get('train_seconds', '')} | {t.get('steps', '')} | {what} |")
     return "\n".join(lines)
 
