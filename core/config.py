@@ -355,6 +355,17 @@ def _check_ds_config(path: str) -> None:
         _bad("backend.ds_config", f"{ds}: must hold a JSON object, got {type(ds_cfg).__name__}")
 
 
+def _check_model_folder(key: str, path: str, trust_remote_code: bool = False) -> None:
+    """A model folder's type is one we support (checked only where the folder has a config.json:
+    a missing folder is reported where it is loaded)."""
+    from core.models import UnsupportedModel, check_model_type
+    if (Path(path) / "config.json").is_file():
+        try:
+            check_model_type(path, trust_remote_code)
+        except UnsupportedModel as e:
+            _bad(key, str(e))
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Checks across sections (each section checked its own keys when built): the method's own
     (``core.methods``), the user's reward modules imported and every reward name known."""
@@ -363,6 +374,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     method = get_method(cfg.method)
     if not cfg.model.path:
         _bad("model.path", "required")
+    _check_model_folder("model.path", cfg.model.path, cfg.model.trust_remote_code)
+    if method.uses_teacher and cfg.teacher.kind == "local" and cfg.teacher.path:
+        _check_model_folder("teacher.path", cfg.teacher.path, cfg.model.trust_remote_code)
     if not cfg.data.train and not method.needs_dev:
         _bad("data.train", "required")
     if not cfg.data.prompt and cfg.data.modality in ("audio", "av"):

@@ -344,6 +344,41 @@ def model_type_of(path: str | os.PathLike) -> str:
     return json.loads(cfg.read_text()).get("model_type", "")
 
 
+# model_type -> the transformers class that trains it (besides every text-only causal LM)
+MULTIMODAL_CLASSES = {
+    "qwen2_audio": "Qwen2AudioForConditionalGeneration",
+    "qwen2_5_omni": "Qwen2_5OmniThinkerForConditionalGeneration",        # a full Omni folder: its thinker
+    "qwen2_5_omni_thinker": "Qwen2_5OmniThinkerForConditionalGeneration",
+}
+
+
+class UnsupportedModel(ValueError):
+    """A checkpoint whose ``model_type`` this project cannot train, serve or decode."""
+
+
+def check_model_type(path: str | os.PathLike, trust_remote_code: bool = False) -> str:
+    """``model_type`` of the folder ``path`` when supported: one of ``MULTIMODAL_CLASSES``, a
+    text-only causal LM transformers knows (qwen2, qwen3, llama, ...), or with
+    ``trust_remote_code`` a folder whose ``auto_map`` names an ``AutoModelForCausalLM``. Raises
+    UnsupportedModel naming the type and the supported ones otherwise (e.g. ``qwen3_omni_moe``,
+    ``qwen3_asr``)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    mtype = model_type_of(path)
+    if mtype in MULTIMODAL_CLASSES or mtype in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return mtype
+    auto_map = json.loads((Path(path) / "config.json").read_text()).get("auto_map") or {}
+    if "AutoModelForCausalLM" in auto_map:
+        if trust_remote_code:
+            return mtype
+        raise UnsupportedModel(f"{Path(path) / 'config.json'}: model_type {mtype!r} is defined by code in the "
+                               f"folder ({auto_map['AutoModelForCausalLM']}), which runs only when asked: "
+                               "trust_remote_code (model.trust_remote_code: true, --trust-remote-code)")
+    raise UnsupportedModel(
+        f"{Path(path) / 'config.json'}: model_type {mtype or '(none)'!r} is not supported. Supported: "
+        + ", ".join(f"{t} ({c})" for t, c in MULTIMODAL_CLASSES.items())
+        + ", and text-only causal LMs (AutoModelForCausalLM: qwen2, qwen3, llama, mistral, gemma ...)")
+
+
 def check_4bit_available(key: str = "model.load_in_4bit") -> None:
     """Raise ``ConfigError`` naming ``key`` unless a CUDA GPU and bitsandbytes are both present."""
     import importlib.util
@@ -370,7 +405,7 @@ def load_model_and_processor(path: str | os.PathLike, *, dtype: str | torch.dtyp
     from transformers import AutoProcessor, AutoTokenizer
 
     path = str(path)
-    mtype = model_type_of(path)
+    mtype = check_model_type(path, trust_remote_code)
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     kw: dict[str, Any] = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
     if load_in_4bit:

@@ -45,6 +45,13 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
 
+    from core.models import check_model_type
+    try:  # before the server starts: an unsupported or missing model is one line, exit 2
+        check_model_type(args.model, args.trust_remote_code)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(args.model, api_key=args.api_key or os.environ.get("TEACHER_API_KEY") or None,
                      max_request_bytes=int(args.max_request_mb * (1 << 20)), max_batch=args.max_batch,

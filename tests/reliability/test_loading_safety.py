@@ -104,9 +104,11 @@ def test_remote_code_is_not_run_unless_asked(tmp_path, monkeypatch):
         raise SystemExit(0)
 
     monkeypatch.setattr("core.serve.app.create_app", fake_create_app)
+    assert serve_main(["--model", str(d)]) == 2  # refused before the server starts
+    assert not seen and not marker.exists()
     with pytest.raises(SystemExit):
-        serve_main(["--model", str(d)])
-    assert seen["trust_remote_code"] is False and seen["trust_request_chat_template"] is False
+        serve_main(["--model", str(d), "--trust-remote-code"])
+    assert seen["trust_remote_code"] is True and seen["trust_request_chat_template"] is False
 
 
 def test_trust_remote_code_from_the_config_reaches_from_pretrained(tiny, train_config, monkeypatch):
