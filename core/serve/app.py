@@ -215,7 +215,9 @@ def parse_messages(messages, engine: TeacherEngine) -> tuple[list[dict], list]:
                     audios.append(_audio_of_part(part, pw, engine.sample_rate))
                 except BadAudio as e:
                     raise _bad(str(e), "messages") from None
-                parts.append({"type": "audio"})
+                # the "audio" key too: templates saved by transformers 4.x (Qwen2-Audio's released
+                # checkpoints) test `'audio' in content`, today's test the type
+                parts.append({"type": "audio", "audio": f"audio_{len(audios)}"})
                 texts_only = False
             else:
                 raise _bad(f"{pw}: content part type {typ!r} is not supported (text, input_audio, audio_url)",

@@ -117,7 +117,8 @@ class TeacherEngine:
     # ------------------------------------------------------------------ prompts
     def render(self, messages: list[dict], *, add_generation_prompt: bool, continue_final_message: bool,
                chat_template: str | None = None, chat_template_kwargs: dict | None = None) -> str:
-        """The prompt text of ``messages`` (audio parts as ``{"type": "audio"}``); ``BadInput`` on template errors."""
+        """The prompt text of ``messages`` (audio parts as ``{"type": "audio", "audio": name}``);
+        ``BadInput`` on template errors."""
         kw = dict(chat_template_kwargs or {})
         if chat_template:
             kw["chat_template"] = chat_template

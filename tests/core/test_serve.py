@@ -439,3 +439,42 @@ def test_web_page_in_headless_chromium(server, engine, tiny, tmp_path):
             assert not errors, errors
         finally:
             browser.close()
+
+
+# The chat template Qwen2-Audio-7B-Instruct's checkpoints carry when saved by transformers 4.x:
+# a part is audio when it has an "audio" or "audio_url" key (not by its type).
+QWEN2_AUDIO_4X_TEMPLATE = (
+    "{% set audio_count = namespace(value=0) %}{% for message in messages %}{% if loop.first and "
+    "message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if 'audio' in content or "
+    "'audio_url' in content %}{% set audio_count.value = audio_count.value + 1 %}Audio "
+    "{{ audio_count.value }}: <|audio_bos|><|AUDIO|><|audio_eos|>\n{% elif 'text' in content %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_transformers_4x_chat_template_gets_its_audio(tiny, tmp_path, one_thread):
+    """A Qwen2-Audio folder with the 4.x template: the server renders the audio placeholder (it
+    answered 400, "Found total 0 <|AUDIO|> tokens and 1 audio inputs", before) and scores."""
+    from transformers import AutoProcessor
+    folder = tmp_path / "qwen2_audio_4x"
+    shutil.copytree(tiny.teacher, folder)
+    proc = AutoProcessor.from_pretrained(folder)
+    proc.chat_template = QWEN2_AUDIO_4X_TEMPLATE
+    proc.tokenizer.chat_template = QWEN2_AUDIO_4X_TEMPLATE
+    proc.save_pretrained(folder)
+    eng = TeacherEngine(folder, device="cpu", max_new_tokens=8)
+    try:
+        with ServerThread(create_app(engine=eng, batch_wait_ms=1)) as s:
+            body = chat_body(tiny, 0, k=2)
+            body["model"] = str(folder)
+            r = post(s, "/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        ids = r.json()["prompt_token_ids"]
+        audio_id = tiny.tokenizer.convert_tokens_to_ids("<|AUDIO|>")
+        text = tiny.tokenizer.decode(ids)
+        assert "Audio 1: <|audio_bos|>" in text and ids.count(audio_id) > 1  # expanded to the clip's frames
+        assert len(r.json()["prompt_logprobs"]) == len(ids)
+    finally:
+        eng.executor.shutdown(wait=True)
