@@ -54,6 +54,10 @@ class ModelConfig:
                                    "a CUDA GPU and backend torch); the export merges into a full-precision base")
     bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] = _f("bfloat16", "4-bit: compute dtype (float32 | bfloat16 | float16)")
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = _f("nf4", "4-bit: nf4 | fp4")
+    export: Literal["auto", "full", "thinker"] = _f(
+        "auto", "what final/ holds when model.path is a full Qwen2.5-Omni folder (thinker + talker + token2wav): "
+                "auto/full: that folder with the trained thinker put back, so the model still speaks; thinker: "
+                "the thinker alone. Other models: their own folder (full = auto)")
 
     def check(self, path: str) -> None:
         if self.lora and not isinstance(self.lora.get("target_modules", []), (str, list)):

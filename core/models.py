@@ -336,6 +336,158 @@ def save_model(model, processor, out_dir: str | os.PathLike) -> None:
     os.replace(tmp, out_dir)
 
 
+# --------------------------------------------------------------------------- full Qwen2.5-Omni
+FULL_OMNI_TYPES = ("qwen2_5_omni",)
+_WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
+
+
+def is_full_omni(path: str | os.PathLike) -> bool:
+    """A released Qwen2.5-Omni folder (thinker + talker + token2wav, weights prefixed ``thinker.``)."""
+    return (Path(path) / "config.json").is_file() and model_type_of(path) in FULL_OMNI_TYPES
+
+
+def _safetensor_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / n for n in names]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no safetensors weights")
+    return files
+
+
+def export_full_omni(source: str | os.PathLike, thinker_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                     shard_bytes: int = 2 << 30) -> dict:
+    """A full Qwen2.5-Omni folder at ``out_dir``: ``source`` (the released folder training started
+    from) with its thinker weights replaced by those of ``thinker_dir`` (our export of the trained
+    thinker), each cast to the source tensor's dtype; the talker, token2wav and every other file of
+    ``source`` (config, processor, speaker dictionary ...) as they were. Written tensor by tensor
+    (one shard in memory at a time) to ``out_dir``.tmp, then moved into place.
+
+    Raises ValueError when the trained thinker's tensors do not match the source thinker's names
+    and shapes (another model). Returns counts of the tensors written.
+    """
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    source, thinker_dir, out_dir = Path(source), Path(thinker_dir), Path(out_dir)
+    trained: dict[str, tuple[Path, str]] = {}
+    for f in _safetensor_files(thinker_dir):
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():  # saved as "thinker.X" (loaded from a full folder) or "X"
+                trained["thinker." + k.removeprefix("thinker.")] = (f, k)
+    src_keys: dict[str, Path] = {}
+    shapes: dict[str, tuple] = {}
+    dtypes: dict[str, str] = {}
+    for f in _safetensor_files(source):
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                src_keys[k] = f
+                shapes[k] = tuple(h.get_slice(k).get_shape())
+                dtypes[k] = h.get_slice(k).get_dtype()
+    src_thinker = {k for k in src_keys if k.startswith("thinker.")}
+    missing, extra = sorted(src_thinker - set(trained)), sorted(set(trained) - src_thinker)
+    if missing or extra:
+        raise ValueError(f"{thinker_dir}: its thinker does not match {source}'s ({len(missing)} tensors missing, "
+                         f"e.g. {missing[:3]}; {len(extra)} extra, e.g. {extra[:3]})")
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for p in source.iterdir():  # config, processor, generation config, spk_dict.pt ...
+        if p.is_file() and not any(p.match(pat) for pat in _WEIGHT_FILES):
+            shutil.copy2(p, tmp / p.name)
+    shards: list[dict] = [{}]
+    sizes = [0]
+    handles: dict[Path, object] = {}
+
+    def tensor(path: Path, key: str):
+        if path not in handles:
+            handles[path] = safe_open(str(path), "pt")
+        return handles[path].get_tensor(key)
+
+    order = sorted(src_keys)
+    for k in order:
+        if k in trained:
+            t = tensor(*trained[k])
+            if tuple(t.shape) != shapes[k]:
+                raise ValueError(f"{thinker_dir}: tensor {k} has shape {tuple(t.shape)}, {source} has {shapes[k]}")
+            t = t.to(_SAFETENSORS_DTYPES.get(dtypes[k], t.dtype))
+        else:
+            t = tensor(src_keys[k], k)
+        nbytes = t.numel() * t.element_size()
+        if sizes[-1] and sizes[-1] + nbytes > shard_bytes:
+            shards.append({})
+            sizes.append(0)
+        shards[-1][k] = t.contiguous()
+        sizes[-1] += nbytes
+    n = len(shards)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        save_file(shard, str(tmp / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    if n > 1:
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, indent=2))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return {"thinker_tensors": len(src_thinker), "other_tensors": len(src_keys) - len(src_thinker), "shards": n}
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def build_tiny_full_omni(thinker_dir: str | os.PathLike, out_dir: str | os.PathLike, *, seed: int = 0) -> Path:
+    """A full ``Qwen2_5OmniForConditionalGeneration`` folder in the released layout (weights
+    prefixed ``thinker.`` / ``talker.`` / ``token2wav.``, the config nesting all three) around the
+    tiny thinker in ``thinker_dir`` (its weights and processor), with a tiny talker and token2wav.
+    For tests: the layout of Qwen2.5-Omni-3B/7B at a size that trains on a CPU."""
+    from transformers import AutoProcessor, Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration as Thinker
+
+    thinker = Thinker.from_pretrained(str(thinker_dir))
+    processor = AutoProcessor.from_pretrained(str(thinker_dir))
+    vocab = thinker.config.text_config.vocab_size
+    talker = dict(vocab_size=64, embedding_size=thinker.config.text_config.hidden_size, hidden_size=32,
+                  num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64, head_dim=16,
+                  tts_codec_start_token_id=60, tts_codec_end_token_id=61, tts_codec_pad_token_id=62,
+                  tts_codec_mask_token_id=63, tts_text_start_token_id=min(1, vocab - 1),
+                  tts_text_end_token_id=min(2, vocab - 1), tts_text_pad_token_id=min(3, vocab - 1),
+                  rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]})
+    token2wav = dict(
+        dit_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, ff_mult=2, emb_dim=16, head_dim=16,
+                        repeats=2, num_embeds=64, mel_dim=16, enc_emb_dim=16, enc_dim=16,
+                        enc_channels=[16, 16, 16, 16, 32], enc_kernel_sizes=[5, 3, 3, 3, 1],
+                        enc_dilations=[1, 2, 3, 4, 1], enc_attention_channels=8, enc_res2net_scale=2,
+                        enc_se_channels=8),
+        bigvgan_config=dict(mel_dim=16, upsample_initial_channel=32, resblock_kernel_sizes=[3],
+                            resblock_dilation_sizes=[[1, 3, 5]], upsample_rates=[2, 2], upsample_kernel_sizes=[4, 4]))
+    config = Qwen2_5OmniConfig(thinker_config=thinker.config.to_dict(), talker_config=talker,
+                               token2wav_config=token2wav)
+    torch.manual_seed(seed)
+    full = Qwen2_5OmniForConditionalGeneration(config)
+    missing, unexpected = full.thinker.load_state_dict(thinker.state_dict(), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"build_tiny_full_omni: thinker weights do not fit ({missing[:3]}, {unexpected[:3]})")
+    out_dir = Path(out_dir)
+    full.save_pretrained(out_dir, safe_serialization=True)
+    processor.save_pretrained(out_dir)
+    # the released speaker dictionary (from_pretrained of the whole model reads it): per voice the
+    # talker's first text token, a speaker vector and a reference mel for token2wav
+    mel = token2wav["dit_config"]["mel_dim"]
+    torch.save({name: {"bos_token": talker["tts_text_start_token_id"], "cond": torch.randn(1, 16),
+                       "ref_mel": torch.randn(1, 30, mel)} for name in ("Chelsie", "Ethan")},
+               out_dir / "spk_dict.pt")
+    return out_dir
+
+
 # --------------------------------------------------------------------------- loading
 def model_type_of(path: str | os.PathLike) -> str:
     cfg = Path(path) / "config.json"

@@ -21,7 +21,9 @@ import copy
 import json
 import logging
 import math
+import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -161,6 +163,20 @@ def read_rows(path: str, cfg: C.TrainConfig, modality: str, require=(), key: str
             raise
         raise ManifestError(e.path, e.problems, note="(data.missing_audio: silence gives a video without a "
                                                      "sound track silent audio of its length)") from None
+
+
+def export_full_omni_if_asked(m: "C.ModelConfig", final: Path) -> None:
+    """``model.export`` auto/full with a full Qwen2.5-Omni ``model.path``: ``final`` (the trained
+    thinker) becomes that folder with the thinker put back (``core.models.export_full_omni``)."""
+    from core.models import export_full_omni, is_full_omni
+    if m.export != "thinker" and is_full_omni(m.path):
+        thinker = final.with_name(final.name + ".thinker")
+        if thinker.exists():
+            shutil.rmtree(thinker)
+        os.replace(final, thinker)
+        counts = export_full_omni(m.path, thinker, final)
+        shutil.rmtree(thinker)
+        log.info("exported a full Qwen2.5-Omni folder to %s (%s)", final, counts)
 
 
 def model_kwargs(m: C.ModelConfig) -> dict:
@@ -521,6 +537,9 @@ class Trainer:
             final_eval = self.evaluate()
             summary.update(final_eval)
             self.engine.export(self.out / "final", self.processor, base_loader=base_loader(cfg.model))
+            if dist.is_main():
+                export_full_omni_if_asked(cfg.model, self.out / "final")
+            dist.barrier()
             summary["final_model"] = str(self.out / "final")
         if dist.is_main():
             (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2))

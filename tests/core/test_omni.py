@@ -339,3 +339,61 @@ def test_av_config_keys_are_validated(omni, tmp_path):
         with pytest.raises(C.ConfigError, match=msg):
             _cfg(omni, tmp_path, "sft", data={key: value})
     assert C.DataConfig().num_frames == 8 and C.DataConfig().missing_audio == "error"
+
+
+# ----------------------------------------------------------------------------- full Omni folders
+@pytest.fixture(scope="module")
+def full_omni(omni):
+    from core.models import build_tiny_full_omni
+    return build_tiny_full_omni(omni.dir, omni.root / "Qwen2.5-Omni-tiny")
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
+def test_a_full_omni_folder_trains_and_exports_whole(omni, full_omni, tmp_path):
+    """Training from a released-layout Qwen2.5-Omni folder (thinker + talker + token2wav) exports
+    that folder with the trained thinker put back: plain transformers loads the whole model, the
+    talker and token2wav are bitwise the source's, the thinker is the trained one."""
+    from transformers import Qwen2_5OmniForConditionalGeneration
+    src = _tensors(full_omni)
+    assert {k.split(".")[0] for k in src} == {"thinker", "talker", "token2wav"}
+    cfg = _cfg(omni, tmp_path / "full", "sft", model={"path": str(full_omni)})
+    tr = Trainer(cfg)
+    res = tr.train()
+    final = Path(res["final_model"])
+    assert json.loads((final / "config.json").read_text())["model_type"] == "qwen2_5_omni"
+    out = _tensors(final)
+    assert out.keys() == src.keys()
+    for k in src:
+        if not k.startswith("thinker."):
+            assert torch.equal(out[k], src[k]), k
+    changed = [k for k in src if k.startswith("thinker.") and not torch.equal(out[k], src[k])]
+    assert any(".layers." in k for k in changed)
+    whole = Qwen2_5OmniForConditionalGeneration.from_pretrained(str(final))
+    trained = {n: p.detach() for n, p in tr.model.named_parameters()}
+    torch.testing.assert_close(whole.thinker.lm_head.weight, trained["lm_head.weight"], rtol=0, atol=0)
+    assert whole.has_talker and whole.token2wav is not None
+    # our loader reads it again as its thinker, for the next stage
+    again, _ = load_model_and_processor(final)
+    assert torch.equal(again.lm_head.weight, trained["lm_head.weight"])
+    # model.export: thinker keeps only the thinker
+    cfg = _cfg(omni, tmp_path / "thinker_only", "sft", model={"path": str(full_omni), "export": "thinker"})
+    final = Path(Trainer(cfg).train()["final_model"])
+    assert json.loads((final / "config.json").read_text())["model_type"] != "qwen2_5_omni"
+    assert not any(k.startswith(("talker.", "token2wav.")) for k in _tensors(final))
+
+
+def test_export_full_omni_refuses_another_thinker(omni, full_omni, tmp_path):
+    from core.models import build_tiny_omni_thinker, export_full_omni
+    other = tmp_path / "other"
+    build_tiny_omni_thinker(omni.tok, hidden=32, seed=1, out_dir=other)  # other dimensions
+    with pytest.raises(ValueError, match="does not match|has shape"):
+        export_full_omni(full_omni, other, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
