@@ -266,6 +266,15 @@ class SFT(Method):
         return loss, {"loss": float(loss.detach()), "tokens": float(mask.sum())}
 
 
+def shared_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None) -> torch.Tensor:
+    """The student's logits over the teacher's rows: a teacher scored over the token rows only
+    (``LocalTeacher.vocab_limit``, tables padded to other sizes) has fewer columns, and the padded
+    rows, never a token, take no part in a divergence."""
+    if teacher_logits is not None and teacher_logits.shape[-1] < student_logits.shape[-1]:
+        return student_logits[..., :teacher_logits.shape[-1]]
+    return student_logits
+
+
 FUSED_HEAD_MIN_VOCAB = 32768  # opd.fused_head auto: from here [B, T, V] logits cost more than the chunked head
 
 
@@ -334,13 +343,14 @@ class OPD(Method):
         if c.form == "distribution" and fused_head(ctx, t):
             # the divergence fused with the LM head: no [B, T, V] student logits (large vocabularies)
             hidden, weight = completion_hidden(ctx.forward_model, exp.batch, exp.comp.ids, exp.comp.mask)
+            weight = weight[:t["teacher_logits"].shape[-1]]  # a teacher padded to fewer rows: the token rows
             loss, m = L.distill_loss_from_hidden(hidden, weight, t["teacher_logits"], mask=mask,
                                                  divergence=c.divergence, beta=c.beta, temperature=c.temperature,
                                                  chunk_size=c.chunk_size, **_kw(norm))
         elif c.form == "distribution":
             logits = completion_logits(ctx.forward_model, exp.batch, exp.comp.ids, exp.comp.mask)
             loss, m = L.distill_loss(
-                logits, t.get("teacher_logits"), teacher_topk_ids=t.get("teacher_topk_ids"),
+                shared_rows(logits, t.get("teacher_logits")), t.get("teacher_logits"), teacher_topk_ids=t.get("teacher_topk_ids"),
                 teacher_topk_logp=t.get("teacher_topk_logp"), mask=mask, divergence=c.divergence,
                 beta=c.beta, temperature=c.temperature, support=c.support, top_k=c.top_k or None,
                 chunk_size=c.chunk_size, **_kw(norm))
@@ -485,7 +495,7 @@ class Calibrate(Method):
                 top_k=r.top_k, max_new_tokens=r.max_new_tokens, suppress_ids=ctx.suppress_ids,
                 eos_ids=ctx.eos_ids, seed=step_seed(cfg.train.seed, 0, i, trainer.rank))
             s = trainer.teacher.score(rep, comp, return_logits=True).to(comp.ids.device)
-            st_logits = completion_logits(trainer.model, rep, comp.ids, comp.mask)
+            st_logits = shared_rows(completion_logits(trainer.model, rep, comp.ids, comp.mask), s.logits)
             m = comp.mask.float() * s.valid.float()[:, None]
             sl = torch.log_softmax(st_logits, -1)
             tl = torch.log_softmax(s.logits, -1)

@@ -688,8 +688,13 @@ def tokenizer_of(processor):
 
 
 def check_vocab_match(student_processor, teacher_processor, *, student_model=None, teacher_model=None,
-                      what: str = "teacher") -> None:
-    """Raise ``ValueError`` at start-up if the two vocabularies differ (size or token ids)."""
+                      what: str = "teacher") -> int | None:
+    """Raise ``ValueError`` at start-up if the two vocabularies differ (size or token ids).
+
+    Models that share a tokenizer may pad their embedding tables to different sizes (Qwen2.5 up
+    to 3B: 151,936 rows, 7B: 152,064, for 151,665 tokens). That is no mismatch: the tokenizer's
+    size is returned, the number of rows every divergence compares (the padded rows are never a
+    token). Returns None when the output sizes agree."""
     st, tt = tokenizer_of(student_processor), tokenizer_of(teacher_processor)
     sv, tv = st.get_vocab(), tt.get_vocab()
     problems = []
@@ -698,14 +703,21 @@ def check_vocab_match(student_processor, teacher_processor, *, student_model=Non
     diff = [t for t, i in sv.items() if tv.get(t) != i]
     if diff:
         problems.append(f"{len(diff)} tokens map to different ids (e.g. {diff[:5]})")
+    limit = None
     if student_model is not None and teacher_model is not None:
         s_out = student_model.get_output_embeddings().weight.shape[0]
         t_out = teacher_model.get_output_embeddings().weight.shape[0]
+        n_tok = max(sv.values(), default=-1) + 1  # ids run 0 .. n_tok-1 (added tokens included)
         if s_out != t_out:
-            problems.append(f"output vocabulary sizes differ: student {s_out}, {what} {t_out}")
+            if not problems and min(s_out, t_out) >= n_tok:
+                limit = n_tok  # padded tables: compare the rows that are tokens
+            else:
+                problems.append(f"output vocabulary sizes differ: student {s_out}, {what} {t_out}"
+                                + (f" (fewer rows than the tokenizer's {n_tok} ids)" if min(s_out, t_out) < n_tok else ""))
     if problems:
         raise ValueError(f"student/{what} vocabulary mismatch: " + "; ".join(problems)
                          + ". Distillation needs a shared tokenizer.")
+    return limit
 
 
 def special_token_ids(processor) -> list[int]:

@@ -126,10 +126,12 @@ def _load_teacher(cfg: C.TrainConfig, processor, model, device=None):
     except FileNotFoundError as e:
         raise C.ConfigError(f"config key 'teacher.path': {e}") from None
     try:
-        check_vocab_match(processor, tp, student_model=model, teacher_model=tm)
+        limit = check_vocab_match(processor, tp, student_model=model, teacher_model=tm)
     except ValueError as e:
         raise C.ConfigError(f"config keys 'teacher.path' ({t.path}) and 'model.path' ({cfg.model.path}): {e}") from None
-    return LocalTeacher(tm, tp, device=device)
+    if limit is not None:
+        log.info("student and teacher pad their vocabularies differently; divergences use the %d token rows", limit)
+    return LocalTeacher(tm, tp, device=device, vocab_limit=limit)
 
 
 def _read_rows(path: str, cfg: C.TrainConfig, require=(), require_media: bool = True, key: str = "data.train",
@@ -333,9 +335,13 @@ class Trainer:
         if self.method.trains:
             self._build_engine()
         fwd = self.engine.module if self.engine else model
+        suppress = special_token_ids(processor)
+        limit = getattr(teacher, "vocab_limit", None)
+        if limit is not None:  # padded rows are never a token: the student never samples them
+            suppress = sorted(set(suppress) | set(range(limit, model.get_output_embeddings().weight.shape[0])))
         self.ctx = Context(model=fwd, forward_model=fwd, processor=processor, tokenizer=self.tokenizer,
                            collator=self.collator, cfg=cfg, teacher=teacher, ref_model=ref,
-                           suppress_ids=special_token_ids(processor), eos_ids=[self.tokenizer.eos_token_id],
+                           suppress_ids=suppress, eos_ids=[self.tokenizer.eos_token_id],
                            synced_gpus=bool(self.engine and self.engine.zero3 and self.world > 1),
                            device=self.device)
         if dist.is_main():

@@ -395,8 +395,12 @@ def test_vocabulary_mismatch_at_construction(server, student, tiny):
     server.faults.models_patch = {"tokenizer_sha256": "0" * 64}
     with pytest.raises(VocabularyMismatch, match="tokenizer_sha256"):
         remote(server, student)
+    # a teacher whose table is padded to another size, same tokenizer: accepted (top-k ids are tokens)
     server.faults.models_patch = {"vocab_size": 1000}
-    with pytest.raises(VocabularyMismatch, match="output vocabulary sizes differ: student 300, teacher 1000"):
+    remote(server, student).close()
+    # fewer rows than the tokenizer has ids: refused
+    server.faults.models_patch = {"vocab_size": 100}
+    with pytest.raises(VocabularyMismatch, match="output vocabulary sizes differ: student 300, teacher 100"):
         remote(server, student)
 
 
