@@ -336,6 +336,70 @@ def save_model(model, processor, out_dir: str | os.PathLike) -> None:
     os.replace(tmp, out_dir)
 
 
+# --------------------------------------------------------------------------- a student from its teacher
+def _layer_list(model, count: int, exclude: tuple[str, ...], include: tuple[str, ...] = ()) -> str:
+    """Name of the ``nn.ModuleList`` of ``count`` layers (the text decoder's, or the audio encoder's)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == count
+             and n.endswith("layers") and not any(x in n for x in exclude) and all(x in n for x in include)]
+    if len(names) != 1:
+        raise ValueError(f"cannot tell which layer list of {type(model).__name__} to thin ({names or 'none'} of "
+                         f"length {count})")
+    return names[0]
+
+
+def _kept(n: int, keep_every: int) -> list[int]:
+    if keep_every < 1:
+        raise ValueError(f"keep_every must be >= 1, got {keep_every}")
+    return list(range(0, n, keep_every))
+
+
+def student_from_teacher(teacher_dir: str | os.PathLike, out_dir: str | os.PathLike, *, keep_every: int = 2,
+                         audio_keep_every: int = 1, trust_remote_code: bool = False) -> dict:
+    """A smaller student made of the teacher's own layers: decoder layers 0, k, 2k, ... of the
+    teacher (``keep_every`` = k), optionally every ``audio_keep_every``-th audio encoder layer too,
+    and everything else (embeddings, LM head, norms, encoders, projector) copied, each tensor
+    initialised from the teacher's. Saved with the teacher's processor, so the pair shares its
+    tokenizer and processor exactly. Returns what was kept."""
+    import copy
+
+    model, processor = load_model_and_processor(teacher_dir, trust_remote_code=trust_remote_code)
+    cfg = copy.deepcopy(model.config)
+    text = cfg.get_text_config()
+    n = text.num_hidden_layers
+    keep = _kept(n, keep_every)
+    plan = {_layer_list(model, n, exclude=("audio", "visual", "vision")): keep}
+    text.num_hidden_layers = len(keep)
+    if isinstance(getattr(text, "layer_types", None), list):
+        text.layer_types = [text.layer_types[i] for i in keep]
+    if getattr(text, "max_window_layers", None) is not None:
+        text.max_window_layers = min(text.max_window_layers, len(keep))
+    audio = getattr(cfg, "audio_config", None)
+    audio_keep = None
+    if audio is not None and audio_keep_every > 1:
+        na = audio.encoder_layers
+        audio_keep = _kept(na, audio_keep_every)
+        plan[_layer_list(model, na, exclude=(), include=("audio",))] = audio_keep
+        audio.encoder_layers = len(audio_keep)
+    student = type(model)(cfg)
+    src = model.state_dict()
+    dst = {}
+    for key in student.state_dict():
+        name = key
+        for prefix, kept in plan.items():
+            head = prefix + "."
+            if key.startswith(head):
+                idx, rest = key[len(head):].split(".", 1)
+                name = f"{head}{kept[int(idx)]}.{rest}"
+        dst[key] = src[name]
+    student.load_state_dict(dst, strict=True)
+    _refreeze_audio_positions(student)
+    student.generation_config = copy.deepcopy(model.generation_config)
+    save_model(student, processor, out_dir)
+    return {"from": str(teacher_dir), "decoder_layers": keep, "teacher_decoder_layers": n,
+            "audio_layers": audio_keep, "parameters": count_parameters(student),
+            "teacher_parameters": count_parameters(model)}
+
+
 # --------------------------------------------------------------------------- full Qwen2.5-Omni
 FULL_OMNI_TYPES = ("qwen2_5_omni",)
 _WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
