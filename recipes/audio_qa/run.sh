@@ -8,6 +8,8 @@
 #               --test_json /data/mmau/mmau-test-mini.json   # real data (MMAU layout)
 #   bash run.sh --corpus mmsu --train_json ... --mmsu_dir /data/MMSU    # MMSU test, its own rule
 #   bash run.sh --lora true                       # every training stage through peft LoRA
+#   bash run.sh --eval_only true --model /models/Qwen2-Audio-7B-Instruct --corpus mmau \
+#               --test_json /data/mmau/mmau-test-mini.json   # score a checkpoint, no training data
 #   bash run.sh --update_readme true              # maintainers: also refresh README.md's results table
 #
 # Stage 0: data. Stage 1: tokenizer + models; SFT warm-up of the base policy and of the bigger
@@ -26,6 +28,11 @@ corpus=synthetic      # synthetic | mmau | mmsu
 train_json=""         # real training questions in MMAU's JSON layout (mmau | mmsu)
 test_json=""          # MMAU test JSON (corpus mmau)
 mmsu_dir=""           # local copy of the MMSU dataset (corpus mmsu)
+audio_dir=""          # folder MMAU's audio_id paths are relative to (default: the JSON's folder)
+eval_only=false       # true: only score --model on the test set (--corpus mmau|mmsu), no training
+model=""              # --eval_only: the model folder to score (a released checkpoint or any final/)
+prompt_style=""       # ours (think/answer tags, what the recipe trains) | plain (the answer alone); default: ours, plain with --eval_only
+max_new_tokens=32     # decoding length of the scoring stage
 data=data             # manifests
 exp=exp               # models, logs, results
 budget=150            # seconds of training for GRPO, ReST, OPD and the SFT baseline (equal wall-clock)
@@ -37,6 +44,7 @@ smoke=false           # tiny corpus and few steps, for tests
 update_readme=false   # true: also write the results table into README.md (maintainers; always in ${exp}/RESULTS.md)
 seed=0
 help_message="Usage: bash run.sh [--stage N] [--stop_stage N] [--corpus synthetic|mmau|mmsu] [--train_json F] [--test_json F] [--mmsu_dir D] [--budget S] [--lora true] [--backend torch|deepspeed] [--smoke true] [--update_readme true]
+       bash run.sh --eval_only true --model DIR --corpus mmau --test_json F [--audio_dir D]   (or --corpus mmsu --mmsu_dir D)
        [--ngpu N] [--num_nodes N --node_rank R --master_addr HOST] [--hostfile F] [--dtype bfloat16] [--zero 2|3]
        [--resume auto|never] [--skip_bad true]   (launch options: tools/launch_options.sh)"
 . ../../tools/launch_options.sh   # --ngpu, --num_nodes, --hostfile, --dtype, --zero, --resume, --skip_bad
@@ -45,6 +53,7 @@ recipe=audio_qa
 . ../../tools/recipe_common.sh   # PY, PYTHONPATH, log, train, fresh, readme_args, abspath ...
 # paths given on the command line are relative to where run.sh was called from
 train_json=$(abspath "${train_json}"); test_json=$(abspath "${test_json}"); mmsu_dir=$(abspath "${mmsu_dir}")
+audio_dir=$(abspath "${audio_dir}"); model=$(abspath "${model}")
 [ "${data}" = data ] || data=$(abspath "${data}"); [ "${exp}" = exp ] || exp=$(abspath "${exp}")
 mkdir -p "${exp}"
 
@@ -56,6 +65,29 @@ if [ "${smoke}" = "true" ]; then
 fi
 quick=(); [ "${smoke}" = "true" ] && quick=(train.eval_every=0 data.dev_max_samples=8)
 rule=mmau; letters=(); [ "${corpus}" = "mmsu" ] && { rule=mmsu; letters=(--letters); }   # MMSU's scorer reads a letter
+[ -n "${prompt_style}" ] || { prompt_style=ours; [ "${eval_only}" = "true" ] && prompt_style=plain; }
+mmau_audio=(); [ -n "${audio_dir}" ] && mmau_audio=(--audio_dir "${audio_dir}")
+
+if [ "${eval_only}" = "true" ]; then
+  # one checkpoint on a real test set: prep, prompts, greedy decoding, our and the official score
+  [ -n "${model}" ] || { echo "--eval_only needs --model DIR" >&2; exit 1; }
+  [ -f "${model}/config.json" ] || { echo "--model ${model}: not a model folder (no config.json)" >&2; exit 1; }
+  mkdir -p "${data}"
+  log "evaluation only: ${model} on ${corpus} (${prompt_style} prompts, ${rule} rule)"
+  case "${corpus}" in
+    mmau)
+      [ -n "${test_json}" ] || { echo "--eval_only --corpus mmau needs --test_json" >&2; exit 1; }
+      "${PY}" local/prepare_mmau.py --json "${test_json}" --out "${data}/test_raw.jsonl" "${mmau_audio[@]}" "${prep_args[@]}" ;;
+    mmsu)
+      [ -n "${mmsu_dir}" ] || { echo "--eval_only --corpus mmsu needs --mmsu_dir" >&2; exit 1; }
+      "${PY}" local/prepare_mmsu.py --data "${mmsu_dir}" --out "${data}/test_raw.jsonl" "${prep_args[@]}" ;;
+    *) echo "--eval_only scores a real test set: --corpus mmau or mmsu, got '${corpus}'" >&2; exit 1 ;;
+  esac
+  "${PY}" local/prompt.py "${data}/test_raw.jsonl" "${data}/test.jsonl" "${letters[@]}" --style "${prompt_style}"
+  "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --rule ${rule} --corpus ${corpus} \
+    --max_new_tokens ${max_new_tokens} --eval_model "${model}" --eval_name "$(basename "${model}")"
+  exit 0
+fi
 
 if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
   t0=$(date +%s)
@@ -69,13 +101,13 @@ if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
       "${PY}" local/prepare_mmau.py --json "${train_json}" --out "${data}/train_all_raw.jsonl" "${prep_args[@]}"
       if [ "${corpus}" = "mmau" ]; then
         [ -n "${test_json}" ] || { echo "--test_json is required for corpus mmau" >&2; exit 1; }
-        "${PY}" local/prepare_mmau.py --json "${test_json}" --out "${data}/test_raw.jsonl" "${prep_args[@]}"
+        "${PY}" local/prepare_mmau.py --json "${test_json}" --out "${data}/test_raw.jsonl" "${mmau_audio[@]}" "${prep_args[@]}"
       else
         [ -n "${mmsu_dir}" ] || { echo "--mmsu_dir is required for corpus mmsu" >&2; exit 1; }
         "${PY}" local/prepare_mmsu.py --data "${mmsu_dir}" --out "${data}/test_raw.jsonl" "${prep_args[@]}"
       fi
-      "${PY}" local/prompt.py "${data}/train_all_raw.jsonl" "${data}/train_all.jsonl" "${letters[@]}"
-      "${PY}" local/prompt.py "${data}/test_raw.jsonl" "${data}/test.jsonl" "${letters[@]}"
+      "${PY}" local/prompt.py "${data}/train_all_raw.jsonl" "${data}/train_all.jsonl" "${letters[@]}" --style "${prompt_style}"
+      "${PY}" local/prompt.py "${data}/test_raw.jsonl" "${data}/test.jsonl" "${letters[@]}" --style "${prompt_style}"
       # dev: the last min(200, n/5) training questions; the base's labelled warm-up: the first 800
       "${PY}" - "${data}" "${train_json}" <<'PY'
 import json, sys
@@ -159,6 +191,6 @@ if [ ${stage} -le 6 ] && [ ${stop_stage} -ge 6 ]; then
   t0=$(date +%s)
   log "stage 6: decode the test set and score (${rule} rule)"
   "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --rule ${rule} "${readme_args[@]}" \
-    --corpus ${corpus} --budget ${spent} --smoke ${smoke}
+    --corpus ${corpus} --budget ${spent} --smoke ${smoke} --max_new_tokens ${max_new_tokens}
   record_time decode_score $(( $(date +%s) - t0 ))
 fi

@@ -92,6 +92,25 @@ def task_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def evaluate_only(model: Path, name: str, test: Path, exp: Path, args) -> int:
+    """``run.sh --eval_only``: one checkpoint on the test set, without any training output."""
+    if not (model / "config.json").is_file():
+        raise SystemExit(f"--model {model}: not a model folder (no config.json)")
+    res = decode_and_score(name, model, test, exp, args.rule, args.max_new_tokens)
+    results = {"eval_only": True, name: res,
+               "settings": {"corpus": args.corpus, "rule": args.rule, "decoding": "greedy",
+                            "max_new_tokens": args.max_new_tokens, "model": str(model), "test": str(test)}}
+    exp.mkdir(parents=True, exist_ok=True)
+    (exp / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    pred = exp / "decode" / name / "mmau_predictions.json"
+    if res["acc"] is None:
+        print(f"{test} has no answers: submit {pred} (MMAU's evaluation.py / leaderboard)")
+        return 0
+    print(load_sibling(__file__, "score").format_table(res))
+    print(f"predictions for MMAU's evaluation.py: {pred}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="folder with test.jsonl")
@@ -103,11 +122,16 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", default="")
     ap.add_argument("--max_new_tokens", type=int, default=32)
     ap.add_argument("--smoke", default="false")
+    ap.add_argument("--eval_model", default="", help="evaluation only: score this model folder (no training "
+                    "outputs needed); results under <exp>/decode/<--eval_name>/ and <exp>/results.json")
+    ap.add_argument("--eval_name", default="model", help="name of the --eval_model system")
     args = ap.parse_args(argv)
     data, exp = Path(args.data), Path(args.exp)
     test = data / "test.jsonl"
     from core.utils.logging import setup_console
     setup_console()
+    if args.eval_model:
+        return evaluate_only(Path(args.eval_model), args.eval_name, test, exp, args)
 
     def run(name, d):
         m = exp / d / "final"
