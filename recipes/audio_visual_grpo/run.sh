@@ -7,6 +7,8 @@
 #   bash run.sh --corpus real --train_json /data/IntentTrain.json --train_video_root /data/intent \
 #               --dailyomni_dir /data/Daily-Omni          # real data: IntentTrain for training,
 #   bash run.sh --corpus real ... --intentbench_json /data/IntentBench.json --intentbench_video_root /data/ib
+#   bash run.sh --eval_only true --model /models/Qwen2.5-Omni-7B --dailyomni_dir /data/Daily-Omni
+#                                                 # score a checkpoint, no training data
 #   bash run.sh --update_readme true              # maintainers: also refresh README.md's results table
 #
 # Stage 0: data. Stage 1: tokenizer + tiny Omni thinker (or a real one), SFT warm-up in two passes
@@ -27,6 +29,10 @@ train_video_root=""       # real: folder the training records' video paths are r
 dailyomni_dir=""          # real: a local Daily-Omni (qa.json + Videos/), scored as a test set
 intentbench_json=""       # real: IntentBench records, scored as a test set
 intentbench_video_root="" # real: folder IntentBench's video paths are relative to
+eval_only=false           # true: only score --model on --dailyomni_dir and/or --intentbench_json, no training
+model=""                  # --eval_only: the model folder to score (a released checkpoint or any final/)
+prompt_style=""           # ours (think/answer tags) | plain (Daily-Omni: the letter alone); default ours, plain with --eval_only
+max_new_tokens=40         # decoding length of the scoring stage
 data=data                 # manifests
 exp=exp                   # models, logs, results
 budget=200                # seconds of GRPO, and of the SFT baseline (equal wall-clock)
@@ -41,18 +47,48 @@ help_message="Usage: bash run.sh [--stage N] [--stop_stage N] [--corpus syntheti
        [--dailyomni_dir D] [--intentbench_json F --intentbench_video_root D] [--budget S] [--num_frames N]
        [--missing_audio error|silence] [--backend torch|deepspeed] [--data DIR] [--exp DIR] [--smoke true] [--update_readme true]
        [--ngpu N] [--num_nodes N --node_rank R --master_addr HOST] [--hostfile F] [--dtype bfloat16] [--zero 2|3]
-       [--resume auto|never] [--skip_bad true]   (launch options: tools/launch_options.sh)"
+       [--resume auto|never] [--skip_bad true]   (launch options: tools/launch_options.sh)
+       bash run.sh --eval_only true --model DIR [--dailyomni_dir D] [--intentbench_json F --intentbench_video_root D]"
 . ../../tools/launch_options.sh   # --ngpu, --num_nodes, --hostfile, --dtype, --zero, --resume, --skip_bad
 . ../../tools/parse_options.sh
 recipe=audio_visual_grpo
 . ../../tools/recipe_common.sh   # PY, PYTHONPATH, log, train, fresh, readme_args, abspath ...
 train_json=$(abspath "${train_json}"); train_video_root=$(abspath "${train_video_root}")
 dailyomni_dir=$(abspath "${dailyomni_dir}"); intentbench_json=$(abspath "${intentbench_json}")
-intentbench_video_root=$(abspath "${intentbench_video_root}")
+intentbench_video_root=$(abspath "${intentbench_video_root}"); model=$(abspath "${model}")
 [ "${data}" = data ] || data=$(abspath "${data}"); [ "${exp}" = exp ] || exp=$(abspath "${exp}")
 mkdir -p "${exp}"
-# every training run starts from its input model and reads the videos the same way
+# every training run reads the videos the same way
 train_extra=(data.num_frames=${num_frames} data.missing_audio=${missing_audio})
+
+[ -n "${prompt_style}" ] || { prompt_style=ours; [ "${eval_only}" = "true" ] && prompt_style=plain; }
+
+if [ "${eval_only}" = "true" ]; then
+  # one checkpoint on real test sets: prep, prompts, greedy decoding, our and the official scores
+  [ -n "${model}" ] || { echo "--eval_only needs --model DIR" >&2; exit 1; }
+  [ -f "${model}/config.json" ] || { echo "--model ${model}: not a model folder (no config.json)" >&2; exit 1; }
+  [ -n "${dailyomni_dir}" ] || [ -n "${intentbench_json}" ] || {
+    echo "--eval_only needs a test set: --dailyomni_dir and/or --intentbench_json" >&2; exit 1; }
+  mkdir -p "${data}"
+  log "evaluation only: ${model} (${prompt_style} prompts, ${num_frames} frames)"
+  parts=()
+  if [ -n "${dailyomni_dir}" ]; then
+    "${PY}" local/prepare_dailyomni.py --corpus_dir "${dailyomni_dir}" --out "${data}/test_dailyomni.jsonl" "${prep_args[@]}"
+    parts+=("${data}/test_dailyomni.jsonl")
+  fi
+  if [ -n "${intentbench_json}" ]; then
+    [ -n "${intentbench_video_root}" ] || { echo "--intentbench_video_root is required with --intentbench_json" >&2; exit 1; }
+    "${PY}" local/prepare_intentbench.py --json "${intentbench_json}" --video_root "${intentbench_video_root}" \
+      --out "${data}/test_intentbench.jsonl" "${prep_args[@]}"
+    parts+=("${data}/test_intentbench.jsonl")
+  fi
+  cat "${parts[@]}" > "${data}/test_raw.jsonl"
+  "${PY}" local/prompt.py "${data}/test_raw.jsonl" "${data}/test.jsonl" --style "${prompt_style}"
+  "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --corpus real --num_frames ${num_frames} \
+    --missing_audio ${missing_audio} --max_new_tokens ${max_new_tokens} --eval_model "${model}" \
+    --eval_name "$(basename "${model}")"
+  exit 0
+fi
 
 synth_args=(); sft_over=(); qa_over=(); quick=()
 if [ "${smoke}" = "true" ]; then

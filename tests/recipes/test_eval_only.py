@@ -53,3 +53,70 @@ def test_eval_only_refuses_what_it_cannot_score(tiny, tmp_path):
     p = _run("audio_qa", "--eval_only", "true", "--model", str(tiny.student), "--corpus", "synthetic",
              "--exp", str(tmp_path / "e"))
     assert p.returncode != 0 and "--corpus mmau or mmsu" in p.stderr
+
+
+def _mp4(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=32x32:rate=4:duration=1",
+                    "-f", "lavfi", "-i", "sine=frequency=500:sample_rate=16000:duration=1", "-c:v", "libx264",
+                    "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(path)], check=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def av_sets(tmp_path_factory):
+    """Daily-Omni (qa.json + Videos/<id>/<id>_video.mp4) and IntentBench (records + videos) in their
+    real layouts, and a tiny Omni thinker."""
+    from core.models import build_tiny_omni_thinker, train_tokenizer
+    root = tmp_path_factory.mktemp("av_eval")
+    clip = _mp4(root / "clip.mp4")
+    daily = root / "Daily-Omni"
+    for vid in ("vid_one", "vid_two"):
+        (daily / "Videos" / vid).mkdir(parents=True)
+        (daily / "Videos" / vid / f"{vid}_video.mp4").write_bytes(clip.read_bytes())
+    (daily / "qa.json").write_text(json.dumps([
+        {"Question": "What plays first?", "Choice": ["A. a bell", "B. a dog", "C. music", "D. rain"], "Answer": "A",
+         "video_id": "vid_one", "Type": "AV Event Alignment", "video_category": "Daily Life", "video_duration": "30s"},
+        {"Question": "Who speaks?", "Choice": ["A. a man", "B. a woman", "C. a child", "D. nobody"], "Answer": "C",
+         "video_id": "vid_two", "Type": "Reasoning", "video_category": "Vlog", "video_duration": "60s"}]))
+    ib = root / "IntentBench"
+    for rel in ("social/v1.mp4", "deception/v2.mp4"):
+        (ib / "videos" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (ib / "videos" / rel).write_bytes(clip.read_bytes())
+    (ib / "qa.json").write_text(json.dumps([
+        {"problem": "Why does he smile?", "problem_type": "multiple choice",
+         "options": ["A. happy", "B. nervous", "C. lying", "D. tired"], "solution": "<answer>A</answer>",
+         "answer": "A", "video": "social/v1.mp4", "data_type": "video"},
+        {"problem": "Is she telling the truth?", "problem_type": "judge", "solution": "<answer>no</answer>",
+         "answer": "no", "video": "deception/v2.mp4", "data_type": "video"}]))
+    tok = train_tokenizer(["what plays first a bell a dog", "who speaks a man a woman", "yes no A B C D"], 300, omni=True)
+    build_tiny_omni_thinker(tok, hidden=32, layers=1, heads=2, audio_hidden=32, audio_layers=1, vision_hidden=32,
+                            vision_depth=1, seed=0, out_dir=root / "thinker")
+    return root, daily, ib
+
+
+def test_audio_visual_eval_only_on_dailyomni_and_intentbench(av_sets, tmp_path):
+    root, daily, ib = av_sets
+    data, exp = tmp_path / "data", tmp_path / "exp"
+    p = _run("audio_visual_grpo", "--eval_only", "true", "--model", str(root / "thinker"),
+             "--dailyomni_dir", str(daily), "--intentbench_json", str(ib / "qa.json"),
+             "--intentbench_video_root", str(ib / "videos"), "--num_frames", "2", "--max_new_tokens", "6",
+             "--data", str(data), "--exp", str(exp))
+    assert p.returncode == 0, p.stderr[-4000:]
+    res = json.loads((exp / "results.json").read_text())
+    r = res["thinker"]
+    assert res["eval_only"] is True and r["n"] == 4
+    out = exp / "decode" / "thinker"
+    daily_items = json.loads((out / "dailyomni_predictions.json").read_text())
+    ib_file = json.loads((out / "intentbench_results.json").read_text())
+    assert [d["video_id"] for d in daily_items] == ["vid_one", "vid_two"]
+    assert [d["Choice"][0] for d in daily_items] == ["A. a bell", "A. a man"]
+    assert len(ib_file["results"]) == 2 and "mean_acc" in ib_file["final_acc"][0]
+    # the official score is the benchmarks' own rules on those files
+    official = [float(d["model_answer"].strip().upper().startswith(d["Answer"])) if d["model_answer"] else 0.0
+                for d in daily_items] + [x["reward"] for x in ib_file["results"]]
+    assert r["acc_official"] == pytest.approx(sum(official) / 4)
+    rows = [json.loads(x) for x in (data / "test.jsonl").read_text().splitlines()]
+    assert rows[0]["prompt"].endswith("Answer with the letter of the correct option only.")
+    assert "<answer>" in rows[2]["prompt"]  # IntentBench's scorer reads the answer tags
+    assert not (exp / "sft").exists()

@@ -48,7 +48,7 @@ def evaluate(name: str, model_dir: Path, data: Path, exp: Path, args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     info = decode(str(model_dir), str(data / "test.jsonl"), str(out / "hyp.jsonl"), prompt="{prompt}",
-                  max_new_tokens=MAX_NEW_TOKENS, target_field="target", modality="av",
+                  max_new_tokens=args.max_new_tokens, target_field="target", modality="av",
                   num_frames=args.num_frames, missing_audio=args.missing_audio, batch_size=16)
     rows, hyps = sc.read_rows(data / "test.jsonl"), sc.read_hyps(out / "hyp.jsonl")
     res = sc.score(rows, hyps)
@@ -95,6 +95,21 @@ def fmt_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def evaluate_only(model: Path, name: str, data: Path, exp: Path, args) -> int:
+    """``run.sh --eval_only``: one checkpoint on the test set, without any training output."""
+    if not (model / "config.json").is_file():
+        raise SystemExit(f"--model {model}: not a model folder (no config.json)")
+    res = evaluate(name, model, data, exp, args)
+    results = {"eval_only": True, name: res,
+               "settings": {"corpus": args.corpus, "decoding": f"greedy, at most {args.max_new_tokens} new tokens",
+                            "num_frames": args.num_frames, "model": str(model), "test": str(data / "test.jsonl")}}
+    exp.mkdir(parents=True, exist_ok=True)
+    (exp / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    print(_score_module().format_table(res))
+    print(f"official inputs (Daily-Omni / IntentBench layouts): {exp / 'decode' / name}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True)
@@ -106,6 +121,10 @@ def main(argv=None) -> int:
     ap.add_argument("--missing_audio", default="error")
     ap.add_argument("--smoke", default="false")
     ap.add_argument("--only_times", action="store_true", help="only refresh stage_seconds in results.json")
+    ap.add_argument("--max_new_tokens", type=int, default=MAX_NEW_TOKENS)
+    ap.add_argument("--eval_model", default="", help="evaluation only: score this model folder (no training "
+                    "outputs needed); results under <exp>/decode/<--eval_name>/ and <exp>/results.json")
+    ap.add_argument("--eval_name", default="model", help="name of the --eval_model system")
     args = ap.parse_args(argv)
     data, exp = Path(args.data), Path(args.exp)
     res_path = exp / "results.json"
@@ -115,6 +134,8 @@ def main(argv=None) -> int:
 
     from core.utils.logging import setup_console
     setup_console()
+    if args.eval_model:
+        return evaluate_only(Path(args.eval_model), args.eval_name, data, exp, args)
     results: dict = {}
     for name, (d, _) in SYSTEMS.items():
         m = exp / d / "final"
@@ -133,7 +154,7 @@ def main(argv=None) -> int:
     results["settings"] = {"corpus": args.corpus, "smoke": args.smoke == "true", "num_frames": args.num_frames,
                            "missing_audio": args.missing_audio, "model": load_json(exp / "model.json"),
                            "data": load_json(data / "stats.json"), "grpo_config": str(exp / "grpo" / "config.yaml"),
-                           "decoding": f"greedy, at most {MAX_NEW_TOKENS} new tokens"}
+                           "decoding": f"greedy, at most {args.max_new_tokens} new tokens"}
     results["stage_seconds"] = times
     exp.mkdir(parents=True, exist_ok=True)
     res_path.write_text(json.dumps(results, indent=2, ensure_ascii=False))

@@ -17,6 +17,12 @@ fills the ``prompt`` (and, for rows with an answer, ``target``) fields.
 ``strip_letter(choice, i)``: a choice without its "A. " style label (the label must be the i-th
 letter). ``FORMAT_STRINGS``: the tags and letters, for the tokenizer's corpus.
 
+``render_prompt(row, style="plain")`` (``run.sh --eval_only``'s default, for released checkpoints
+never taught our format) asks Daily-Omni's questions for the letter alone, as Daily-Omni's own
+runners do (its scorer reads the first character); IntentBench rows keep the answer tags, which
+HumanOmniV2's scorer reads. ``python local/prompt.py IN.jsonl OUT.jsonl --style plain`` re-renders
+the prompts of a prepared manifest.
+
 Left out: system prompts, chat templates and the media placeholders (the trainer's processor adds
 those), and few-shot examples.
 """
@@ -33,6 +39,8 @@ INSTRUCTIONS = {
     "judge": "Think first, then answer as <think>...</think><answer>...</answer> with Yes or No.",
 }
 INSTRUCTION = INSTRUCTIONS["multiple choice"]
+PLAIN_LETTER = "Answer with the letter of the correct option only."
+STYLES = ("ours", "plain")
 DEFAULT_REASONING = "I watch the video and listen to its sound."
 FORMAT_STRINGS = ("<think>", "</think>", "<answer>", "</answer>", *LETTERS[:4], "Yes", "No")
 
@@ -58,11 +66,15 @@ def strip_letter(choice: str, i: int) -> str:
     return str(choice).strip()
 
 
-def instruction(row: dict) -> str:
+def instruction(row: dict, style: str = "ours") -> str:
+    if style not in STYLES:
+        raise ValueError(f"prompt style {style!r}: one of {', '.join(STYLES)}")
+    if style == "plain" and row.get("problem_type") is None:  # Daily-Omni: the letter alone
+        return PLAIN_LETTER
     return INSTRUCTIONS.get(str(row.get("problem_type") or "multiple choice"), INSTRUCTION)
 
 
-def render_prompt(row: dict) -> str:
+def render_prompt(row: dict, style: str = "ours") -> str:
     """The question, its choices one per line with letters, and the output instruction."""
     choices = list(row.get("choices") or [])
     if len(choices) > len(LETTERS):
@@ -71,7 +83,7 @@ def render_prompt(row: dict) -> str:
         lines = [str(c).strip() for c in choices]
     else:
         lines = [f"{LETTERS[i]}. {str(c).strip()}" for i, c in enumerate(choices)]
-    return "\n".join([str(row["question"]).strip(), *lines, instruction(row)])
+    return "\n".join([str(row["question"]).strip(), *lines, instruction(row, style)])
 
 
 def render_target(row: dict, reasoning: str | None = None) -> str:
@@ -91,3 +103,23 @@ def add_prompts(rows: list[dict]) -> list[dict]:
             r["target"] = render_target(r)
         out.append(r)
     return out
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+    ap = argparse.ArgumentParser(description="Re-render the prompts of a prepared manifest.")
+    ap.add_argument("inp", help="manifest (JSONL) from a prep script")
+    ap.add_argument("out", help="the same rows with their prompts in --style")
+    ap.add_argument("--style", choices=STYLES, default="ours")
+    args = ap.parse_args(argv)
+    with open(args.inp, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    with open(args.out, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(dict(r, prompt=render_prompt(r, args.style)), ensure_ascii=False) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
