@@ -5,6 +5,8 @@
 #   bash run.sh --stage 2 --stop_stage 3         # only OPD + baselines, then scoring
 #   bash run.sh --corpus librispeech --corpus_dir /data/LibriSpeech
 #   bash run.sh --corpus aishell --corpus_dir /data/aishell          # scored with CER
+#   bash run.sh --eval_only true --model /models/Qwen2-Audio-7B-Instruct --corpus librispeech \
+#               --corpus_dir /data/LibriSpeech            # score a checkpoint on test-clean, no training
 #   bash run.sh --update_readme true             # maintainers: also refresh README.md's results table
 #
 # Stage 0: data. Stage 1: tokenizer + teacher/student models, teacher SFT on its own set,
@@ -25,10 +27,16 @@ exp=exp               # models, logs, results
 budget=150            # seconds of training for OPD and for each baseline (equal wall-clock)
 baselines=true        # also train the fair baselines (sft_more, seqkd, td_opd)
 backend=torch         # torch | deepspeed (conf/ds_zero2.json; --zero 3 for conf/ds_zero3.json)
+max_new_tokens=auto   # decoding / rollout length; auto: longest labelled transcript in tokens x 1.25 + 8 (tools/gen_length.py)
+eval_only=false       # true: only score --model on the test set of --corpus librispeech|aishell, no training
+model=""              # --eval_only: the model folder to score (a released checkpoint or any final/)
+test_part=""          # --eval_only: librispeech part to score (default test-clean; test-other ...)
+prompt="Transcribe the audio."  # the user turn after the audio (the training configs' data.prompt)
 smoke=false           # tiny corpus and few steps, for tests
 update_readme=false   # true: also write the results table into README.md (maintainers; always in ${exp}/RESULTS.md)
 seed=0
 help_message="Usage: bash run.sh [--stage N] [--stop_stage N] [--corpus synthetic|librispeech|aishell] [--corpus_dir DIR] [--budget SECONDS] [--smoke true] [--update_readme true]
+       bash run.sh --eval_only true --model DIR --corpus librispeech|aishell --corpus_dir DIR [--test_part test-other]
        [--ngpu N] [--num_nodes N --node_rank R --master_addr HOST] [--hostfile F] [--dtype bfloat16] [--zero 2|3]
        [--resume auto|never] [--skip_bad true]   (launch options: tools/launch_options.sh)"
 . ../../tools/launch_options.sh   # --ngpu, --num_nodes, --hostfile, --dtype, --zero, --resume, --skip_bad
@@ -36,12 +44,46 @@ help_message="Usage: bash run.sh [--stage N] [--stop_stage N] [--corpus syntheti
 recipe=asr
 . ../../tools/recipe_common.sh   # PY, PYTHONPATH, log, train, fresh, readme_args, abspath ...
 # paths given on the command line are relative to where run.sh was called from
-corpus_dir=$(abspath "${corpus_dir}")
+corpus_dir=$(abspath "${corpus_dir}"); model=$(abspath "${model}")
 [ "${data}" = data ] || data=$(abspath "${data}"); [ "${exp}" = exp ] || exp=$(abspath "${exp}")
 mkdir -p "${exp}"
 
 lang=en; lang_flag=""
 [ "${corpus}" = "aishell" ] && lang=zh
+# the generation length: a number, or auto (from the model's tokens of the longest reference)
+gen_length() {  # MODEL MANIFEST...: prints the length to use, records how it was chosen
+  if [ "${max_new_tokens}" = auto ]; then
+    "${PY}" -m tools.gen_length --model "$1" --manifest "${@:2}" --json > "${exp}/gen_length.json"
+    "${PY}" -c "import json,sys;print(json.load(open(sys.argv[1]))['max_new_tokens'])" "${exp}/gen_length.json"
+  else
+    [[ "${max_new_tokens}" =~ ^[1-9][0-9]*$ ]] || { echo "--max_new_tokens must be auto or a positive integer" >&2; return 2; }
+    echo "{\"max_new_tokens\": ${max_new_tokens}, \"rule\": \"--max_new_tokens\"}" > "${exp}/gen_length.json"
+    echo "${max_new_tokens}"
+  fi
+}
+
+if [ "${eval_only}" = "true" ]; then
+  # one checkpoint on a real test set: prep, greedy decoding, WER (CER for AISHELL)
+  [ -n "${model}" ] || { echo "--eval_only needs --model DIR" >&2; exit 1; }
+  [ -f "${model}/config.json" ] || { echo "--model ${model}: not a model folder (no config.json)" >&2; exit 1; }
+  [ -n "${corpus_dir}" ] || { echo "--eval_only needs --corpus_dir (the corpus's local copy)" >&2; exit 1; }
+  mkdir -p "${data}"
+  case "${corpus}" in
+    librispeech)
+      part=${test_part:-test-clean}
+      log "evaluation only: ${model} on LibriSpeech ${part}"
+      "${PY}" local/prepare_librispeech.py --corpus_dir "${corpus_dir}" --out_dir "${data}" --parts "${part}" \
+        --map "${part}=test" ;;
+    aishell)
+      log "evaluation only: ${model} on AISHELL-1 test (CER)"
+      "${PY}" local/prepare_aishell.py --corpus_dir "${corpus_dir}" --out_dir "${data}" --splits test ;;
+    *) echo "--eval_only scores a real test set: --corpus librispeech or aishell, got '${corpus}'" >&2; exit 1 ;;
+  esac
+  len=$(gen_length "${model}" "${data}/test.jsonl")
+  "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --lang ${lang} --corpus ${corpus} \
+    --max_new_tokens ${len} --prompt "${prompt}" --eval_model "${model}" --eval_name "$(basename "${model}")"
+  exit 0
+fi
 teacher_over=(); student_over=(); synth_args=()
 if [ "${smoke}" = "true" ]; then
   synth_args=(--smoke)
@@ -104,8 +146,12 @@ opd_paths=(model.path=${exp}/student_sft/final teacher.path=${exp}/teacher/final
            data.train=${data}/unlabelled.jsonl data.dev=${data}/dev.jsonl)
 kd_paths=(model.path=${exp}/student_sft/final data.train=${exp}/seqkd_data/unlabelled_teacher.jsonl data.dev=${data}/dev.jsonl)
 
+labelled=("${data}/student_labelled.jsonl" "${data}/teacher_train.jsonl")
 if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
   t0=$(date +%s)
+  gen_len=$(gen_length "${exp}/student_sft/final" "${labelled[@]}")
+  log "stage 2: generation length ${gen_len} tokens (${exp}/gen_length.json)"
+  opd_paths+=(rollout.max_new_tokens=${gen_len})
   log "stage 2: calibrate (student vs teacher KL on dev, before OPD)"
   train conf/opd.yaml "${opd_paths[@]}" method=calibrate output_dir=${exp}/calibrate_before
   log "stage 2: on-policy distillation, ${budget} s"
@@ -124,7 +170,7 @@ if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
     t1=$(date +%s)
     log "baseline seqkd: the teacher transcribes the unlabelled audio"
     "${PY}" -m core.bin.decode --model ${exp}/teacher/final --manifest ${data}/unlabelled.jsonl \
-      --out ${exp}/seqkd_data/unlabelled_teacher.jsonl --as_manifest --prompt "Transcribe the audio."
+      --out ${exp}/seqkd_data/unlabelled_teacher.jsonl --as_manifest --prompt "${prompt}" --max_new_tokens ${gen_len}
     record_time teacher_transcribe $(( $(date +%s) - t1 ))
     t1=$(date +%s)
     log "baseline seqkd: SFT on the teacher's transcripts, ${spent} s"
@@ -141,9 +187,10 @@ fi
 
 if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
   t0=$(date +%s)
-  log "stage 3: decode the test set and score"
+  gen_len=$(gen_length "${exp}/student_sft/final" "${labelled[@]}")
+  log "stage 3: decode the test set and score (at most ${gen_len} new tokens)"
   "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --lang ${lang} "${readme_args[@]}" \
-    --corpus ${corpus} --budget ${budget} --smoke ${smoke}
+    --corpus ${corpus} --budget ${budget} --smoke ${smoke} --max_new_tokens ${gen_len} --prompt "${prompt}"
   record_time decode_score $(( $(date +%s) - t0 ))
   "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --lang ${lang} --only_times
 fi

@@ -120,3 +120,30 @@ def test_audio_visual_eval_only_on_dailyomni_and_intentbench(av_sets, tmp_path):
     assert rows[0]["prompt"].endswith("Answer with the letter of the correct option only.")
     assert "<answer>" in rows[2]["prompt"]  # IntentBench's scorer reads the answer tags
     assert not (exp / "sft").exists()
+
+
+def test_asr_eval_only_on_librispeech_test_clean(tiny, tmp_path):
+    """LibriSpeech's layout (<part>/<speaker>/<chapter>/*.flac + *.trans.txt), the tiny student
+    scored with WER; the decoding length comes from the test transcripts (tools/gen_length.py)."""
+    import soundfile as sf
+    root = tmp_path / "LibriSpeech" / "test-clean" / "1089" / "134686"
+    root.mkdir(parents=True)
+    lines = []
+    for i, row in enumerate(tiny.rows[:3]):
+        uid = f"1089-134686-{i:04d}"
+        wav, sr = sf.read(row["audio"], dtype="float32")
+        sf.write(root / f"{uid}.flac", wav, sr)
+        lines.append(f"{uid} {row['text'].upper()}")
+    (root / "1089-134686.trans.txt").write_text("\n".join(lines) + "\n")
+    data, exp = tmp_path / "data", tmp_path / "exp"
+    p = _run("asr", "--eval_only", "true", "--model", str(tiny.student), "--corpus", "librispeech",
+             "--corpus_dir", str(tmp_path / "LibriSpeech"), "--data", str(data), "--exp", str(exp))
+    assert p.returncode == 0, p.stderr[-4000:]
+    res = json.loads((exp / "results.json").read_text())
+    r = res[tiny.student.name]
+    assert res["eval_only"] is True and r["num_utts"] == 3 and r["wer"] >= 0
+    gl = json.loads((exp / "gen_length.json").read_text())
+    longest = max(len(tiny.tokenizer(x.split(" ", 1)[1], add_special_tokens=False)["input_ids"]) + 1 for x in lines)
+    assert gl["longest_reference_tokens"] == longest and r["max_new_tokens"] == gl["max_new_tokens"] >= longest
+    assert (exp / "decode" / tiny.student.name / "utt_errors.txt").is_file()
+    assert "%WER" in p.stdout

@@ -30,13 +30,15 @@ def load_json(p: Path):
     return json.loads(p.read_text()) if p.is_file() else None
 
 
-def decode_and_score(name: str, model_dir: Path, data: Path, exp: Path, lang: str) -> dict:
+def decode_and_score(name: str, model_dir: Path, data: Path, exp: Path, lang: str,
+                     max_new_tokens: int = 32, prompt: str = PROMPT) -> dict:
     from core.bin.decode import decode
     from tools.compute_wer import format_details, read_transcripts, score
     out = exp / "decode" / name
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    info = decode(str(model_dir), str(data / "test.jsonl"), str(out / "hyp.jsonl"), prompt=PROMPT)
+    info = decode(str(model_dir), str(data / "test.jsonl"), str(out / "hyp.jsonl"), prompt=prompt,
+                  max_new_tokens=max_new_tokens)
     refs = read_transcripts(data / "test.jsonl")
     hyps = read_transcripts(out / "hyp.jsonl")
     cer = lang == "zh"
@@ -46,7 +48,8 @@ def decode_and_score(name: str, model_dir: Path, data: Path, exp: Path, lang: st
     r = {"wer": res["error_rate"], "errors": res["errors"], "ref_tokens": res["num_ref_words"],
          "substitutions": res["substitutions"], "deletions": res["deletions"], "insertions": res["insertions"],
          "sentence_error_rate": res["sentence_error_rate"], "num_utts": res["num_utts"],
-         "empty_hypotheses": info["empty"], "decode_seconds": round(time.time() - t0, 2), "model": str(model_dir)}
+         "empty_hypotheses": info["empty"], "decode_seconds": round(time.time() - t0, 2), "model": str(model_dir),
+         "max_new_tokens": max_new_tokens}
     if cer:
         r["cer"] = res["error_rate"]
     worst = [u for u in res["utterances"] if u["errors"]][:5]
@@ -73,6 +76,24 @@ def fmt_table(results: dict, unit: str) -> str:
     return "\n".join(lines)
 
 
+def evaluate_only(model: Path, name: str, data: Path, exp: Path, args, dec: dict) -> int:
+    """``run.sh --eval_only``: one checkpoint on the test set, without any training output."""
+    if not (model / "config.json").is_file():
+        raise SystemExit(f"--model {model}: not a model folder (no config.json)")
+    r = decode_and_score(name, model, data, exp, args.lang, **dec)
+    unit = "CER" if args.lang == "zh" else "WER"
+    results = {"eval_only": True, name: r,
+               "settings": {"corpus": args.corpus, "lang": args.lang, "metric": unit.lower(), "decoding": "greedy",
+                            "prompt": args.prompt, "model": str(model), "test": str(data / "test.jsonl"),
+                            "generation_length": load_json(exp / "gen_length.json") or dec["max_new_tokens"]}}
+    exp.mkdir(parents=True, exist_ok=True)
+    (exp / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    print(f"{name}: %{unit} {100 * r['wer']:.2f} [ {r['errors']} / {r['ref_tokens']}, {r['insertions']} ins, "
+          f"{r['deletions']} del, {r['substitutions']} sub ] over {r['num_utts']} utterances "
+          f"(at most {dec['max_new_tokens']} new tokens); per utterance: {exp / 'decode' / name / 'utt_errors.txt'}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True)
@@ -84,6 +105,11 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", default="")
     ap.add_argument("--smoke", default="false")
     ap.add_argument("--only_times", action="store_true", help="only refresh stage_seconds in results.json")
+    ap.add_argument("--max_new_tokens", type=int, default=32, help="decoding length (run.sh: tools/gen_length.py)")
+    ap.add_argument("--prompt", default=PROMPT, help="the user turn after the audio")
+    ap.add_argument("--eval_model", default="", help="evaluation only: score this model folder (no training "
+                    "outputs needed); results under <exp>/decode/<--eval_name>/ and <exp>/results.json")
+    ap.add_argument("--eval_name", default="model", help="name of the --eval_model system")
     args = ap.parse_args(argv)
     data, exp = Path(args.data), Path(args.exp)
     res_path = exp / "results.json"
@@ -93,17 +119,20 @@ def main(argv=None) -> int:
 
     from core.utils.logging import setup_console
     setup_console()
+    dec = dict(max_new_tokens=args.max_new_tokens, prompt=args.prompt)
+    if args.eval_model:
+        return evaluate_only(Path(args.eval_model), args.eval_name, data, exp, args, dec)
     results: dict = {}
     for name, d in SYSTEMS.items():
         m = exp / d / "final"
         if not (m / "config.json").is_file():
             raise SystemExit(f"{m} is missing: run stages 1-2 first")
-        results[name] = decode_and_score(name, m, data, exp, args.lang)
+        results[name] = decode_and_score(name, m, data, exp, args.lang, **dec)
     results["baselines"] = {}
     for name in BASELINES:
         m = exp / name / "final"
         if (m / "config.json").is_file():
-            results["baselines"][name] = decode_and_score(name, m, data, exp, args.lang)
+            results["baselines"][name] = decode_and_score(name, m, data, exp, args.lang, **dec)
     b, a = results["student_before"]["wer"], results["student_after"]["wer"]
     results["relative_improvement"] = round((b - a) / b, 4) if b > 0 else None
     results["calibrate"] = {k: load_json(exp / f"calibrate_{k}" / "calibrate.json") for k in ("before", "after")}
@@ -115,7 +144,8 @@ def main(argv=None) -> int:
     results["settings"] = {"corpus": args.corpus, "lang": args.lang, "metric": "cer" if args.lang == "zh" else "wer",
                            "budget_seconds": args.budget, "smoke": args.smoke == "true",
                            "models": load_json(exp / "models.json"), "data": load_json(data / "stats.json"),
-                           "opd_config": str(exp / "opd" / "config.yaml")}
+                           "opd_config": str(exp / "opd" / "config.yaml"),
+                           "generation_length": load_json(exp / "gen_length.json") or {"max_new_tokens": args.max_new_tokens}}
     results["stage_seconds"] = times
     exp.mkdir(parents=True, exist_ok=True)
     res_path.write_text(json.dumps(results, indent=2, ensure_ascii=False))
