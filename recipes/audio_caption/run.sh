@@ -9,6 +9,8 @@
 #                                                # a teacher already served elsewhere (ours or vLLM)
 #   bash run.sh --corpus audiocaps --corpus_dir /data/audiocaps --audio_dir /data/audiocaps/audio
 #   bash run.sh --corpus clotho --corpus_dir /data/clotho
+#   bash run.sh --eval_only true --model /models/my-captioner --corpus clotho --corpus_dir /data/clotho
+#                                                # score a checkpoint on the test split, no training
 #   bash run.sh --update_readme true             # maintainers: also refresh README.md's results table
 #
 # Stage 0: data. Stage 1: tokenizer + teacher/student captioners; teacher SFT on its own captioned
@@ -39,8 +41,13 @@ qa_model=""           # cascade: a local HF text LLM directory; empty: train the
 backend=torch         # torch | deepspeed (conf/ds_zero2.json; --zero 3 for conf/ds_zero3.json)
 smoke=false           # tiny corpus and few steps, for tests
 update_readme=false   # true: also write the results table into README.md (maintainers; always in ${exp}/RESULTS.md)
+eval_only=false       # true: only score --model on the test split of --corpus audiocaps|clotho, no training
+model=""              # --eval_only: the model folder to score (a released checkpoint or any final/)
+prompt="Describe the audio."  # --eval_only: the user turn after the audio
+max_new_tokens=24     # --eval_only: caption length limit
 seed=0
 help_message="Usage: bash run.sh [--stage N] [--stop_stage N] [--corpus synthetic|audiocaps|clotho] [--corpus_dir DIR] [--audio_dir DIR]
+       bash run.sh --eval_only true --model DIR --corpus audiocaps|clotho --corpus_dir DIR [--audio_dir DIR] [--prompt TEXT]
        [--teacher remote|local] [--teacher_url URL] [--teacher_model NAME] [--budget SECONDS] [--baselines true|false]
        [--qa_model DIR] [--backend torch|deepspeed] [--data DIR] [--exp DIR] [--smoke true] [--update_readme true]
        [--ngpu N] [--num_nodes N --node_rank R --master_addr HOST] [--hostfile F] [--dtype bfloat16] [--zero 2|3]
@@ -51,9 +58,31 @@ recipe=audio_caption
 . ../../tools/recipe_common.sh   # PY, PYTHONPATH, log, train, fresh, readme_args, abspath ...
 # paths given on the command line are relative to where run.sh was called from
 corpus_dir=$(abspath "${corpus_dir}"); audio_dir=$(abspath "${audio_dir}"); qa_model=$(abspath "${qa_model}")
+model=$(abspath "${model}")
 [ "${data}" = data ] || data=$(abspath "${data}"); [ "${exp}" = exp ] || exp=$(abspath "${exp}")
 case "${teacher}" in remote|local) ;; *) echo "--teacher must be remote or local, got '${teacher}'" >&2; exit 1 ;; esac
 mkdir -p "${exp}"
+
+if [ "${eval_only}" = "true" ]; then
+  # one checkpoint on a real test split: prep, greedy captions, caption metrics
+  [ -n "${model}" ] || { echo "--eval_only needs --model DIR" >&2; exit 1; }
+  [ -f "${model}/config.json" ] || { echo "--model ${model}: not a model folder (no config.json)" >&2; exit 1; }
+  [ -n "${corpus_dir}" ] || { echo "--eval_only needs --corpus_dir (the corpus's local copy)" >&2; exit 1; }
+  mkdir -p "${data}"
+  case "${corpus}" in
+    audiocaps)
+      "${PY}" local/prepare_audiocaps.py --corpus_dir "${corpus_dir}" --audio_dir "${audio_dir:-${corpus_dir}/audio}" \
+        --out_dir "${data}" --splits test "${prep_args[@]}" ;;
+    clotho)
+      "${PY}" local/prepare_clotho.py --corpus_dir "${corpus_dir}" --out_dir "${data}" --splits evaluation "${prep_args[@]}" ;;
+    *) echo "--eval_only scores a real test split: --corpus audiocaps or clotho, got '${corpus}'" >&2; exit 1 ;;
+  esac
+  log "evaluation only: ${model} on the ${corpus} test split"
+  qa=(); [ -n "${qa_model}" ] && qa=(--qa_model "${qa_model}")
+  "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --corpus ${corpus} --prompt "${prompt}" \
+    --max_new_tokens ${max_new_tokens} --eval_model "${model}" --eval_name "$(basename "${model}")" "${qa[@]}"
+  exit 0
+fi
 
 teacher_over=(); student_over=(); cascade_over=(); synth_args=(); quick=()
 if [ "${smoke}" = "true" ]; then

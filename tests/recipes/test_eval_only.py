@@ -147,3 +147,26 @@ def test_asr_eval_only_on_librispeech_test_clean(tiny, tmp_path):
     assert gl["longest_reference_tokens"] == longest and r["max_new_tokens"] == gl["max_new_tokens"] >= longest
     assert (exp / "decode" / tiny.student.name / "utt_errors.txt").is_file()
     assert "%WER" in p.stdout
+
+
+def test_audio_caption_eval_only_on_audiocaps_test(tiny, tmp_path):
+    """AudioCaps' layout (test.csv: audiocap_id,youtube_id,start_time,caption; audio/test/<yt>_<start>.wav),
+    five captions per clip, scored with BLEU / ROUGE-L / CIDEr."""
+    import shutil
+    d = tmp_path / "audiocaps"
+    (d / "audio" / "test").mkdir(parents=True)
+    rows = ["audiocap_id,youtube_id,start_time,caption"]
+    for i, row in enumerate(tiny.rows[:2]):
+        yt = f"clip{i}xxxxxx"
+        shutil.copy(row["audio"], d / "audio" / "test" / f"{yt}_10.wav")
+        rows += [f"{100 * i + j},{yt},10,{row['text']} caption {j}" for j in range(5)]
+    (d / "test.csv").write_text("\n".join(rows) + "\n")
+    data, exp = tmp_path / "data", tmp_path / "exp"
+    p = _run("audio_caption", "--eval_only", "true", "--model", str(tiny.student), "--corpus", "audiocaps",
+             "--corpus_dir", str(d), "--data", str(data), "--exp", str(exp), "--max_new_tokens", "8")
+    assert p.returncode == 0, p.stderr[-4000:]
+    res = json.loads((exp / "results.json").read_text())
+    m = res[tiny.student.name]
+    assert res["eval_only"] is True and res["decode"][tiny.student.name]["num_clips"] == 2
+    assert {"BLEU_1", "BLEU_4", "ROUGE_L", "CIDEr"} <= set(m) and all(v >= 0 for v in m.values())
+    assert len((exp / "decode" / tiny.student.name / "hyp.jsonl").read_text().splitlines()) == 2

@@ -57,21 +57,22 @@ def references(test_rows: list[dict]) -> dict[str, list[str]]:
 
 
 def evaluate(name: str, model_dir: Path, data: Path, exp: Path, qa_model: Path | None, has_questions: bool,
-             java_metrics: bool | str = "auto") -> tuple[dict, dict]:
+             java_metrics: bool | str = "auto", prompt: str = PROMPT,
+             max_new_tokens: int = MAX_NEW_TOKENS) -> tuple[dict, dict]:
     """(metrics, decoding details) of one system on the test clips."""
     from core.bin.decode import decode
     score_captions = load_sibling(__file__, "caption_metrics").score_captions
     out = exp / "decode" / name
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    info = decode(str(model_dir), str(data / "test.jsonl"), str(out / "hyp.jsonl"), prompt=PROMPT,
-                  max_new_tokens=MAX_NEW_TOKENS)
+    info = decode(str(model_dir), str(data / "test.jsonl"), str(out / "hyp.jsonl"), prompt=prompt,
+                  max_new_tokens=max_new_tokens)
     secs = round(time.time() - t0, 2)
     test_rows = read_jsonl(data / "test.jsonl")
     hyps = {h["key"]: h["text"] for h in read_jsonl(out / "hyp.jsonl")}
     scores = score_captions(hyps, references(test_rows), java_metrics=java_metrics)
     metrics = {k: float(v) for k, v in scores.items() if isinstance(v, (int, float)) and k in METRICS}
-    details = {"model": str(model_dir), "decode_seconds": secs, "num_clips": len(hyps),
+    details = {"model": str(model_dir), "decode_seconds": secs, "num_clips": len(hyps), "max_new_tokens": max_new_tokens,
                "empty_captions": info["empty"], "skipped_metrics": scores.get("skipped", {}),
                "examples": [{"key": r["key"], "hyp": hyps[r["key"]], "ref": references([r])[r["key"]][0]}
                             for r in test_rows[:5]]}
@@ -117,6 +118,11 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", default="false")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only_times", action="store_true", help="only refresh stage_seconds in results.json")
+    ap.add_argument("--prompt", default=PROMPT, help="the user turn after the audio")
+    ap.add_argument("--max_new_tokens", type=int, default=MAX_NEW_TOKENS, help="caption length limit")
+    ap.add_argument("--eval_model", default="", help="evaluation only: score this model folder (no training "
+                    "outputs needed); results under <exp>/decode/<--eval_name>/ and <exp>/results.json")
+    ap.add_argument("--eval_name", default="model", help="name of the --eval_model system")
     args = ap.parse_args(argv)
     data, exp = Path(args.data), Path(args.exp)
     res_path = exp / "results.json"
@@ -134,6 +140,22 @@ def main(argv=None) -> int:
             raise SystemExit(f"--qa_model {qa_model}: no config.json there")
         qa_model = None
     java = False if args.smoke == "true" else "auto"   # METEOR / SPICE start a JVM per call: not in smoke runs
+    if args.eval_model:
+        model = Path(args.eval_model)
+        if not (model / "config.json").is_file():
+            raise SystemExit(f"--model {model}: not a model folder (no config.json)")
+        metrics, details = evaluate(args.eval_name, model, data, exp, qa_model, has_questions, java,
+                                    prompt=args.prompt, max_new_tokens=args.max_new_tokens)
+        out = {"eval_only": True, args.eval_name: metrics, "decode": {args.eval_name: details},
+               "settings": {"corpus": args.corpus, "prompt": args.prompt, "decoding": "greedy",
+                            "max_new_tokens": args.max_new_tokens, "model": str(model), "test": str(data / "test.jsonl")}}
+        exp.mkdir(parents=True, exist_ok=True)
+        res_path.write_text(json.dumps(out, indent=2, ensure_ascii=False))
+        print(f"{args.eval_name} on {len(test_rows)} clips: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        skipped = details.get("skipped_metrics")
+        if skipped:
+            print(f"not computed: {skipped}")
+        return 0
     results: dict = {"decode": {}}
     for name, d in SYSTEMS.items():
         m = exp / d / "final"
