@@ -464,7 +464,11 @@ class ReST(Method):
 @register_method
 class Calibrate(Method):
     """Rollout + teacher scoring on the dev set without updates: the student/teacher per-token KL
-    gap, written to ``calibrate.json``."""
+    gap, written to ``calibrate.json``. With a local teacher the reverse KL is over the full
+    vocabulary; a remote teacher gives its top-k log-probs only (``teacher.top_k_cap``), so there
+    it is the reverse KL over the teacher's top-k tokens, both distributions renormalised on them
+    (``kl_support: teacher_top<k>``, the support OPD's ``teacher_topk`` distils on). The sampled
+    estimate ``sampled_kl_per_token`` (log pS(y) - log pT(y)) is exact either way."""
 
     name = "calibrate"
     trains = False
@@ -473,9 +477,6 @@ class Calibrate(Method):
 
     def check(self, cfg) -> None:
         _check_teacher(cfg, self.name)
-        if cfg.teacher.kind == "remote":
-            _bad("teacher.kind", "calibrate needs the teacher's full logits, which a remote teacher does not give; "
-                                 "use teacher.kind: local for calibrate")
         if not cfg.data.dev:
             _bad("data.dev", "required for calibrate")
 
@@ -487,6 +488,8 @@ class Calibrate(Method):
         bs = cfg.train.batch_size
         tot = {"kl_sampled": 0.0, "kl_full": 0.0, "tokens": 0.0, "student_logp": 0.0, "teacher_logp": 0.0}
         lens = []
+        remote = cfg.teacher.kind == "remote"
+        top_k = min(cfg.opd.top_k or cfg.teacher.top_k_cap, cfg.teacher.top_k_cap)
         for i in tqdm(range(0, len(rows), bs), desc="calibrate", disable=not dist.is_main()):
             batch = prompts(ctx, rows[i: i + bs])
             r = cfg.rollout
@@ -494,12 +497,24 @@ class Calibrate(Method):
                 trainer.model, batch, trainer.tokenizer, n=r.n, temperature=r.temperature, top_p=r.top_p,
                 top_k=r.top_k, max_new_tokens=r.max_new_tokens, suppress_ids=ctx.suppress_ids,
                 eos_ids=ctx.eos_ids, seed=step_seed(cfg.train.seed, 0, i, trainer.rank))
-            s = trainer.teacher.score(rep, comp, return_logits=True).to(comp.ids.device)
-            st_logits = shared_rows(completion_logits(trainer.model, rep, comp.ids, comp.mask), s.logits)
+            if remote:
+                s = trainer.teacher.score(rep, comp, top_k=top_k).to(comp.ids.device)
+                st_logits = completion_logits(trainer.model, rep, comp.ids, comp.mask)
+            else:
+                s = trainer.teacher.score(rep, comp, return_logits=True).to(comp.ids.device)
+                st_logits = shared_rows(completion_logits(trainer.model, rep, comp.ids, comp.mask), s.logits)
             m = comp.mask.float() * s.valid.float()[:, None]
             sl = torch.log_softmax(st_logits, -1)
-            tl = torch.log_softmax(s.logits, -1)
-            kl_full = (sl.exp() * (sl - tl)).sum(-1)
+            if remote:  # the teacher's top-k tokens, both sides renormalised on them
+                ok = torch.isfinite(s.topk_logp)  # fewer than k entries (or an unscored position): -inf
+                any_ok = ok.any(-1, keepdim=True)
+                sk = torch.log_softmax(sl.gather(-1, s.topk_ids.clamp(min=0)).masked_fill(~ok, -torch.inf)
+                                       .masked_fill(~any_ok, 0.0), -1)
+                tk = torch.log_softmax(s.topk_logp.float().masked_fill(~any_ok, 0.0), -1)
+                kl_full = torch.where(ok, sk.exp() * (sk - tk), torch.zeros_like(sk)).sum(-1)
+            else:
+                tl = torch.log_softmax(s.logits, -1)
+                kl_full = (sl.exp() * (sl - tl)).sum(-1)
             slp = sl.gather(-1, comp.ids.unsqueeze(-1)).squeeze(-1)
             tot["kl_sampled"] += float(((slp - s.logp) * m).sum())
             tot["kl_full"] += float((kl_full * m).sum())
@@ -510,7 +525,8 @@ class Calibrate(Method):
         n = max(tot["tokens"], 1.0)
         res = {"reverse_kl_per_token": tot["kl_full"] / n, "sampled_kl_per_token": tot["kl_sampled"] / n,
                "student_logp_per_token": tot["student_logp"] / n, "teacher_logp_per_token": tot["teacher_logp"] / n,
-               "tokens": tot["tokens"], "completion_len": sum(lens) / max(1, len(lens)), "samples": len(lens)}
+               "tokens": tot["tokens"], "completion_len": sum(lens) / max(1, len(lens)), "samples": len(lens),
+               "kl_support": f"teacher_top{top_k}" if remote else "full"}
         if dist.is_main():
             (trainer.out / "calibrate.json").write_text(json.dumps(res, indent=2))
             log.info("calibrate: %s", res)

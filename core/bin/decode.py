@@ -21,6 +21,13 @@ short clips are not padded to long ones and a batch stops generating with its lo
 the output keeps the manifest's order. With ``--temperature`` > 0 a row's sample depends on the
 batch it lands in (the seed is per batch), so sorting changes sampled outputs, not greedy ones.
 
+``--url URL`` decodes with a model served elsewhere instead of ``--model``: each audio row is
+sent to the server's ``/v1/audio/transcriptions`` (OpenAI's multipart form: the clip as ``file``,
+the row's prompt as ``prompt``, ``temperature``), as our teacher server answers for any audio model
+and vLLM for its transcription models; the output is the same JSONL. The server's own limit sets
+the length (our server: ``--max-new-tokens``). Requests run ``--concurrency`` at a time and are
+retried on connection errors; a row the server refuses stops the run naming the row and the answer.
+
 What it leaves out: beam search, and scoring (``tools/compute_wer.py`` and the recipes' ``local/`` scorers do that).
 """
 from __future__ import annotations
@@ -112,9 +119,79 @@ def decode(model_dir: str, manifest: str, out: str, *, prompt: str = "", batch_s
             "modality": mode}
 
 
+def decode_remote(url: str, manifest: str, out: str, *, prompt: str, target_field: str = "text",
+                  as_manifest: bool = False, temperature: float = 0.0, served_model: str | None = None,
+                  api_key: str | None = None, concurrency: int = 8, timeout: float = 300.0,
+                  retries: int = 3) -> dict:
+    """Each audio row of ``manifest`` transcribed (captioned ...) by the server at ``url``
+    (``/v1/audio/transcriptions``) with its formatted ``prompt``; written as ``decode`` writes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from core import config as C
+    from core.data.manifest import write_manifest
+    from core.trainer import read_rows
+
+    if not prompt:
+        raise ValueError("--prompt is required with --url: the instruction sent with each clip")
+    base = url.rstrip("/").removesuffix("/v1")
+    data = C.DataConfig(train=str(manifest), prompt=prompt)
+    rows = read_rows(str(manifest), C.TrainConfig(data=data), "audio", key="--manifest")
+    if not rows:
+        raise ValueError(f"{manifest}: no rows")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    def one(row: dict) -> str:
+        try:
+            text = prompt.format(**row)
+        except (KeyError, IndexError) as e:
+            raise ValueError(f"--prompt {prompt!r} names a field row {row['key']!r} lacks: {e}") from None
+        form = {"prompt": text, "response_format": "json", "temperature": str(temperature)}
+        if served_model:
+            form["model"] = served_model
+        audio = Path(row["audio"])
+        for attempt in range(retries + 1):
+            try:
+                with open(audio, "rb") as f:
+                    r = httpx.post(f"{base}/v1/audio/transcriptions", data=form, headers=headers, timeout=timeout,
+                                   files={"file": (audio.name, f, "application/octet-stream")})
+                break
+            except httpx.TransportError as e:
+                if attempt == retries:
+                    raise RuntimeError(f"{base}/v1/audio/transcriptions unreachable after {retries + 1} tries "
+                                       f"({type(e).__name__}: {e})") from None
+                time.sleep(min(2.0 ** attempt, 10.0))
+        if r.status_code != 200:
+            raise RuntimeError(f"{base}/v1/audio/transcriptions answered {r.status_code} for row {row['key']!r} "
+                               f"({audio}): {r.text[:300]}")
+        return str(r.json().get("text", ""))
+
+    t0 = time.time()
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+        hyps = list(tqdm(pool.map(one, rows), total=len(rows), desc=f"decode {Path(manifest).name} @ {base}",
+                         leave=False))
+    secs = time.time() - t0
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    if as_manifest:
+        write_manifest(out, [{**r, target_field: h} for r, h in zip(rows, hyps)])
+    else:
+        with open(out, "w") as f:
+            for r, h in zip(rows, hyps):
+                rec = {"key": r["key"], "text": h}
+                if r.get(target_field) is not None:
+                    rec["ref"] = r[target_field]
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    return {"samples": len(rows), "seconds": round(secs, 2), "empty": sum(1 for h in hyps if not h),
+            "modality": "audio", "url": base}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="model directory (save_pretrained folder)")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="model directory (save_pretrained folder)")
+    src.add_argument("--url", help="a server to decode with instead (our teacher server, or vLLM for its "
+                                   "transcription models): /v1/audio/transcriptions per audio row")
     ap.add_argument("--manifest", required=True, help="input manifest (JSONL)")
     ap.add_argument("--out", required=True, help="output JSONL")
     ap.add_argument("--prompt", default="",
@@ -136,7 +213,25 @@ def main(argv=None) -> int:
                     help="av: a video without a sound track is an error, or gets silence")
     ap.add_argument("--device", default="auto",
                     help="auto (this process's GPU when there is one, else the CPU) | cpu | cuda | cuda:N")
+    ap.add_argument("--served_model", default=None, help="--url: the model name the server expects")
+    ap.add_argument("--api_key", default=None, help="--url: bearer token (default: $TEACHER_API_KEY when set)")
+    ap.add_argument("--concurrency", type=int, default=8, help="--url: requests in flight")
     args = ap.parse_args(argv)
+    if args.url:
+        import os
+        try:
+            info = decode_remote(args.url, args.manifest, args.out, prompt=args.prompt, target_field=args.target_field,
+                                 as_manifest=args.as_manifest, temperature=args.temperature,
+                                 served_model=args.served_model, concurrency=args.concurrency,
+                                 api_key=args.api_key or os.environ.get("TEACHER_API_KEY") or None)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except RuntimeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(json.dumps(info))
+        return 0
     try:
         info = decode(args.model, args.manifest, args.out, prompt=args.prompt, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, target_field=args.target_field,

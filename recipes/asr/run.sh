@@ -7,6 +7,8 @@
 #   bash run.sh --corpus aishell --corpus_dir /data/aishell          # scored with CER
 #   bash run.sh --eval_only true --model /models/Qwen2-Audio-7B-Instruct --corpus librispeech \
 #               --corpus_dir /data/LibriSpeech            # score a checkpoint on test-clean, no training
+#   bash run.sh --teacher_url http://gpu-box:8000 --teacher_model Qwen2-Audio-7B-Instruct
+#                                                # a teacher served elsewhere (stage 1 trains no teacher)
 #   bash run.sh --update_readme true             # maintainers: also refresh README.md's results table
 #
 # Stage 0: data. Stage 1: tokenizer + teacher/student models, teacher SFT on its own set,
@@ -27,6 +29,9 @@ exp=exp               # models, logs, results
 budget=150            # seconds of training for OPD and for each baseline (equal wall-clock)
 baselines=true        # also train the fair baselines (sft_more, seqkd, td_opd)
 backend=torch         # torch | deepspeed (conf/ds_zero2.json; --zero 3 for conf/ds_zero3.json)
+teacher_url=""        # a teacher served elsewhere (our server; vLLM): every stage that needs the teacher asks it
+teacher_model=""      # --teacher_url: the model name the server expects (empty: the first it lists)
+teacher_top_k=20      # --teacher_url: top-k log-probs OPD and calibrate distil on (the server's --max-logprobs)
 max_new_tokens=auto   # decoding / rollout length; auto: longest labelled transcript in tokens x 1.25 + 8 (tools/gen_length.py)
 eval_only=false       # true: only score --model on the test set of --corpus librispeech|aishell, no training
 model=""              # --eval_only: the model folder to score (a released checkpoint or any final/)
@@ -36,6 +41,7 @@ smoke=false           # tiny corpus and few steps, for tests
 update_readme=false   # true: also write the results table into README.md (maintainers; always in ${exp}/RESULTS.md)
 seed=0
 help_message="Usage: bash run.sh [--stage N] [--stop_stage N] [--corpus synthetic|librispeech|aishell] [--corpus_dir DIR] [--budget SECONDS] [--smoke true] [--update_readme true]
+       [--teacher_url URL [--teacher_model NAME] [--teacher_top_k K]] [--max_new_tokens auto|N]
        bash run.sh --eval_only true --model DIR --corpus librispeech|aishell --corpus_dir DIR [--test_part test-other]
        [--ngpu N] [--num_nodes N --node_rank R --master_addr HOST] [--hostfile F] [--dtype bfloat16] [--zero 2|3]
        [--resume auto|never] [--skip_bad true]   (launch options: tools/launch_options.sh)"
@@ -125,7 +131,9 @@ if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
   "${PY}" -m tools.build_models --conf conf/models.yaml --text "${data}/text_corpus.txt" --exp "${exp}" --seed ${seed}
   built_teacher=$("${PY}" -c "import json;print(json.load(open('${exp}/models.json'))['teacher']['built'])")
   built_student=$("${PY}" -c "import json;print(json.load(open('${exp}/models.json'))['student']['built'])")
-  if [ "${built_teacher}" = "True" ]; then
+  if [ -n "${teacher_url}" ]; then
+    log "stage 1: the teacher is served at ${teacher_url}: no teacher SFT here"
+  elif [ "${built_teacher}" = "True" ]; then
     log "stage 1: teacher SFT on its own labelled set"
     train conf/teacher_sft.yaml model.path=${exp}/teacher_init output_dir=${exp}/teacher \
       data.train=${data}/teacher_train.jsonl data.dev=${data}/dev.jsonl "${teacher_over[@]}"
@@ -147,6 +155,16 @@ opd_paths=(model.path=${exp}/student_sft/final teacher.path=${exp}/teacher/final
 kd_paths=(model.path=${exp}/student_sft/final data.train=${exp}/seqkd_data/unlabelled_teacher.jsonl data.dev=${data}/dev.jsonl)
 
 labelled=("${data}/student_labelled.jsonl" "${data}/teacher_train.jsonl")
+# the teacher of every stage that needs one: the local folder, or the server at --teacher_url
+# (top-k log-probs only: OPD distils on the teacher's top-k, calibrate measures the KL there)
+teacher_decode=(--model "${exp}/teacher/final"); teacher_score=()
+if [ -n "${teacher_url}" ]; then
+  opd_paths+=(teacher.kind=remote teacher.url=${teacher_url} teacher.top_k_cap=${teacher_top_k}
+              opd.support=teacher_topk opd.top_k=${teacher_top_k})
+  [ -n "${teacher_model}" ] && opd_paths+=(teacher.model=${teacher_model})
+  teacher_decode=(--url "${teacher_url}"); [ -n "${teacher_model}" ] && teacher_decode+=(--served_model "${teacher_model}")
+  teacher_score=(--teacher_url "${teacher_url}"); [ -n "${teacher_model}" ] && teacher_score+=(--teacher_model "${teacher_model}")
+fi
 if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
   t0=$(date +%s)
   gen_len=$(gen_length "${exp}/student_sft/final" "${labelled[@]}")
@@ -169,7 +187,7 @@ if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
     record_time sft_more $(( $(date +%s) - t1 ))
     t1=$(date +%s)
     log "baseline seqkd: the teacher transcribes the unlabelled audio"
-    "${PY}" -m core.bin.decode --model ${exp}/teacher/final --manifest ${data}/unlabelled.jsonl \
+    "${PY}" -m core.bin.decode "${teacher_decode[@]}" --manifest ${data}/unlabelled.jsonl \
       --out ${exp}/seqkd_data/unlabelled_teacher.jsonl --as_manifest --prompt "${prompt}" --max_new_tokens ${gen_len}
     record_time teacher_transcribe $(( $(date +%s) - t1 ))
     t1=$(date +%s)
@@ -190,7 +208,8 @@ if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
   gen_len=$(gen_length "${exp}/student_sft/final" "${labelled[@]}")
   log "stage 3: decode the test set and score (at most ${gen_len} new tokens)"
   "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --lang ${lang} "${readme_args[@]}" \
-    --corpus ${corpus} --budget ${budget} --smoke ${smoke} --max_new_tokens ${gen_len} --prompt "${prompt}"
+    --corpus ${corpus} --budget ${budget} --smoke ${smoke} --max_new_tokens ${gen_len} --prompt "${prompt}" \
+    "${teacher_score[@]}"
   record_time decode_score $(( $(date +%s) - t0 ))
   "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --lang ${lang} --only_times
 fi

@@ -110,8 +110,6 @@ def test_the_cli_trains_with_a_user_reward(tiny, tmp_path, write_config):
     ({"teacher": {"concurrency": 0}}, r"'teacher\.concurrency': must be >= 1"),
     ({"method": "opd", "teacher": {"kind": "remote", "url": "http://127.0.0.1:1"}, "opd": {"support": "full"}},
      r"'opd\.support': a remote teacher gives top-k log-probs only"),
-    ({"method": "calibrate", "data": {"dev": "x"}, "teacher": {"kind": "remote", "url": "http://127.0.0.1:1"}},
-     r"'teacher\.kind': calibrate needs the teacher's full logits"),
     ({"method": "distil"}, r"'method': 'distil' is not one of sft, opd, grpo, rest, calibrate"),
     ({"data": {"modality": "audio", "prompt": ""}}, r"'data\.prompt': required for audio and audio-visual prompts"),
 ])

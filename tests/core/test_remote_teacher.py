@@ -535,3 +535,26 @@ def test_trainer_refuses_what_a_remote_teacher_cannot_give(server, word_student,
                        teacher={"kind": "remote", "url": server.url}, opd=opd)
     with pytest.raises(C.ConfigError, match=match):
         Trainer(C.load_config(cfg))
+
+
+def test_calibrate_against_a_remote_teacher(engine, tiny, tmp_path, write_config):
+    """calibrate with a remote teacher: the sampled KL is the local one; the top-k KL over the
+    whole vocabulary (a server answering every token, --max-logprobs -1) is the local full KL, and
+    over the top 20 it is a smaller, finite number."""
+    vocab = engine.vocab_size
+    with ServerThread(create_app(engine=engine, max_logprobs=-1, batch_wait_ms=2)) as s:
+        res = {}
+        for name, teacher in (("local", {"path": str(tiny.teacher)}),
+                              ("remote_all", {"kind": "remote", "url": s.url, "top_k_cap": vocab}),
+                              ("remote_20", {"kind": "remote", "url": s.url, "top_k_cap": 20})):
+            cfg = write_config(tmp_path, name, method="calibrate", teacher=teacher,
+                               data={"dev": str(tiny.manifest)}, rollout={"n": 1, "max_new_tokens": 6},
+                               train={"batch_size": 4, "seed": 0})
+            res[name] = Trainer(C.load_config(str(cfg))).train()
+    loc, full, top = res["local"], res["remote_all"], res["remote_20"]
+    assert loc["kl_support"] == "full" and full["kl_support"] == f"teacher_top{vocab}"
+    assert top["kl_support"] == "teacher_top20" and loc["tokens"] == full["tokens"] == top["tokens"] > 0
+    for key in ("sampled_kl_per_token", "reverse_kl_per_token"):
+        assert full[key] == pytest.approx(loc[key], rel=1e-4, abs=1e-5), key
+    assert top["sampled_kl_per_token"] == pytest.approx(loc["sampled_kl_per_token"], rel=1e-4, abs=1e-5)
+    assert 0.0 <= top["reverse_kl_per_token"] and top["reverse_kl_per_token"] != pytest.approx(loc["reverse_kl_per_token"])

@@ -478,3 +478,25 @@ def test_a_transformers_4x_chat_template_gets_its_audio(tiny, tmp_path, one_thre
         assert len(r.json()["prompt_logprobs"]) == len(ids)
     finally:
         eng.executor.shutdown(wait=True)
+
+
+def test_decode_with_url_equals_local_decode(server, tiny, tmp_path):
+    """core.bin.decode --url: the server transcribes each row (its greedy output at its own length
+    limit, 8 here) exactly as decoding the same model here does; a refused row names itself."""
+    from core.bin.decode import decode, decode_remote, main as decode_main
+    rows = tiny.rows[:4]
+    man = tmp_path / "m.jsonl"
+    man.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    info = decode_remote(server.url, str(man), str(tmp_path / "remote.jsonl"), prompt="Transcribe the audio.",
+                         as_manifest=True, concurrency=2)
+    decode(str(tiny.teacher), str(man), str(tmp_path / "local.jsonl"), prompt="Transcribe the audio.",
+           max_new_tokens=8, as_manifest=True, device="cpu")
+    remote_rows = [json.loads(x) for x in (tmp_path / "remote.jsonl").read_text().splitlines()]
+    local_rows = [json.loads(x) for x in (tmp_path / "local.jsonl").read_text().splitlines()]
+    assert info["samples"] == 4 and [r["key"] for r in remote_rows] == [r["key"] for r in rows]
+    assert [r["text"] for r in remote_rows] == [r["text"] for r in local_rows]
+    assert any(r["text"] for r in remote_rows)
+    # the CLI: an unreachable server is one error line, exit 1
+    rc = decode_main(["--url", "http://127.0.0.1:9", "--manifest", str(man), "--out", str(tmp_path / "x.jsonl"),
+                      "--prompt", "Transcribe the audio."])
+    assert rc == 1

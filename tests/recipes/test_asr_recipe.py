@@ -2,19 +2,29 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
+ENV = dict(os.environ, OMP_NUM_THREADS="2")
 
 
-def test_asr_recipe_smoke(tmp_path):
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("asr_smoke")
     data, exp = tmp_path / "data", tmp_path / "exp"
-    env = dict(os.environ, OMP_NUM_THREADS="2")
     proc = subprocess.run(["bash", str(ROOT / "recipes/asr/run.sh"), "--smoke", "true",
                            "--data", str(data), "--exp", str(exp)],
-                          capture_output=True, text=True, env=env, timeout=1800)
+                          capture_output=True, text=True, env=ENV, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return data, exp
+
+
+def test_asr_recipe_smoke(smoke):
+    data, exp = smoke
     res = json.loads((exp / "results.json").read_text())
     for name in ("teacher", "student_before", "student_after"):
         assert 0.0 <= res[name]["wer"] and math.isfinite(res[name]["wer"])
@@ -38,3 +48,49 @@ def test_asr_recipe_smoke(tmp_path):
     # the unlabelled manifest has no transcripts
     for line in (data / "unlabelled.jsonl").read_text().splitlines():
         assert "text" not in json.loads(line)
+
+
+
+def test_a_teacher_served_elsewhere(smoke, tmp_path):
+    """--teacher_url: stages 2-3 again with the teacher behind our server (its top-k log-probs for
+    calibrate and OPD, its transcriptions for sequence-level KD and its own row of the table)."""
+    data, exp0 = smoke
+    exp = tmp_path / "exp"
+    shutil.copytree(exp0, exp, symlinks=True)
+    for d in ("opd", "calibrate_before", "calibrate_after", "seqkd", "seqkd_data", "sft_more", "td_kd", "td_opd",
+              "decode", "results.json"):
+        p = exp / d
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    gen_len = json.loads((exp0 / "gen_length.json").read_text())["max_new_tokens"]
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([str(ROOT / ".venv/bin/python"), "-m", "core.bin.serve_teacher", "--model",
+                               str(exp / "teacher" / "final"), "--port", str(port), "--max-new-tokens", str(gen_len),
+                               "--log-level", "warning"], env=dict(ENV, OMP_NUM_THREADS="1"),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        import httpx
+        import time
+        for _ in range(300):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        proc = subprocess.run(["bash", str(ROOT / "recipes/asr/run.sh"), "--smoke", "true", "--stage", "2",
+                               "--data", str(data), "--exp", str(exp), "--teacher_url", f"http://127.0.0.1:{port}"],
+                              capture_output=True, text=True, env=ENV, timeout=1800)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((exp / "results.json").read_text())
+    cal = res["calibrate"]
+    assert cal["before"]["kl_support"] == "teacher_top20" and cal["after"]["kl_support"] == "teacher_top20"
+    opd_cfg = (exp / "opd" / "config.yaml").read_text()
+    assert "kind: remote" in opd_cfg and f"127.0.0.1:{port}" in opd_cfg and "support: teacher_topk" in opd_cfg
+    # the teacher's row came from the server: the same transcripts as decoding its folder here
+    assert res["teacher"]["wer"] == pytest.approx(json.loads((exp0 / "results.json").read_text())["teacher"]["wer"])
+    assert (exp / "seqkd_data" / "unlabelled_teacher.jsonl").is_file() and "seqkd" in res["baselines"]

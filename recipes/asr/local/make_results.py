@@ -30,15 +30,21 @@ def load_json(p: Path):
     return json.loads(p.read_text()) if p.is_file() else None
 
 
-def decode_and_score(name: str, model_dir: Path, data: Path, exp: Path, lang: str,
-                     max_new_tokens: int = 32, prompt: str = PROMPT) -> dict:
+def decode_and_score(name: str, model_dir: Path | str, data: Path, exp: Path, lang: str,
+                     max_new_tokens: int = 32, prompt: str = PROMPT, url: str = "", served_model: str = "") -> dict:
+    """Decode the test set with ``model_dir`` (or the server at ``url``), score it."""
     from core.bin.decode import decode
     from tools.compute_wer import format_details, read_transcripts, score
     out = exp / "decode" / name
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    info = decode(str(model_dir), str(data / "test.jsonl"), str(out / "hyp.jsonl"), prompt=prompt,
-                  max_new_tokens=max_new_tokens)
+    if url:  # a teacher served elsewhere: its own length limit
+        from core.bin.decode import decode_remote
+        info = decode_remote(url, str(data / "test.jsonl"), str(out / "hyp.jsonl"), prompt=prompt,
+                             served_model=served_model or None)
+    else:
+        info = decode(str(model_dir), str(data / "test.jsonl"), str(out / "hyp.jsonl"), prompt=prompt,
+                      max_new_tokens=max_new_tokens)
     refs = read_transcripts(data / "test.jsonl")
     hyps = read_transcripts(out / "hyp.jsonl")
     cer = lang == "zh"
@@ -110,6 +116,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval_model", default="", help="evaluation only: score this model folder (no training "
                     "outputs needed); results under <exp>/decode/<--eval_name>/ and <exp>/results.json")
     ap.add_argument("--eval_name", default="model", help="name of the --eval_model system")
+    ap.add_argument("--teacher_url", default="", help="the teacher is served there: decode its row through it")
+    ap.add_argument("--teacher_model", default="", help="--teacher_url: the model name the server expects")
     args = ap.parse_args(argv)
     data, exp = Path(args.data), Path(args.exp)
     res_path = exp / "results.json"
@@ -125,6 +133,10 @@ def main(argv=None) -> int:
     results: dict = {}
     for name, d in SYSTEMS.items():
         m = exp / d / "final"
+        if name == "teacher" and args.teacher_url:
+            results[name] = decode_and_score(name, args.teacher_url, data, exp, args.lang, **dec,
+                                             url=args.teacher_url, served_model=args.teacher_model)
+            continue
         if not (m / "config.json").is_file():
             raise SystemExit(f"{m} is missing: run stages 1-2 first")
         results[name] = decode_and_score(name, m, data, exp, args.lang, **dec)
