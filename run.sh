@@ -65,9 +65,16 @@ case "${cmd}" in
   test)
     setup
     shift || true
-    log "running the test suite"
+    # test files run in TEST_WORKERS processes (pytest-xdist; a file's tests stay in one process, so
+    # its module fixtures run once); TEST_WORKERS=0 runs them all in this one
+    workers=${TEST_WORKERS:-2}
+    log "running the test suite (${workers} workers)"
     set +e
-    "${VENV}/bin/python" -m pytest "$@"
+    if [ "${workers}" = 0 ]; then
+      "${VENV}/bin/python" -m pytest "$@"
+    else
+      "${VENV}/bin/python" -m pytest -n "${workers}" --dist loadfile "$@"
+    fi
     rc=$?
     set -e
     if [ ${rc} -eq 5 ]; then log "pytest collected no tests: failing"; exit 1; fi

@@ -12,12 +12,14 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -158,3 +160,30 @@ def run_train_cli():
         return p
 
     return run
+
+
+@contextlib.contextmanager
+def teacher_server(model_dir, max_new_tokens: int = 32):
+    """``python -m core.bin.serve_teacher`` on ``model_dir`` at a free port of 127.0.0.1, in a child
+    process (one thread); yields its URL once /health answers, and stops it after."""
+    import httpx
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "core.bin.serve_teacher", "--model", str(model_dir), "--port",
+                             str(port), "--max-new-tokens", str(max_new_tokens), "--log-level", "warning"],
+                            cwd=REPO, env=cpu_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            if proc.poll() is not None:
+                raise AssertionError(f"the teacher server exited: {proc.stderr.read()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        else:
+            raise AssertionError(f"no answer from {url}/health after 120 s")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.conftest import cpu_env
+from conftest import cpu_env
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ROOT / "tools" / "recipe_common.sh"

@@ -80,7 +80,7 @@ def test_extras_are_declared_and_none_pins_torch():
     want = {"deepspeed": {"deepspeed"}, "video": {"decord"}, "caption": {"pycocoevalcap"},
             "serve": {"fastapi", "uvicorn", "python-multipart"}, "bench": {"trl"}, "qlora": {"bitsandbytes"},
             "trackers": {"wandb", "mlflow-skinny", "sqlalchemy", "alembic"},
-            "dev": {"pytest", "playwright", "hypothesis"}}
+            "dev": {"pytest", "pytest-xdist", "playwright", "hypothesis"}}
     for extra, names in want.items():
         assert {_name(r) for r in extras[extra]} >= names, extra
     (all_req,) = extras["all"]

@@ -21,6 +21,8 @@
 #   launch_prefix                 the command train() runs core.bin.train with (an array, LAUNCH)
 #   prep_args                     (--skip_bad) when skip_bad=true, else empty: for the prep scripts
 #   fresh DIR...                  removes DIRs (non-training outputs a stage rewrites)
+#   eval_model_ok                 --eval_only's checks of --model (given, a model folder) and
+#                                 --corpus_dir when CORPUS_DIR_NEEDED=1; exits 1 with the reason
 #   readme_args                   (--readme README.md) when update_readme=true, else empty: what
 #                                 the last stage passes to local/make_results.py. Runs write their
 #                                 table to ${exp}/RESULTS.md; only --update_readme true also
@@ -112,6 +114,14 @@ train() {  # CONF [key=value...]
     return 0
   fi
   "${LAUNCH[@]}" core.bin.train --config "${conf}" train.seed=${seed} ${extra[@]+"${extra[@]}"} "$@"
+}
+eval_model_ok() {
+  [ -n "${model:-}" ] || { echo "--eval_only needs --model DIR" >&2; exit 1; }
+  [ -f "${model}/config.json" ] || { echo "--model ${model}: not a model folder (no config.json)" >&2; exit 1; }
+  if [ "${CORPUS_DIR_NEEDED:-0}" = 1 ] && [ -z "${corpus_dir:-}" ]; then
+    echo "--eval_only needs --corpus_dir (the corpus's local copy)" >&2; exit 1
+  fi
+  mkdir -p "${data}"
 }
 fresh() {  # DIR...
   local d

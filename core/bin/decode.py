@@ -72,7 +72,6 @@ def decode(model_dir: str, manifest: str, out: str, *, prompt: str = "", batch_s
            missing_audio: str = "error", sort_by_length: bool = True, device: str = "auto") -> dict:
     from core import config as C
     from core.data.collate import make_collator
-    from core.data.manifest import write_manifest
     from core.trainer import read_rows
     from core.models import load_model_and_processor, special_token_ids
     from core.sampling import generate_completions
@@ -105,18 +104,26 @@ def decode(model_dir: str, manifest: str, out: str, *, prompt: str = "", batch_s
         for j, h in zip(idx, comp.texts):
             hyps[j] = h
     secs = time.time() - t0
+    write_hypotheses(out, rows, hyps, target_field, as_manifest)
+    return {"samples": len(rows), "seconds": round(secs, 2), "empty": sum(1 for h in hyps if not h),
+            "modality": mode}
+
+
+def write_hypotheses(out: str, rows: list[dict], hyps: list[str], target_field: str = "text",
+                     as_manifest: bool = False) -> None:
+    """``key``/``text`` (+ ``ref``) JSON lines, or with ``as_manifest`` the rows with the hypothesis
+    as their ``target_field``."""
+    from core.data.manifest import write_manifest
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     if as_manifest:
         write_manifest(out, [{**r, target_field: h} for r, h in zip(rows, hyps)])
-    else:
-        with open(out, "w") as f:
-            for r, h in zip(rows, hyps):
-                rec = {"key": r["key"], "text": h}
-                if r.get(target_field) is not None:
-                    rec["ref"] = r[target_field]
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    return {"samples": len(rows), "seconds": round(secs, 2), "empty": sum(1 for h in hyps if not h),
-            "modality": mode}
+        return
+    with open(out, "w") as f:
+        for r, h in zip(rows, hyps):
+            rec = {"key": r["key"], "text": h}
+            if r.get(target_field) is not None:
+                rec["ref"] = r[target_field]
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
 def decode_remote(url: str, manifest: str, out: str, *, prompt: str, target_field: str = "text",
@@ -130,7 +137,6 @@ def decode_remote(url: str, manifest: str, out: str, *, prompt: str, target_fiel
     import httpx
 
     from core import config as C
-    from core.data.manifest import write_manifest
     from core.trainer import read_rows
 
     if not prompt:
@@ -172,16 +178,7 @@ def decode_remote(url: str, manifest: str, out: str, *, prompt: str, target_fiel
         hyps = list(tqdm(pool.map(one, rows), total=len(rows), desc=f"decode {Path(manifest).name} @ {base}",
                          leave=False))
     secs = time.time() - t0
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    if as_manifest:
-        write_manifest(out, [{**r, target_field: h} for r, h in zip(rows, hyps)])
-    else:
-        with open(out, "w") as f:
-            for r, h in zip(rows, hyps):
-                rec = {"key": r["key"], "text": h}
-                if r.get(target_field) is not None:
-                    rec["ref"] = r[target_field]
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    write_hypotheses(out, rows, hyps, target_field, as_manifest)
     return {"samples": len(rows), "seconds": round(secs, 2), "empty": sum(1 for h in hyps if not h),
             "modality": "audio", "url": base}
 

@@ -70,10 +70,7 @@ gen_length() {  # MODEL MANIFEST...: prints the length to use, records how it wa
 
 if [ "${eval_only}" = "true" ]; then
   # one checkpoint on a real test set: prep, greedy decoding, WER (CER for AISHELL)
-  [ -n "${model}" ] || { echo "--eval_only needs --model DIR" >&2; exit 1; }
-  [ -f "${model}/config.json" ] || { echo "--model ${model}: not a model folder (no config.json)" >&2; exit 1; }
-  [ -n "${corpus_dir}" ] || { echo "--eval_only needs --corpus_dir (the corpus's local copy)" >&2; exit 1; }
-  mkdir -p "${data}"
+  CORPUS_DIR_NEEDED=1 eval_model_ok
   case "${corpus}" in
     librispeech)
       part=${test_part:-test-clean}

@@ -65,10 +65,7 @@ mkdir -p "${exp}"
 
 if [ "${eval_only}" = "true" ]; then
   # one checkpoint on a real test split: prep, greedy captions, caption metrics
-  [ -n "${model}" ] || { echo "--eval_only needs --model DIR" >&2; exit 1; }
-  [ -f "${model}/config.json" ] || { echo "--model ${model}: not a model folder (no config.json)" >&2; exit 1; }
-  [ -n "${corpus_dir}" ] || { echo "--eval_only needs --corpus_dir (the corpus's local copy)" >&2; exit 1; }
-  mkdir -p "${data}"
+  CORPUS_DIR_NEEDED=1 eval_model_ok
   case "${corpus}" in
     audiocaps)
       "${PY}" local/prepare_audiocaps.py --corpus_dir "${corpus_dir}" --audio_dir "${audio_dir:-${corpus_dir}/audio}" \
@@ -125,7 +122,9 @@ if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
   "${PY}" -m tools.build_models --conf conf/models.yaml --text "${data}/text_corpus.txt" --exp "${exp}" --seed ${seed}
   built_teacher=$("${PY}" -c "import json;print(json.load(open('${exp}/models.json'))['teacher']['built'])")
   built_student=$("${PY}" -c "import json;print(json.load(open('${exp}/models.json'))['student']['built'])")
-  if [ "${built_teacher}" = "True" ]; then
+  if [ -n "${teacher_url}" ]; then
+    log "stage 1: the teacher is served at ${teacher_url}: no teacher SFT here"
+  elif [ "${built_teacher}" = "True" ]; then
     log "stage 1: teacher SFT on its own captioned clips"
     train conf/teacher_sft.yaml model.path=${exp}/teacher_init output_dir=${exp}/teacher \
       data.train=${data}/teacher_train.jsonl data.dev=${data}/dev.jsonl "${teacher_over[@]}" "${quick[@]}"
@@ -180,6 +179,13 @@ PY
   teacher_url="http://127.0.0.1:${port}"
 }
 
+# a teacher served elsewhere (--teacher_url) also writes the KD captions and its row of the results
+external_teacher=${teacher_url}
+teacher_decode=(--model "${exp}/teacher/final"); teacher_score=()
+if [ -n "${external_teacher}" ]; then
+  teacher_decode=(--url "${external_teacher}"); [ -n "${teacher_model}" ] && teacher_decode+=(--served_model "${teacher_model}")
+  teacher_score=(--teacher_url "${external_teacher}"); [ -n "${teacher_model}" ] && teacher_score+=(--teacher_model "${teacher_model}")
+fi
 opd_paths=(model.path=${exp}/student_sft/final output_dir=${exp}/opd data.train=${data}/unlabelled.jsonl data.dev=${data}/dev.jsonl)
 kd_paths=(model.path=${exp}/student_sft/final data.train=${exp}/seqkd_data/unlabelled_teacher.jsonl data.dev=${data}/dev.jsonl)
 
@@ -207,7 +213,7 @@ if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
     record_time sft_more $(( $(date +%s) - t1 ))
     t1=$(date +%s)
     log "baseline seqkd: the teacher captions the unlabelled clips"
-    "${PY}" -m core.bin.decode --model ${exp}/teacher/final --manifest ${data}/unlabelled.jsonl \
+    "${PY}" -m core.bin.decode "${teacher_decode[@]}" --manifest ${data}/unlabelled.jsonl \
       --out ${exp}/seqkd_data/unlabelled_teacher.jsonl --as_manifest --prompt "Describe the audio." --max_new_tokens 24
     record_time teacher_caption $(( $(date +%s) - t1 ))
     t1=$(date +%s)
@@ -232,7 +238,7 @@ if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
   fi
   [ "${has_questions}" = "True" ] || log "stage 3: the test clips carry no questions: no cascaded evaluation"
   "${PY}" local/make_results.py --data "${data}" --exp "${exp}" "${readme_args[@]}" --corpus ${corpus} \
-    --teacher ${teacher} --smoke ${smoke} --seed ${seed} "${qa_args[@]}"
+    --teacher ${teacher} --smoke ${smoke} --seed ${seed} "${qa_args[@]}" "${teacher_score[@]}"
   record_time eval $(( $(date +%s) - t0 ))
   "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --only_times
 fi

@@ -70,9 +70,7 @@ mmau_audio=(); [ -n "${audio_dir}" ] && mmau_audio=(--audio_dir "${audio_dir}")
 
 if [ "${eval_only}" = "true" ]; then
   # one checkpoint on a real test set: prep, prompts, greedy decoding, our and the official score
-  [ -n "${model}" ] || { echo "--eval_only needs --model DIR" >&2; exit 1; }
-  [ -f "${model}/config.json" ] || { echo "--model ${model}: not a model folder (no config.json)" >&2; exit 1; }
-  mkdir -p "${data}"
+  eval_model_ok
   log "evaluation only: ${model} on ${corpus} (${prompt_style} prompts, ${rule} rule)"
   case "${corpus}" in
     mmau)

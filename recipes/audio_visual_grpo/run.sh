@@ -62,27 +62,28 @@ mkdir -p "${exp}"
 train_extra=(data.num_frames=${num_frames} data.missing_audio=${missing_audio})
 
 [ -n "${prompt_style}" ] || { prompt_style=ours; [ "${eval_only}" = "true" ] && prompt_style=plain; }
-
-if [ "${eval_only}" = "true" ]; then
-  # one checkpoint on real test sets: prep, prompts, greedy decoding, our and the official scores
-  [ -n "${model}" ] || { echo "--eval_only needs --model DIR" >&2; exit 1; }
-  [ -f "${model}/config.json" ] || { echo "--model ${model}: not a model folder (no config.json)" >&2; exit 1; }
+prepare_tests() {  # the test sets given (Daily-Omni, IntentBench) as manifests; sets tests=(...)
+  tests=()
   [ -n "${dailyomni_dir}" ] || [ -n "${intentbench_json}" ] || {
-    echo "--eval_only needs a test set: --dailyomni_dir and/or --intentbench_json" >&2; exit 1; }
-  mkdir -p "${data}"
-  log "evaluation only: ${model} (${prompt_style} prompts, ${num_frames} frames)"
-  parts=()
+    echo "a test set is needed: --dailyomni_dir and/or --intentbench_json" >&2; exit 1; }
   if [ -n "${dailyomni_dir}" ]; then
     "${PY}" local/prepare_dailyomni.py --corpus_dir "${dailyomni_dir}" --out "${data}/test_dailyomni.jsonl" "${prep_args[@]}"
-    parts+=("${data}/test_dailyomni.jsonl")
+    tests+=("${data}/test_dailyomni.jsonl")
   fi
   if [ -n "${intentbench_json}" ]; then
     [ -n "${intentbench_video_root}" ] || { echo "--intentbench_video_root is required with --intentbench_json" >&2; exit 1; }
     "${PY}" local/prepare_intentbench.py --json "${intentbench_json}" --video_root "${intentbench_video_root}" \
       --out "${data}/test_intentbench.jsonl" "${prep_args[@]}"
-    parts+=("${data}/test_intentbench.jsonl")
+    tests+=("${data}/test_intentbench.jsonl")
   fi
-  cat "${parts[@]}" > "${data}/test_raw.jsonl"
+}
+
+if [ "${eval_only}" = "true" ]; then
+  # one checkpoint on real test sets: prep, prompts, greedy decoding, our and the official scores
+  eval_model_ok
+  log "evaluation only: ${model} (${prompt_style} prompts, ${num_frames} frames)"
+  prepare_tests
+  cat "${tests[@]}" > "${data}/test_raw.jsonl"
   "${PY}" local/prompt.py "${data}/test_raw.jsonl" "${data}/test.jsonl" --style "${prompt_style}"
   "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --corpus real --num_frames ${num_frames} \
     --missing_audio ${missing_audio} --max_new_tokens ${max_new_tokens} --eval_model "${model}" \
@@ -114,17 +115,7 @@ if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
         echo "corpus real needs a test set: --dailyomni_dir and/or --intentbench_json" >&2; exit 1; }
       mkdir -p "${data}"; rm -f "${data}/stats.json"
       "${PY}" local/prepare_intentbench.py --json "${train_json}" --video_root "${train_video_root}" --out "${data}/train_all.jsonl" "${prep_args[@]}"
-      tests=()
-      if [ -n "${dailyomni_dir}" ]; then
-        "${PY}" local/prepare_dailyomni.py --corpus_dir "${dailyomni_dir}" --out "${data}/test_dailyomni.jsonl" "${prep_args[@]}"
-        tests+=("${data}/test_dailyomni.jsonl")
-      fi
-      if [ -n "${intentbench_json}" ]; then
-        [ -n "${intentbench_video_root}" ] || { echo "--intentbench_video_root is required with --intentbench_json" >&2; exit 1; }
-        "${PY}" local/prepare_intentbench.py --json "${intentbench_json}" --video_root "${intentbench_video_root}" \
-          --out "${data}/test_intentbench.jsonl" "${prep_args[@]}"
-        tests+=("${data}/test_intentbench.jsonl")
-      fi
+      prepare_tests
       # test: every test set given (scored by its own rule); dev: the last min(200, n/5) training
       # questions; the warm-up's labelled questions (sft = base_sft: no describe set for real
       # data): the first min(400, half) of the rest; GRPO's (train): the others, unseen by the warm-up

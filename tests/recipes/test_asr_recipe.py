@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import teacher_server
+
 ROOT = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, OMP_NUM_THREADS="2")
 
@@ -62,35 +64,16 @@ def test_a_teacher_served_elsewhere(smoke, tmp_path):
         p = exp / d
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     gen_len = json.loads((exp0 / "gen_length.json").read_text())["max_new_tokens"]
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([str(ROOT / ".venv/bin/python"), "-m", "core.bin.serve_teacher", "--model",
-                               str(exp / "teacher" / "final"), "--port", str(port), "--max-new-tokens", str(gen_len),
-                               "--log-level", "warning"], env=dict(ENV, OMP_NUM_THREADS="1"),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        import httpx
-        import time
-        for _ in range(300):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+    with teacher_server(exp / "teacher" / "final", max_new_tokens=gen_len) as url:
         proc = subprocess.run(["bash", str(ROOT / "recipes/asr/run.sh"), "--smoke", "true", "--stage", "2",
-                               "--data", str(data), "--exp", str(exp), "--teacher_url", f"http://127.0.0.1:{port}"],
+                               "--data", str(data), "--exp", str(exp), "--teacher_url", url],
                               capture_output=True, text=True, env=ENV, timeout=1800)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((exp / "results.json").read_text())
     cal = res["calibrate"]
     assert cal["before"]["kl_support"] == "teacher_top20" and cal["after"]["kl_support"] == "teacher_top20"
     opd_cfg = (exp / "opd" / "config.yaml").read_text()
-    assert "kind: remote" in opd_cfg and f"127.0.0.1:{port}" in opd_cfg and "support: teacher_topk" in opd_cfg
+    assert "kind: remote" in opd_cfg and url in opd_cfg and "support: teacher_topk" in opd_cfg
     # the teacher's row came from the server: the same transcripts as decoding its folder here
     assert res["teacher"]["wer"] == pytest.approx(json.loads((exp0 / "results.json").read_text())["teacher"]["wer"])
     assert (exp / "seqkd_data" / "unlabelled_teacher.jsonl").is_file() and "seqkd" in res["baselines"]

@@ -99,3 +99,22 @@ def test_audio_caption_unreachable_teacher(smoke_run, tmp_path):
     err = proc.stdout + proc.stderr
     assert "127.0.0.1:9" in err
     assert not (exp2 / "opd" / "final").exists()
+
+
+def test_audio_caption_teacher_row_from_a_served_teacher(smoke_run, tmp_path):
+    """--teacher_url: stage 3 captions the teacher's row through the server (its transcriptions
+    route with the captioning prompt), equal to captioning with its folder here."""
+    from conftest import teacher_server
+    data, exp, _ = smoke_run
+    exp2 = tmp_path / "exp"
+    shutil.copytree(exp, exp2, symlinks=True)
+    with teacher_server(exp / "teacher" / "final", max_new_tokens=24) as url:
+        proc = subprocess.run(["bash", str(RUN), "--smoke", "true", "--data", str(data), "--exp", str(exp2),
+                               "--stage", "3", "--teacher_url", url],
+                              capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="2"), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a = json.loads((exp / "results.json").read_text())["teacher"]
+    b = json.loads((exp2 / "results.json").read_text())["teacher"]
+    assert a == b
+    assert [json.loads(x)["text"] for x in (exp2 / "decode/teacher/hyp.jsonl").read_text().splitlines()] == \
+           [json.loads(x)["text"] for x in (exp / "decode/teacher/hyp.jsonl").read_text().splitlines()]

@@ -2,9 +2,8 @@
 
 In a temporary git clone of this working tree (its uncommitted files included), recipes/audio_qa
 is copied to recipes/my_task, its prompt changed and a reward file of its own added through
-``rewards.modules`` in its GRPO config. The copy's smoke stages 0-2 run; then recipes/audio_qa is
-deleted and the copy runs again, from nothing, with its scoring stage: it needs nothing of the
-recipe it came from. Every run leaves ``git status`` clean (outputs go to the ignored data/ and
+``rewards.modules`` in its GRPO config; then recipes/audio_qa is deleted and the copy's smoke
+stages 0-2 run, then its scoring stage: it needs nothing of the recipe it came from. Every run leaves ``git status`` clean (outputs go to the ignored data/ and
 exp/); the results table goes to exp/RESULTS.md, and into the README only with
 ``--update_readme true``.
 """
@@ -110,24 +109,14 @@ def copied(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def first_run(copied):
-    """Stages 0-2 of the copy, the original still beside it."""
+def without_original(copied):
+    """recipes/audio_qa deleted (and committed); the copy runs from nothing: stages 0-2, then the
+    scoring stage as a user runs it, then as a maintainer refreshing the README."""
     repo, task = copied
-    proc = _run(repo, "--stop_stage", 2)
-    return repo, task, proc
-
-
-@pytest.fixture(scope="module")
-def without_original(first_run):
-    """recipes/audio_qa deleted (and committed); the copy runs again from nothing: stages 0-2, then
-    the scoring stage as a user runs it, then as a maintainer refreshing the README."""
-    repo, task, _ = first_run
     shutil.rmtree(repo / "recipes" / "audio_qa")
     _git(repo, "add", "-A")
     _git(repo, "commit", "-q", "-m", "without audio_qa")
-    shutil.rmtree(task / "exp")
-    shutil.rmtree(task / "data")
-    _run(repo, "--stop_stage", 2)
+    proc = _run(repo, "--stop_stage", 2)
     status_after_training = _status(repo)
     readme_before = (task / "README.md").read_text()
     # the last stage as in a full run (not the smoke preset's), without --update_readme
@@ -137,7 +126,7 @@ def without_original(first_run):
             "results_md": (task / "exp" / "RESULTS.md").read_text()}
     _run(repo, *env_smoke_off, "--update_readme", "true")
     maintainer = {"status": _status(repo), "readme": (task / "README.md").read_text()}
-    return repo, task, status_after_training, readme_before, user, maintainer
+    return repo, task, status_after_training, readme_before, user, maintainer, proc
 
 
 def test_no_symlinks_and_no_other_recipe_in_the_copy(copied):
@@ -150,8 +139,8 @@ def test_no_symlinks_and_no_other_recipe_in_the_copy(copied):
         assert "sys.path" not in text and "recipes/" not in text, p
 
 
-def test_copy_uses_its_own_prompt_and_reward(first_run):
-    repo, task, proc = first_run
+def test_copy_uses_its_own_prompt_and_reward(without_original):
+    repo, task, status_after_training, *_, proc = without_original
     assert "[my_task] stage 2" in proc.stdout
     rows = [json.loads(x) for x in (task / "data" / "train.jsonl").read_text().splitlines() if x.strip()]
     assert rows and all(r["prompt"].endswith(NEW_INSTRUCTION) for r in rows)
@@ -159,11 +148,11 @@ def test_copy_uses_its_own_prompt_and_reward(first_run):
     assert lines and all("reward/my_task_short" in x and "reward/my_task_in_choices" in x for x in lines)
     assert all("reward/format" in x and "reward/mcq_accuracy" in x for x in lines)
     assert "local/my_rewards.py" in (task / "exp" / "grpo" / "config.yaml").read_text()
-    assert _status(repo) == ""   # data/ and exp/ are ignored: nothing tracked changed, nothing new
+    assert status_after_training == ""   # data/ and exp/ are ignored: nothing tracked changed, nothing new
 
 
 def test_copy_runs_without_the_original(without_original):
-    repo, task, status_after_training, _, user, _ = without_original
+    repo, task, status_after_training, _, user, _, _ = without_original
     assert not (repo / "recipes" / "audio_qa").exists()
     assert status_after_training == ""
     lines = _grpo_metrics(task)
@@ -173,14 +162,14 @@ def test_copy_runs_without_the_original(without_original):
 
 
 def test_a_run_writes_results_md_and_leaves_the_readme_alone(without_original):
-    _, _, _, readme_before, user, _ = without_original
+    _, _, _, readme_before, user, _, _ = without_original
     assert user["status"] == "" and user["readme"] == readme_before
     assert user["results_md"].startswith("# Results") and "| base |" in user["results_md"]
     assert "| grpo |" in user["results_md"]
 
 
 def test_update_readme_refreshes_the_table(without_original):
-    _, _, _, readme_before, user, maintainer = without_original
+    _, _, _, readme_before, user, maintainer, _ = without_original
     assert maintainer["status"].strip() == "M recipes/my_task/README.md"
     assert maintainer["readme"] != readme_before
     start, end = "<!-- results:start -->", "<!-- results:end -->"

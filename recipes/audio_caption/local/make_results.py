@@ -56,17 +56,22 @@ def references(test_rows: list[dict]) -> dict[str, list[str]]:
     return refs
 
 
-def evaluate(name: str, model_dir: Path, data: Path, exp: Path, qa_model: Path | None, has_questions: bool,
-             java_metrics: bool | str = "auto", prompt: str = PROMPT,
-             max_new_tokens: int = MAX_NEW_TOKENS) -> tuple[dict, dict]:
-    """(metrics, decoding details) of one system on the test clips."""
+def evaluate(name: str, model_dir: Path | str, data: Path, exp: Path, qa_model: Path | None, has_questions: bool,
+             java_metrics: bool | str = "auto", prompt: str = PROMPT, max_new_tokens: int = MAX_NEW_TOKENS,
+             url: str = "", served_model: str = "") -> tuple[dict, dict]:
+    """(metrics, decoding details) of one system on the test clips (``url``: a model served there)."""
     from core.bin.decode import decode
     score_captions = load_sibling(__file__, "caption_metrics").score_captions
     out = exp / "decode" / name
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    info = decode(str(model_dir), str(data / "test.jsonl"), str(out / "hyp.jsonl"), prompt=prompt,
-                  max_new_tokens=max_new_tokens)
+    if url:
+        from core.bin.decode import decode_remote
+        info = decode_remote(url, str(data / "test.jsonl"), str(out / "hyp.jsonl"), prompt=prompt,
+                             served_model=served_model or None)
+    else:
+        info = decode(str(model_dir), str(data / "test.jsonl"), str(out / "hyp.jsonl"), prompt=prompt,
+                      max_new_tokens=max_new_tokens)
     secs = round(time.time() - t0, 2)
     test_rows = read_jsonl(data / "test.jsonl")
     hyps = {h["key"]: h["text"] for h in read_jsonl(out / "hyp.jsonl")}
@@ -123,6 +128,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval_model", default="", help="evaluation only: score this model folder (no training "
                     "outputs needed); results under <exp>/decode/<--eval_name>/ and <exp>/results.json")
     ap.add_argument("--eval_name", default="model", help="name of the --eval_model system")
+    ap.add_argument("--teacher_url", default="", help="the teacher is served there: caption its row through it")
+    ap.add_argument("--teacher_model", default="", help="--teacher_url: the model name the server expects")
     args = ap.parse_args(argv)
     data, exp = Path(args.data), Path(args.exp)
     res_path = exp / "results.json"
@@ -159,6 +166,11 @@ def main(argv=None) -> int:
     results: dict = {"decode": {}}
     for name, d in SYSTEMS.items():
         m = exp / d / "final"
+        if name == "teacher" and args.teacher_url:
+            results[name], results["decode"][name] = evaluate(name, args.teacher_url, data, exp, qa_model,
+                                                              has_questions, java, url=args.teacher_url,
+                                                              served_model=args.teacher_model)
+            continue
         if not (m / "config.json").is_file():
             raise SystemExit(f"{m} is missing: run stages 1-2 first")
         results[name], results["decode"][name] = evaluate(name, m, data, exp, qa_model, has_questions, java)
