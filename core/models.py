@@ -283,22 +283,29 @@ def build_tiny_omni_thinker(tokenizer, *, hidden: int = 64, layers: int = 2, hea
 def build_tiny_causal_lm(tokenizer, *, hidden: int = 64, layers: int = 2, heads: int = 4,
                          kv_heads: int | None = None, intermediate: int | None = None,
                          max_position_embeddings: int = 512, tie_word_embeddings: bool = False,
-                         seed: int = 0, out_dir: str | os.PathLike | None = None):
-    """Build a text-only ``Qwen2ForCausalLM`` from sizes; returns ``(model, tokenizer)``.
+                         seed: int = 0, out_dir: str | os.PathLike | None = None, family: str = "qwen2"):
+    """Build a text-only ``Qwen2ForCausalLM`` (``family="qwen3"``: ``Qwen3ForCausalLM``, with its
+    per-head q/k norms and explicit head size, the Qwen3 8B / 32B layout) from sizes; returns
+    ``(model, tokenizer)``.
 
     Saves both with ``save_pretrained`` when ``out_dir`` is given, so ``load_model_and_processor``
     loads it like a downloaded checkpoint (the processor is then the tokenizer).
     """
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    import transformers
 
-    config = Qwen2Config(
+    classes = {"qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
+    if family not in classes:
+        raise ValueError(f"family must be one of {', '.join(classes)}, got {family!r}")
+    cfg_cls, model_cls = (getattr(transformers, n) for n in classes[family])
+    extra = {"head_dim": hidden // heads} if family == "qwen3" else {}
+    config = cfg_cls(
         vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
         num_key_value_heads=kv_heads or heads, intermediate_size=intermediate or 4 * hidden,
         max_position_embeddings=max_position_embeddings, tie_word_embeddings=tie_word_embeddings,
         rms_norm_eps=1e-6, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None)
+        bos_token_id=None, **extra)
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
+    model = model_cls(config)
     _set_generation_ids(model, tokenizer)
     if out_dir is not None:
         save_model(model, tokenizer, out_dir)

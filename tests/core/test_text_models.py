@@ -22,7 +22,9 @@ from core.data.manifest import ManifestError
 from core.methods import METHODS
 from core.models import build_tiny_causal_lm, load_model_and_processor, train_tokenizer
 from core.forward import completion_logits
+from core.rewards import register_reward
 from core.trainer import Trainer
+from core.trainer import run as train_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -275,3 +277,63 @@ def test_length_group_through_the_trainer(text_pair, tmp_path):
     assert s["steps"] == 3 and s["skipped_steps"] == 0
     with pytest.raises(C.ConfigError, match="data.length_group"):
         _cfg(text_pair, tmp_path / "lg2", "sft", data={"length_group": -1})
+
+
+# ----------------------------------------------------------------------------- Qwen3 text family
+@register_reward("test_text_length")
+def _text_length(completions, **kwargs):
+    """Varies between samples, so GRPO groups and ReST's filter have a signal."""
+    return [min(1.0, len(c) / 20.0) for c in completions]
+
+
+@pytest.fixture(scope="module")
+def qwen3_pair(tmp_path_factory):
+    """A Qwen3ForCausalLM student / teacher pair (the 8B / 32B text-OPD layout at tiny size)."""
+    root = tmp_path_factory.mktemp("qwen3")
+    tok = train_tokenizer([f"{p} {t}" for p, t in PAIRS] * 4, vocab_size=300)
+    build_tiny_causal_lm(tok, hidden=32, layers=2, heads=4, kv_heads=2, seed=0, out_dir=root / "student",
+                         family="qwen3")
+    build_tiny_causal_lm(tok, hidden=48, layers=2, heads=4, kv_heads=2, seed=1, out_dir=root / "teacher",
+                         family="qwen3")
+    manifest = root / "train.jsonl"
+    rows = [{"key": f"s{i}", "task": "qa", "prompt": p, "text": t} for i, (p, t) in enumerate(PAIRS)]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return SimpleNamespace(root=root, student=root / "student", teacher=root / "teacher", manifest=manifest, rows=rows)
+
+
+@pytest.mark.parametrize("method, over", [
+    ("sft", {}), ("opd", {}), ("grpo", {"grpo": {"rewards": {"test_text_length": 1.0}}}),
+    ("rest", {"rest": {"rewards": {"test_text_length": 1.0}, "keep_min_reward": 0.0, "rounds": 1,
+                       "samples": 2, "steps_per_round": 2, "lrs": [3e-3]}}),
+    ("sft", {"model": {"lora": {"r": 4, "lora_alpha": 8}}}),
+])
+def test_qwen3_text_family_trains_and_exports(qwen3_pair, tmp_path, method, over):
+    """Two steps of every method (and LoRA) on Qwen3, then the export loads in plain transformers
+    and decodes."""
+    from transformers import AutoModelForCausalLM
+    from core.bin.decode import decode
+    cfg = _cfg(qwen3_pair, tmp_path / method, method, train={"batch_size": 4, "max_steps": 2, "resume": "never"},
+               **over)
+    res = train_run(cfg)
+    final = tmp_path / method / "final"
+    assert (final / "config.json").is_file(), res
+    m = AutoModelForCausalLM.from_pretrained(final)
+    assert type(m).__name__ == "Qwen3ForCausalLM"
+    info = decode(str(final), str(qwen3_pair.manifest), str(tmp_path / "hyp.jsonl"), max_new_tokens=4, device="cpu")
+    assert info["samples"] == len(PAIRS) and info["modality"] == "text"
+
+
+def test_qwen3_served_and_distilled_remotely(qwen3_pair, tmp_path):
+    """The Qwen3 teacher behind our server: prompt_logprobs equal a local forward, and a remote OPD
+    step of the Qwen3 student trains."""
+    from core.serve.app import ServerThread, create_app
+    cfg = _cfg(qwen3_pair, tmp_path / "local", "opd", opd={"form": "distribution", "support": "teacher_topk",
+                                                                 "top_k": 8})
+    local = Trainer(cfg).train()
+    with ServerThread(create_app(qwen3_pair.teacher, device="cpu")) as s:
+        cfg = _cfg(qwen3_pair, tmp_path / "remote", "opd", teacher={"kind": "remote", "url": s.url},
+                   opd={"form": "distribution", "support": "teacher_topk", "top_k": 8})
+        remote = Trainer(cfg).train()
+    assert remote["steps"] == local["steps"] == 3 and remote["skipped_steps"] == 0
+    a, b = _losses(tmp_path / "local"), _losses(tmp_path / "remote")
+    assert all(math.isclose(x, y, rel_tol=1e-3, abs_tol=1e-5) for x, y in zip(a, b)), (a, b)
