@@ -176,7 +176,12 @@ def export_full_omni_if_asked(m: "C.ModelConfig", final: Path) -> None:
         if thinker.exists():
             shutil.rmtree(thinker)
         os.replace(final, thinker)
-        counts = export_full_omni(m.path, thinker, final)
+        try:
+            counts = export_full_omni(m.path, thinker, final)
+        except BaseException:
+            if not final.exists():  # leave the trained thinker where the run's summary says it is
+                os.replace(thinker, final)
+            raise
         shutil.rmtree(thinker)
         log.info("exported a full Qwen2.5-Omni folder to %s (%s)", final, counts)
 

@@ -101,7 +101,8 @@ def test_resume_continues_an_interrupted_stage_and_restarts_a_finished_one(conf_
     finished = state("finished", "checkpoints/step_9", "final")
     nothing = state("nothing", "curves")          # no checkpoint: nothing to continue
     rest = state("rest", "round_0/checkpoints")     # ReST's rounds
-    for d, kept in ((interrupted, True), (finished, False), (nothing, False), (rest, True)):
+    rest_done = state("rest_done", "round_0/checkpoints", "round_1/final", "final")
+    for d, kept in ((interrupted, True), (finished, False), (nothing, False), (rest, True), (rest_done, False)):
         r = _train_sh(conf_dir, "", f"output_dir={d.name}", dry=False, fake_py=True)
         assert r.returncode == 0, r.stderr
         assert d.exists() == kept, d.name
@@ -110,6 +111,8 @@ def test_resume_continues_an_interrupted_stage_and_restarts_a_finished_one(conf_
     # --resume never always starts over; a call that sets train.resume itself decides alone
     r = _train_sh(conf_dir, "resume=never", "output_dir=interrupted", dry=False, fake_py=True)
     assert r.returncode == 0 and not interrupted.exists()
+    r = _train_sh(conf_dir, "resume=never", "output_dir=rest", dry=False, fake_py=True)
+    assert r.returncode == 0 and not rest.exists() and "continuing" not in r.stdout
     d = state("own", "final")
     r = _train_sh(conf_dir, "", "output_dir=own", "train.resume=auto", dry=False, fake_py=True)
     assert r.returncode == 0 and d.exists()

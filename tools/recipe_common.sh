@@ -102,7 +102,7 @@ train() {  # CONF [key=value...]
   for a in "$@"; do case "${a}" in train.resume=*) out="" ;; esac; done  # the call decides itself
   if [ -n "${out}" ] && [ -d "${out}" ] && [ -z "${LAUNCH_DRY_RUN:-}" ]; then
     if [ "${resume:-auto}" = auto ] && [ ! -e "${out}/final" ] &&
-       compgen -G "${out}/checkpoints/step_*" > /dev/null || compgen -G "${out}/round_*" > /dev/null; then
+       { compgen -G "${out}/checkpoints/step_*" > /dev/null || compgen -G "${out}/round_*" > /dev/null; }; then
       log "${out}: continuing its interrupted run (--resume never starts over)"
     else  # finished (final/), nothing to continue, or --resume never: the stage starts over
       fresh "${out}"
