@@ -471,17 +471,24 @@ def export_full_omni(source: str | os.PathLike, thinker_dir: str | os.PathLike, 
     for p in source.iterdir():  # config, processor, generation config, spk_dict.pt ...
         if p.is_file() and not any(p.match(pat) for pat in _WEIGHT_FILES):
             shutil.copy2(p, tmp / p.name)
-    shards: list[dict] = [{}]
-    sizes = [0]
     handles: dict[Path, object] = {}
+    shard: dict = {}
+    shard_size, total, written = 0, 0, []   # written: (temporary file, its keys), in order
 
     def tensor(path: Path, key: str):
         if path not in handles:
             handles[path] = safe_open(str(path), "pt")
         return handles[path].get_tensor(key)
 
-    order = sorted(src_keys)
-    for k in order:
+    def flush():
+        nonlocal shard, shard_size
+        if shard:
+            name = tmp / f"shard-{len(written):05d}.tmp"
+            save_file(shard, str(name), metadata={"format": "pt"})
+            written.append((name, list(shard)))
+            shard, shard_size = {}, 0
+
+    for k in sorted(src_keys):
         if k in trained:
             t = tensor(*trained[k])
             if tuple(t.shape) != shapes[k]:
@@ -490,20 +497,21 @@ def export_full_omni(source: str | os.PathLike, thinker_dir: str | os.PathLike, 
         else:
             t = tensor(src_keys[k], k)
         nbytes = t.numel() * t.element_size()
-        if sizes[-1] and sizes[-1] + nbytes > shard_bytes:
-            shards.append({})
-            sizes.append(0)
-        shards[-1][k] = t.contiguous()
-        sizes[-1] += nbytes
-    n = len(shards)
+        if shard_size and shard_size + nbytes > shard_bytes:
+            flush()  # one shard in memory at a time
+        shard[k] = t.contiguous()
+        shard_size += nbytes
+        total += nbytes
+    flush()
+    n = len(written)
     weight_map = {}
-    for i, shard in enumerate(shards):
-        name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        save_file(shard, str(tmp / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
+    for i, (name, keys) in enumerate(written):
+        final_name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        os.replace(name, tmp / final_name)
+        weight_map.update({k: final_name for k in keys})
     if n > 1:
         (tmp / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, indent=2))
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

@@ -341,9 +341,12 @@ class Trainer:
             self._build_engine()
         fwd = self.engine.module if self.engine else model
         suppress = special_token_ids(processor)
-        limit = getattr(teacher, "vocab_limit", None)
-        if limit is not None:  # padded rows are never a token: the student never samples them
-            suppress = sorted(set(suppress) | set(range(limit, model.get_output_embeddings().weight.shape[0])))
+        # rows of a padded table are never a token: the student never samples them (a remote or
+        # local teacher padded to fewer rows could not score them)
+        n_tok = max(self.tokenizer.get_vocab().values(), default=-1) + 1
+        rows = model.get_output_embeddings().weight.shape[0]
+        if rows > n_tok:
+            suppress = sorted(set(suppress) | set(range(n_tok, rows)))
         self.ctx = Context(model=fwd, forward_model=fwd, processor=processor, tokenizer=self.tokenizer,
                            collator=self.collator, cfg=cfg, teacher=teacher, ref_model=ref,
                            suppress_ids=suppress, eos_ids=[self.tokenizer.eos_token_id],

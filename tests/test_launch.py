@@ -63,7 +63,8 @@ def test_ngpu_num_nodes_and_hostfile_choose_the_launcher(conf_dir):
     (conf_dir / "hostfile").write_text("node1 slots=8\nnode2 slots=8\n")
     r = _train_sh(conf_dir, "ngpu=8; num_nodes=2; hostfile=hostfile; zero=3")
     assert r.returncode == 0, r.stderr
-    assert (f"{ROOT}/.venv/bin/deepspeed --hostfile hostfile --num_nodes 2 --num_gpus 8 --master_addr 127.0.0.1 "
+    # DeepSpeed finds node 0's address itself (a --master_addr would be passed on only when given)
+    assert (f"{ROOT}/.venv/bin/deepspeed --hostfile {conf_dir}/hostfile --num_nodes 2 --num_gpus 8 "
             "--master_port 29500 --module core.bin.train --config conf.yaml") in r.stdout
     assert "backend.ds_config=conf/ds_zero3.json backend.name=deepspeed" in r.stdout
 
@@ -71,13 +72,15 @@ def test_ngpu_num_nodes_and_hostfile_choose_the_launcher(conf_dir):
 @pytest.mark.parametrize("options, message", [
     ("ngpu=0", "--ngpu must be a positive integer, got '0'"),
     ("num_nodes=x", "--num_nodes must be a positive integer"),
-    ("num_nodes=2; node_rank=2", "--node_rank must be 0 .. 1, got '2'"),
-    ("hostfile=nowhere", "--hostfile nowhere: no such file"),
+    ("num_nodes=2; node_rank=2; master_addr=10.0.0.1", "--node_rank must be 0 .. 1, got '2'"),
+    ("num_nodes=2; node_rank=1", "--num_nodes 2 (torchrun) needs --master_addr"),
+    ("hostfile=nowhere", "/nowhere: no such file"),  # made absolute against the caller's folder
     ("dtype=bf16", "--dtype must be float32, bfloat16 or float16, got 'bf16'"),
     ("zero=1", "--zero must be 2 or 3"),
     ("resume=maybe", "--resume must be auto or never, got 'maybe'"),
 ])
 def test_bad_launch_options_are_refused(conf_dir, options, message):
+    """Refused when recipe_common.sh is sourced (before any stage runs), and by train()."""
     r = _train_sh(conf_dir, options)
     assert r.returncode == 2 and message in r.stderr, (r.returncode, r.stderr)
     assert "core.bin.train" not in r.stdout
@@ -179,3 +182,25 @@ def test_dtype_bfloat16_with_zero_2_trains_in_bf16(sft_conf):
     w = _weights(out)
     floats = [t.dtype for t in w.values() if t.is_floating_point()]
     assert floats and all(d == torch.bfloat16 for d in floats), set(floats)
+
+
+def test_a_bad_launch_option_stops_run_sh_before_stage_0(tmp_path):
+    for name in RECIPES:
+        r = subprocess.run(["bash", str(ROOT / "recipes" / name / "run.sh"), "--ngpu", "0", "--data",
+                            str(tmp_path / "data"), "--exp", str(tmp_path / "exp")],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "--ngpu must be a positive integer, got '0'" in r.stderr, (name, r.stderr)
+        assert not (tmp_path / "data").exists(), name
+
+
+def test_eval_only_outputs_leave_a_training_run_alone(tmp_path):
+    """--eval_only's data/ and exp/ default to data/eval_<tag> and exp/eval_<model> (".../opd/final"
+    is "opd"), so a training run's results and test set are not overwritten."""
+    (tmp_path / "opd" / "final").mkdir(parents=True)
+    (tmp_path / "opd" / "final" / "config.json").write_text("{}")
+    script = (f"set -euo pipefail\nrecipe=t; seed=0; data=data; exp=exp; corpus=mmau; model={tmp_path}/opd/final\n"
+              f". {COMMON}\neval_model_ok\necho \"$data $exp $eval_name\"\n"
+              f"data=/abs/d; exp=/abs/e; eval_model_ok\necho \"$data $exp\"")
+    r = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["data/eval_mmau exp/eval_opd opd", "/abs/d /abs/e"]

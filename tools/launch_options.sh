@@ -4,7 +4,7 @@
 ngpu=1                 # processes per node (GPUs; on a CPU-only machine: gloo processes). >1 runs under torchrun
 num_nodes=1            # nodes; >1 without --hostfile: run this script on every node with its --node_rank
 node_rank=0            # this node's rank (0 .. num_nodes-1), with --num_nodes
-master_addr=127.0.0.1  # address of node 0, with --num_nodes
+master_addr=""         # address of node 0: required with --num_nodes (torchrun); with --hostfile DeepSpeed finds it
 master_port=29500      # port on node 0, with --num_nodes or --hostfile
 hostfile=""            # DeepSpeed hostfile ("host slots=N" lines): the DeepSpeed launcher starts every node from here
 dtype=float32          # float32 | bfloat16 | float16: student, teacher and the DeepSpeed JSON's bf16/fp16 together

@@ -53,20 +53,36 @@ PY
 abspath() { case "$1" in ""|/*) echo "$1" ;; *) echo "${caller_pwd:-$PWD}/$1" ;; esac; }
 summary_seconds() { "${PY}" -c "import json,sys;print(json.load(open(sys.argv[1]))['train_seconds'])" "$1"; }
 
-launch_prefix() {  # sets LAUNCH: how core.bin.train is started (one process, torchrun, DeepSpeed)
+check_launch_options() {  # every launch option's value, before anything runs (exit status 2, a reason)
   local n=${ngpu:-1} nodes=${num_nodes:-1}
   [[ "${n}" =~ ^[1-9][0-9]*$ ]] || { echo "--ngpu must be a positive integer, got '${n}'" >&2; return 2; }
   [[ "${nodes}" =~ ^[1-9][0-9]*$ ]] || { echo "--num_nodes must be a positive integer, got '${nodes}'" >&2; return 2; }
   if [ -n "${hostfile:-}" ]; then
     [ -f "${hostfile}" ] || { echo "--hostfile ${hostfile}: no such file" >&2; return 2; }
-    # every node runs the same folder (same path) with the environment's PYTHON* variables
-    LAUNCH=("${ROOT}/.venv/bin/deepspeed" --hostfile "${hostfile}" --num_nodes "${nodes}" --num_gpus "${n}"
-            --master_addr "${master_addr:-127.0.0.1}" --master_port "${master_port:-29500}" --module)
   elif [ "${nodes}" -gt 1 ]; then
     [[ "${node_rank:-0}" =~ ^[0-9]+$ ]] && [ "${node_rank:-0}" -lt "${nodes}" ] || {
       echo "--node_rank must be 0 .. $((nodes - 1)), got '${node_rank:-}'" >&2; return 2; }
+    [ -n "${master_addr:-}" ] || { echo "--num_nodes ${nodes} (torchrun) needs --master_addr, node 0's address" >&2; return 2; }
+  fi
+  case "${dtype:-float32}" in float32|bfloat16|float16) ;;
+    *) echo "--dtype must be float32, bfloat16 or float16, got '${dtype}'" >&2; return 2 ;; esac
+  case "${resume:-auto}" in auto|never) ;; *) echo "--resume must be auto or never, got '${resume}'" >&2; return 2 ;; esac
+  case "${zero:-0}" in 0|2|3) ;; *) echo "--zero must be 2 or 3 (or 0: as --backend says), got '${zero}'" >&2; return 2 ;; esac
+  case "${backend:-torch}" in torch|deepspeed) ;;
+    *) echo "--backend must be torch or deepspeed, got '${backend}'" >&2; return 2 ;; esac
+}
+
+launch_prefix() {  # sets LAUNCH: how core.bin.train is started (one process, torchrun, DeepSpeed)
+  check_launch_options || return
+  local n=${ngpu:-1} nodes=${num_nodes:-1}
+  if [ -n "${hostfile:-}" ]; then
+    # every node runs the same folder (same path) with the environment's PYTHON* variables; DeepSpeed
+    # finds node 0's address itself unless --master_addr says it
+    LAUNCH=("${ROOT}/.venv/bin/deepspeed" --hostfile "${hostfile}" --num_nodes "${nodes}" --num_gpus "${n}"
+            ${master_addr:+--master_addr "${master_addr}"} --master_port "${master_port:-29500}" --module)
+  elif [ "${nodes}" -gt 1 ]; then
     LAUNCH=("${PY}" -m torch.distributed.run --nnodes "${nodes}" --node_rank "${node_rank:-0}"
-            --nproc_per_node "${n}" --master_addr "${master_addr:-127.0.0.1}" --master_port "${master_port:-29500}" -m)
+            --nproc_per_node "${n}" --master_addr "${master_addr}" --master_port "${master_port:-29500}" -m)
   elif [ "${n}" -gt 1 ]; then
     LAUNCH=("${PY}" -m torch.distributed.run --standalone --nproc_per_node "${n}" -m)
   else
@@ -78,25 +94,11 @@ train() {  # CONF [key=value...]
   [ $# -ge 1 ] || { echo "train: needs a config file" >&2; return 2; }
   local conf=$1; shift
   [ -f "${conf}" ] || { echo "train: no config file ${conf} (in $(pwd))" >&2; return 2; }
+  launch_prefix || return   # every option checked before an output folder is touched
   local extra=(${train_extra[@]+"${train_extra[@]}"}) a out=""
-  case "${dtype:-float32}" in
-    float32|bfloat16|float16) extra+=(model.dtype=${dtype:-float32} teacher.dtype=${dtype:-float32}) ;;
-    *) echo "--dtype must be float32, bfloat16 or float16, got '${dtype}'" >&2; return 2 ;;
-  esac
-  case "${resume:-auto}" in
-    auto|never) extra+=(train.resume=${resume:-auto}) ;;
-    *) echo "--resume must be auto or never, got '${resume}'" >&2; return 2 ;;
-  esac
-  case "${zero:-0}" in
-    0) ;;
-    2|3) backend=deepspeed; extra+=(backend.ds_config=conf/ds_zero${zero}.json) ;;
-    *) echo "--zero must be 2 or 3 (or 0: as --backend says), got '${zero}'" >&2; return 2 ;;
-  esac
-  case "${backend:-torch}" in
-    torch) ;;
-    deepspeed) extra+=(backend.name=deepspeed) ;;
-    *) echo "--backend must be torch or deepspeed, got '${backend}'" >&2; return 2 ;;
-  esac
+  extra+=(model.dtype=${dtype:-float32} teacher.dtype=${dtype:-float32} train.resume=${resume:-auto})
+  case "${zero:-0}" in 2|3) backend=deepspeed; extra+=(backend.ds_config=conf/ds_zero${zero}.json) ;; esac
+  [ "${backend:-torch}" = deepspeed ] && extra+=(backend.name=deepspeed)
   if [ "${lora:-false}" = "true" ]; then extra+=("model.lora={r: 16, lora_alpha: 32, lora_dropout: 0.0}"); fi
   for a in ${extra[@]+"${extra[@]}"} "$@"; do case "${a}" in output_dir=*) out=${a#output_dir=} ;; esac; done
   for a in "$@"; do case "${a}" in train.resume=*) out="" ;; esac; done  # the call decides itself
@@ -108,20 +110,28 @@ train() {  # CONF [key=value...]
       fresh "${out}"
     fi
   fi
-  launch_prefix || return
   if [ -n "${LAUNCH_DRY_RUN:-}" ]; then
     echo "${LAUNCH[*]} core.bin.train --config ${conf} train.seed=${seed} ${extra[*]} $*"
     return 0
   fi
   "${LAUNCH[@]}" core.bin.train --config "${conf}" train.seed=${seed} ${extra[@]+"${extra[@]}"} "$@"
 }
-eval_model_ok() {
+eval_name_of() {  # MODEL_DIR: a name for its evaluation (".../opd/final" -> "opd")
+  local b; b=$(basename "$1")
+  [ "${b}" = final ] && b=$(basename "$(dirname "$1")")
+  echo "${b}"
+}
+eval_model_ok() {  # [TAG]: --eval_only's checks; data/ and exp/ default to data/eval_TAG, exp/eval_<model>
   [ -n "${model:-}" ] || { echo "--eval_only needs --model DIR" >&2; exit 1; }
   [ -f "${model}/config.json" ] || { echo "--model ${model}: not a model folder (no config.json)" >&2; exit 1; }
   if [ "${CORPUS_DIR_NEEDED:-0}" = 1 ] && [ -z "${corpus_dir:-}" ]; then
     echo "--eval_only needs --corpus_dir (the corpus's local copy)" >&2; exit 1
   fi
-  mkdir -p "${data}"
+  eval_name=$(eval_name_of "${model}")
+  # a training run's data/ and exp/ are left alone unless --data / --exp name them
+  [ "${data}" = data ] && data="data/eval_${1:-${corpus:-test}}"
+  [ "${exp}" = exp ] && exp="exp/eval_${eval_name}"
+  mkdir -p "${data}" "${exp}"
 }
 fresh() {  # DIR...
   local d
@@ -132,5 +142,10 @@ fresh() {  # DIR...
 }
 readme_args=()
 if [ "${update_readme:-false}" = "true" ]; then readme_args=(--readme README.md); fi
+# the launch options: paths relative to where run.sh was called from, values checked up front
+if [ -n "${ngpu+x}" ]; then
+  hostfile=$(abspath "${hostfile:-}")
+  check_launch_options || exit 2
+fi
 prep_args=()
 if [ "${skip_bad:-false}" = "true" ]; then prep_args=(--skip_bad); fi

@@ -59,7 +59,7 @@ lang=en; lang_flag=""
 # the generation length: a number, or auto (from the model's tokens of the longest reference)
 gen_length() {  # MODEL MANIFEST...: prints the length to use, records how it was chosen
   if [ "${max_new_tokens}" = auto ]; then
-    "${PY}" -m tools.gen_length --model "$1" --manifest "${@:2}" --json > "${exp}/gen_length.json"
+    "${PY}" -m tools.gen_length --model "$1" --manifest "${@:2}" --json > "${exp}/gen_length.json" || return $?
     "${PY}" -c "import json,sys;print(json.load(open(sys.argv[1]))['max_new_tokens'])" "${exp}/gen_length.json"
   else
     [[ "${max_new_tokens}" =~ ^[1-9][0-9]*$ ]] || { echo "--max_new_tokens must be auto or a positive integer" >&2; return 2; }
@@ -84,7 +84,7 @@ if [ "${eval_only}" = "true" ]; then
   esac
   len=$(gen_length "${model}" "${data}/test.jsonl")
   "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --lang ${lang} --corpus ${corpus} \
-    --max_new_tokens ${len} --prompt "${prompt}" --eval_model "${model}" --eval_name "$(basename "${model}")"
+    --max_new_tokens ${len} --prompt "${prompt}" --eval_model "${model}" --eval_name "${eval_name}"
   exit 0
 fi
 teacher_over=(); student_over=(); synth_args=()

@@ -77,7 +77,7 @@ if [ "${eval_only}" = "true" ]; then
   log "evaluation only: ${model} on the ${corpus} test split"
   qa=(); [ -n "${qa_model}" ] && qa=(--qa_model "${qa_model}")
   "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --corpus ${corpus} --prompt "${prompt}" \
-    --max_new_tokens ${max_new_tokens} --eval_model "${model}" --eval_name "$(basename "${model}")" "${qa[@]}"
+    --max_new_tokens ${max_new_tokens} --eval_model "${model}" --eval_name "${eval_name}" "${qa[@]}"
   exit 0
 fi
 

@@ -83,7 +83,7 @@ if [ "${eval_only}" = "true" ]; then
   esac
   "${PY}" local/prompt.py "${data}/test_raw.jsonl" "${data}/test.jsonl" "${letters[@]}" --style "${prompt_style}"
   "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --rule ${rule} --corpus ${corpus} \
-    --max_new_tokens ${max_new_tokens} --eval_model "${model}" --eval_name "$(basename "${model}")"
+    --max_new_tokens ${max_new_tokens} --eval_model "${model}" --eval_name "${eval_name}"
   exit 0
 fi
 

@@ -87,7 +87,7 @@ if [ "${eval_only}" = "true" ]; then
   "${PY}" local/prompt.py "${data}/test_raw.jsonl" "${data}/test.jsonl" --style "${prompt_style}"
   "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --corpus real --num_frames ${num_frames} \
     --missing_audio ${missing_audio} --max_new_tokens ${max_new_tokens} --eval_model "${model}" \
-    --eval_name "$(basename "${model}")"
+    --eval_name "${eval_name}"
   exit 0
 fi
 

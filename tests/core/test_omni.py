@@ -397,3 +397,17 @@ def test_export_full_omni_refuses_another_thinker(omni, full_omni, tmp_path):
     with pytest.raises(ValueError, match="does not match|has shape"):
         export_full_omni(full_omni, other, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_export_full_omni_in_shards(omni, full_omni, tmp_path):
+    """Written shard by shard (small shards here): an index, and the same tensors as the source."""
+    from transformers import Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniThinkerForConditionalGeneration
+
+    from core.models import export_full_omni
+    Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(full_omni)).save_pretrained(tmp_path / "th")
+    counts = export_full_omni(full_omni, tmp_path / "th", tmp_path / "out", shard_bytes=200_000)
+    assert counts["shards"] > 2 and (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    assert not list((tmp_path / "out").glob("*.tmp"))
+    src, out = _tensors(full_omni), _tensors(tmp_path / "out")
+    assert src.keys() == out.keys() and all(torch.equal(src[k], out[k]) for k in src)
+    Qwen2_5OmniForConditionalGeneration.from_pretrained(str(tmp_path / "out"))

@@ -31,9 +31,9 @@ code on the predictions file we write (``official_predictions`` writes it):
 - Daily-Omni (rows without ``problem_type``; github.com/Lliar-liar/Daily-Omni,
   ``test_model_api/test_utils.py`` ``evaluate_answer``): the item is right iff the model's answer
   (``model_answer``: the ``<answer>`` content, else the output without reasoning, as above),
-  stripped and upper-cased, starts with the answer letter. So "b" and "B. a red car" are right,
-  "(B)", "The answer is B." and "<answer>..." are wrong, and "Based on the video, the answer is
-  C." counts as B. File: ``dailyomni_predictions.json``, a list of the ``qa.json`` fields
+  stripped and upper-cased, starts with the answer letter. So "b", "B. a red car" and
+  "<think>...</think><answer>B</answer>" (the file holds "B") are right, "(B)" and "The answer is
+  B." are wrong, and "Based on the video, the answer is C." counts as B. File: ``dailyomni_predictions.json``, a list of the ``qa.json`` fields
   (``video_id``, ``Question``, ``Choice``, ``Answer``, ``Type``, ``video_category``,
   ``video_duration``) with ``model_answer`` and ``correct``.
 - IntentBench (rows with ``problem_type``; github.com/HumanMLLM/HumanOmniV2,
