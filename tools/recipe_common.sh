@@ -21,6 +21,11 @@
 #   launch_prefix                 the command train() runs core.bin.train with (an array, LAUNCH)
 #   prep_args                     (--skip_bad) when skip_bad=true, else empty: for the prep scripts
 #   fresh DIR...                  removes DIRs (non-training outputs a stage rewrites)
+#   gen_length MODEL FIELD MANIFEST...
+#                                 the decoding / rollout length (prints it): ${max_new_tokens} when
+#                                 a number; with auto, the longest FIELD of the MANIFESTs in MODEL's
+#                                 tokens x 1.25 + 8 (tools/gen_length.py). Records the choice in
+#                                 ${exp}/gen_length.json (results.json reports it).
 #   eval_model_ok                 --eval_only's checks of --model (given, a model folder) and
 #                                 --corpus_dir when CORPUS_DIR_NEEDED=1; exits 1 with the reason
 #   readme_args                   (--readme README.md) when update_readme=true, else empty: what
@@ -132,6 +137,17 @@ eval_model_ok() {  # [TAG]: --eval_only's checks; data/ and exp/ default to data
   [ "${data}" = data ] && data="data/eval_${1:-${corpus:-test}}"
   [ "${exp}" = exp ] && exp="exp/eval_${eval_name}"
   mkdir -p "${data}" "${exp}"
+}
+gen_length() {  # MODEL FIELD MANIFEST...
+  local n=${max_new_tokens:-auto}
+  if [ "${n}" = auto ]; then
+    "${PY}" -m tools.gen_length --model "$1" --field "$2" --manifest "${@:3}" --json > "${exp}/gen_length.json" || return $?
+    "${PY}" -c "import json,sys;print(json.load(open(sys.argv[1]))['max_new_tokens'])" "${exp}/gen_length.json"
+  else
+    [[ "${n}" =~ ^[1-9][0-9]*$ ]] || { echo "--max_new_tokens must be auto or a positive integer, got '${n}'" >&2; return 2; }
+    echo "{\"max_new_tokens\": ${n}, \"rule\": \"--max_new_tokens\"}" > "${exp}/gen_length.json"
+    echo "${n}"
+  fi
 }
 fresh() {  # DIR...
   local d

@@ -56,17 +56,6 @@ mkdir -p "${exp}"
 
 lang=en; lang_flag=""
 [ "${corpus}" = "aishell" ] && lang=zh
-# the generation length: a number, or auto (from the model's tokens of the longest reference)
-gen_length() {  # MODEL MANIFEST...: prints the length to use, records how it was chosen
-  if [ "${max_new_tokens}" = auto ]; then
-    "${PY}" -m tools.gen_length --model "$1" --manifest "${@:2}" --json > "${exp}/gen_length.json" || return $?
-    "${PY}" -c "import json,sys;print(json.load(open(sys.argv[1]))['max_new_tokens'])" "${exp}/gen_length.json"
-  else
-    [[ "${max_new_tokens}" =~ ^[1-9][0-9]*$ ]] || { echo "--max_new_tokens must be auto or a positive integer" >&2; return 2; }
-    echo "{\"max_new_tokens\": ${max_new_tokens}, \"rule\": \"--max_new_tokens\"}" > "${exp}/gen_length.json"
-    echo "${max_new_tokens}"
-  fi
-}
 
 if [ "${eval_only}" = "true" ]; then
   # one checkpoint on a real test set: prep, greedy decoding, WER (CER for AISHELL)
@@ -82,7 +71,7 @@ if [ "${eval_only}" = "true" ]; then
       "${PY}" local/prepare_aishell.py --corpus_dir "${corpus_dir}" --out_dir "${data}" --splits test ;;
     *) echo "--eval_only scores a real test set: --corpus librispeech or aishell, got '${corpus}'" >&2; exit 1 ;;
   esac
-  len=$(gen_length "${model}" "${data}/test.jsonl")
+  len=$(gen_length "${model}" text "${data}/test.jsonl")
   "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --lang ${lang} --corpus ${corpus} \
     --max_new_tokens ${len} --prompt "${prompt}" --eval_model "${model}" --eval_name "${eval_name}"
   exit 0
@@ -164,7 +153,7 @@ if [ -n "${teacher_url}" ]; then
 fi
 if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
   t0=$(date +%s)
-  gen_len=$(gen_length "${exp}/student_sft/final" "${labelled[@]}")
+  gen_len=$(gen_length "${exp}/student_sft/final" text "${labelled[@]}")
   log "stage 2: generation length ${gen_len} tokens (${exp}/gen_length.json)"
   opd_paths+=(rollout.max_new_tokens=${gen_len})
   log "stage 2: calibrate (student vs teacher KL on dev, before OPD)"
@@ -202,7 +191,7 @@ fi
 
 if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
   t0=$(date +%s)
-  gen_len=$(gen_length "${exp}/student_sft/final" "${labelled[@]}")
+  gen_len=$(gen_length "${exp}/student_sft/final" text "${labelled[@]}")
   log "stage 3: decode the test set and score (at most ${gen_len} new tokens)"
   "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --lang ${lang} "${readme_args[@]}" \
     --corpus ${corpus} --budget ${budget} --smoke ${smoke} --max_new_tokens ${gen_len} --prompt "${prompt}" \

@@ -8,6 +8,8 @@
 #               --test_json /data/mmau/mmau-test-mini.json   # real data (MMAU layout)
 #   bash run.sh --corpus mmsu --train_json ... --mmsu_dir /data/MMSU    # MMSU test, its own rule
 #   bash run.sh --lora true                       # every training stage through peft LoRA
+#   bash run.sh --teacher_url http://gpu-box:8000 --teacher_model Qwen2-Audio-7B-Instruct
+#                                                 # OPD from a teacher served elsewhere (ours; vLLM)
 #   bash run.sh --eval_only true --model /models/Qwen2-Audio-7B-Instruct --corpus mmau \
 #               --test_json /data/mmau/mmau-test-mini.json   # score a checkpoint, no training data
 #   bash run.sh --update_readme true              # maintainers: also refresh README.md's results table
@@ -32,7 +34,10 @@ audio_dir=""          # folder MMAU's audio_id paths are relative to (default: t
 eval_only=false       # true: only score --model on the test set (--corpus mmau|mmsu), no training
 model=""              # --eval_only: the model folder to score (a released checkpoint or any final/)
 prompt_style=""       # ours (think/answer tags, what the recipe trains) | plain (the answer alone); default: ours, plain with --eval_only
-max_new_tokens=32     # decoding length of the scoring stage
+max_new_tokens=32     # decoding and rollout length of every stage; auto: longest training target in tokens x 1.25 + 8
+teacher_url=""        # a teacher served elsewhere (our server; vLLM): OPD distils from it, its row is decoded through it
+teacher_model=""      # --teacher_url: the model name the server expects (empty: the first it lists)
+teacher_top_k=20      # --teacher_url: top-k log-probs OPD distils on (the server's --max-logprobs)
 data=data             # manifests
 exp=exp               # models, logs, results
 budget=150            # seconds of training for GRPO, ReST, OPD and the SFT baseline (equal wall-clock)
@@ -44,6 +49,7 @@ smoke=false           # tiny corpus and few steps, for tests
 update_readme=false   # true: also write the results table into README.md (maintainers; always in ${exp}/RESULTS.md)
 seed=0
 help_message="Usage: bash run.sh [--stage N] [--stop_stage N] [--corpus synthetic|mmau|mmsu] [--train_json F] [--test_json F] [--mmsu_dir D] [--budget S] [--lora true] [--backend torch|deepspeed] [--smoke true] [--update_readme true]
+       [--teacher_url URL [--teacher_model NAME] [--teacher_top_k K]] [--max_new_tokens auto|N]
        bash run.sh --eval_only true --model DIR --corpus mmau --test_json F [--audio_dir D]   (or --corpus mmsu --mmsu_dir D)
        [--ngpu N] [--num_nodes N --node_rank R --master_addr HOST] [--hostfile F] [--dtype bfloat16] [--zero 2|3]
        [--resume auto|never] [--skip_bad true]   (launch options: tools/launch_options.sh)"
@@ -82,8 +88,9 @@ if [ "${eval_only}" = "true" ]; then
     *) echo "--eval_only scores a real test set: --corpus mmau or mmsu, got '${corpus}'" >&2; exit 1 ;;
   esac
   "${PY}" local/prompt.py "${data}/test_raw.jsonl" "${data}/test.jsonl" "${letters[@]}" --style "${prompt_style}"
+  gen_len=$(gen_length "${model}" target "${data}/test.jsonl")
   "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --rule ${rule} --corpus ${corpus} \
-    --max_new_tokens ${max_new_tokens} --eval_model "${model}" --eval_name "${eval_name}"
+    --max_new_tokens ${gen_len} --eval_model "${model}" --eval_name "${eval_name}"
   exit 0
 fi
 
@@ -133,28 +140,54 @@ if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
   t0=$(date +%s)
   log "stage 1: tokenizer and models"
   "${PY}" -m tools.build_models --conf conf/models.yaml --text "${data}/text_corpus.txt" --exp "${exp}" --seed ${seed}
+  warm_len=$(gen_length "${exp}/student_init" target "${data}/base_sft.jsonl")
+  gen=(rollout.max_new_tokens=${warm_len})
   log "stage 1: SFT warm-up of the base policy"
   train conf/base_sft.yaml model.path=${exp}/student_init output_dir=${exp}/base_sft \
-    data.train=${data}/base_sft.jsonl data.dev=${data}/dev.jsonl "${base_over[@]}" "${quick[@]}"
-  log "stage 1: SFT warm-up of the teacher"
-  train conf/teacher_sft.yaml model.path=${exp}/teacher_init output_dir=${exp}/teacher_sft \
-    data.train=${data}/base_sft.jsonl data.dev=${data}/dev.jsonl "${teacher_over[@]}" "${quick[@]}"
+    data.train=${data}/base_sft.jsonl data.dev=${data}/dev.jsonl "${base_over[@]}" "${quick[@]}" "${gen[@]}"
+  if [ -n "${teacher_url}" ]; then
+    log "stage 1: the teacher is served at ${teacher_url}: no teacher SFT here"
+  else
+    log "stage 1: SFT warm-up of the teacher"
+    train conf/teacher_sft.yaml model.path=${exp}/teacher_init output_dir=${exp}/teacher_sft \
+      data.train=${data}/base_sft.jsonl data.dev=${data}/dev.jsonl "${teacher_over[@]}" "${quick[@]}" "${gen[@]}"
+  fi
   record_time models $(( $(date +%s) - t0 ))
 fi
 
 paths=(data.train=${data}/train.jsonl data.dev=${data}/dev.jsonl)
+# the decoding / rollout length of stages 2-6 (set by the first of them that runs): --max_new_tokens,
+# or auto from the training targets in the base policy's tokens
+gen_len=""
+set_gen_len() {
+  [ -z "${gen_len}" ] || return 0
+  gen_len=$(gen_length "${exp}/base_sft/final" target "${data}/train.jsonl")
+  log "generation length ${gen_len} tokens (${exp}/gen_length.json)"
+  paths+=(rollout.max_new_tokens=${gen_len})
+}
+# OPD's teacher: the GRPO-trained teacher here, or the server at --teacher_url (its top-k log-probs)
+opd_teacher=(teacher.path=${exp}/teacher_grpo/final); teacher_score=()
+if [ -n "${teacher_url}" ]; then
+  opd_teacher=(teacher.kind=remote teacher.url=${teacher_url} teacher.top_k_cap=${teacher_top_k}
+               opd.support=teacher_topk opd.top_k=${teacher_top_k})
+  [ -n "${teacher_model}" ] && opd_teacher+=(teacher.model=${teacher_model})
+  teacher_score=(--teacher_url "${teacher_url}"); [ -n "${teacher_model}" ] && teacher_score+=(--teacher_model "${teacher_model}")
+fi
 
 if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
+  set_gen_len
   t0=$(date +%s)
   log "stage 2: GRPO of the base policy, ${budget} s"
   train conf/grpo.yaml model.path=${exp}/base_sft/final output_dir=${exp}/grpo "${paths[@]}" \
     train.max_seconds=${budget} "${quick[@]}"
   record_time grpo $(( $(date +%s) - t0 ))
-  t0=$(date +%s)
-  log "stage 2: GRPO of the teacher, ${teacher_budget} s"
-  train conf/grpo.yaml model.path=${exp}/teacher_sft/final output_dir=${exp}/teacher_grpo "${paths[@]}" \
-    train.max_seconds=${teacher_budget} "${quick[@]}"
-  record_time teacher_grpo $(( $(date +%s) - t0 ))
+  if [ -z "${teacher_url}" ]; then
+    t0=$(date +%s)
+    log "stage 2: GRPO of the teacher, ${teacher_budget} s"
+    train conf/grpo.yaml model.path=${exp}/teacher_sft/final output_dir=${exp}/teacher_grpo "${paths[@]}" \
+      train.max_seconds=${teacher_budget} "${quick[@]}"
+    record_time teacher_grpo $(( $(date +%s) - t0 ))
+  fi
 fi
 
 # the other methods get the wall-clock GRPO actually trained for
@@ -162,6 +195,7 @@ spent=${budget}
 [ -f "${exp}/grpo/train_summary.json" ] && spent=$(summary_seconds "${exp}/grpo/train_summary.json")
 
 if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
+  set_gen_len
   t0=$(date +%s)
   log "stage 3: ReST from the base, ${spent} s of sampling and training"
   train conf/rest.yaml model.path=${exp}/base_sft/final output_dir=${exp}/rest "${paths[@]}" \
@@ -170,14 +204,16 @@ if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
 fi
 
 if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
+  set_gen_len
   t0=$(date +%s)
-  log "stage 4: OPD of the base from the GRPO-trained teacher, ${spent} s"
-  train conf/opd.yaml model.path=${exp}/base_sft/final teacher.path=${exp}/teacher_grpo/final \
+  log "stage 4: OPD of the base from ${teacher_url:-the GRPO-trained teacher}, ${spent} s"
+  train conf/opd.yaml model.path=${exp}/base_sft/final "${opd_teacher[@]}" \
     output_dir=${exp}/opd "${paths[@]}" train.max_seconds=${spent} "${quick[@]}"
   record_time opd $(( $(date +%s) - t0 ))
 fi
 
 if [ ${stage} -le 5 ] && [ ${stop_stage} -ge 5 ] && [ "${baselines}" = "true" ]; then
+  set_gen_len
   t0=$(date +%s)
   log "stage 5: baseline, plain SFT on the answers, ${spent} s"
   train conf/sft_answers.yaml model.path=${exp}/base_sft/final output_dir=${exp}/sft_answers "${paths[@]}" \
@@ -186,9 +222,10 @@ if [ ${stage} -le 5 ] && [ ${stop_stage} -ge 5 ] && [ "${baselines}" = "true" ];
 fi
 
 if [ ${stage} -le 6 ] && [ ${stop_stage} -ge 6 ]; then
+  set_gen_len
   t0=$(date +%s)
   log "stage 6: decode the test set and score (${rule} rule)"
   "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --rule ${rule} "${readme_args[@]}" \
-    --corpus ${corpus} --budget ${spent} --smoke ${smoke} --max_new_tokens ${max_new_tokens}
+    --corpus ${corpus} --budget ${spent} --smoke ${smoke} --max_new_tokens ${gen_len} "${teacher_score[@]}"
   record_time decode_score $(( $(date +%s) - t0 ))
 fi

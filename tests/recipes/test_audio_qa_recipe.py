@@ -94,3 +94,33 @@ def test_lora_switch_trains_every_stage(smoke_run, tmp_path):
         assert "lora_alpha: 32" in cfg, run
     model, _ = load_model_and_processor(exp2 / "grpo" / "final")
     assert type(model).__name__ == "Qwen2AudioForConditionalGeneration"
+
+
+def test_opd_from_a_teacher_served_elsewhere(smoke_run, tmp_path):
+    """--teacher_url: OPD (stage 4) distils from the teacher behind our server (its top-k
+    log-probs), and the scoring stage decodes the served teacher's row through the server: the same
+    answers as decoding its folder here."""
+    import shutil
+
+    from conftest import teacher_server
+    data, exp0, _ = smoke_run
+    exp = tmp_path / "exp"
+    for d in ("base_sft", "grpo", "rest"):
+        shutil.copytree(exp0 / d / "final", exp / d / "final")
+    gen_len = json.loads((exp0 / "gen_length.json").read_text())["max_new_tokens"]
+    assert gen_len == 32  # the recipe's default --max_new_tokens
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    with teacher_server(exp0 / "teacher_grpo" / "final", max_new_tokens=gen_len) as url:
+        proc = subprocess.run(["bash", str(ROOT / "recipes/audio_qa/run.sh"), "--smoke", "true", "--stage", "4",
+                               "--baselines", "false", "--data", str(data), "--exp", str(exp), "--teacher_url", url],
+                              capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    opd_cfg = (exp / "opd" / "config.yaml").read_text()
+    assert "kind: remote" in opd_cfg and url in opd_cfg and "support: teacher_topk" in opd_cfg
+    losses = [json.loads(x)["loss"] for x in (exp / "opd" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    assert losses and all(math.isfinite(x) and x > 0 for x in losses)
+    res = json.loads((exp / "results.json").read_text())
+    local = json.loads((exp0 / "results.json").read_text())["teacher_grpo"]
+    assert res["teacher_served"]["acc"] == pytest.approx(local["acc"]) and res["teacher_served"]["n"] == local["n"]
+    assert res["settings"]["teacher_url"] == url and res["settings"]["generation_length"]["max_new_tokens"] == 32
+    assert "teacher_grpo" not in res or res["teacher_grpo"] is None

@@ -10,8 +10,9 @@ category, task and difficulty, format rate, most frequent answers) and ``mmau_pr
 
 Systems: ``base`` (the SFT-warmed policy), ``grpo``, ``rest``, ``opd`` (each trained from the
 base), the baseline ``sft_answers`` (plain SFT on the answers, same base, same wall-clock) and the
-teacher before and after its GRPO. A system whose model is missing is skipped with a note, except
-``base``.
+teacher before and after its GRPO (with ``--teacher_url``, the served teacher instead, decoded
+through the server's ``/v1/audio/transcriptions``). A system whose model is missing is skipped
+with a note, except ``base``.
 """
 from __future__ import annotations
 
@@ -30,24 +31,31 @@ SYSTEMS = {"base": ("base_sft", "SFT warm-up: describe every clip + labelled que
            "opd": ("opd", "OPD from base, teacher = teacher_grpo")}
 BASELINES = {"sft_answers": ("sft_answers", "plain SFT on the answers, from base, GRPO's wall-clock")}
 TEACHERS = {"teacher_sft": ("teacher_sft", "bigger teacher after its SFT warm-up"),
-            "teacher_grpo": ("teacher_grpo", "the teacher after GRPO (OPD's teacher)")}
+            "teacher_grpo": ("teacher_grpo", "the teacher after GRPO (OPD's teacher)"),
+            "teacher_served": ("teacher_served", "the teacher at --teacher_url (OPD's teacher)")}
 
 
 def load_json(p: Path):
     return json.loads(p.read_text()) if p.is_file() else None
 
 
-def decode_and_score(name: str, model_dir: Path, test: Path, exp: Path, rule: str, max_new_tokens: int) -> dict:
-    """Decode ``test`` with ``model_dir``, write the MMAU-format predictions, then score them
-    (only the predictions when the test set's answers are withheld)."""
-    from core.bin.decode import decode
+def decode_and_score(name: str, model_dir: Path | str, test: Path, exp: Path, rule: str, max_new_tokens: int,
+                     url: str = "", served_model: str = "") -> dict:
+    """Decode ``test`` with ``model_dir`` (or the server at ``url``, with its own length limit),
+    write the MMAU-format predictions, then score them (only the predictions when the test set's
+    answers are withheld)."""
+    from core.bin.decode import decode, decode_remote
     from core.data.manifest import read_manifest
     S = load_sibling(__file__, "score")
     mmau_items, read_hyps, score = S.mmau_items, S.read_hyps, S.score
     out = exp / "decode" / name
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    info = decode(str(model_dir), str(test), str(out / "hyp.jsonl"), prompt="{prompt}", max_new_tokens=max_new_tokens)
+    if url:
+        info = decode_remote(url, str(test), str(out / "hyp.jsonl"), prompt="{prompt}", served_model=served_model or None)
+    else:
+        info = decode(str(model_dir), str(test), str(out / "hyp.jsonl"), prompt="{prompt}",
+                      max_new_tokens=max_new_tokens)
     rows = read_manifest(test, check_media=False)
     hyps = read_hyps(out / "hyp.jsonl")
     (out / "mmau_predictions.json").write_text(json.dumps(mmau_items(rows, hyps), indent=1, ensure_ascii=False))
@@ -120,8 +128,10 @@ def main(argv=None) -> int:
                     "(run.sh --update_readme true; never for a smoke run); it always goes to <exp>/RESULTS.md")
     ap.add_argument("--corpus", default="synthetic")
     ap.add_argument("--budget", default="")
-    ap.add_argument("--max_new_tokens", type=int, default=32)
+    ap.add_argument("--max_new_tokens", type=int, default=32, help="decoding length (run.sh --max_new_tokens)")
     ap.add_argument("--smoke", default="false")
+    ap.add_argument("--teacher_url", default="", help="the teacher is served there: its row is decoded through it")
+    ap.add_argument("--teacher_model", default="", help="--teacher_url: the model name the server expects")
     ap.add_argument("--eval_model", default="", help="evaluation only: score this model folder (no training "
                     "outputs needed); results under <exp>/decode/<--eval_name>/ and <exp>/results.json")
     ap.add_argument("--eval_name", default="model", help="name of the --eval_model system")
@@ -134,6 +144,11 @@ def main(argv=None) -> int:
         return evaluate_only(Path(args.eval_model), args.eval_name, test, exp, args)
 
     def run(name, d):
+        if name == "teacher_served":
+            if not args.teacher_url:
+                return None
+            return decode_and_score(name, args.teacher_url, test, exp, args.rule, args.max_new_tokens,
+                                    url=args.teacher_url, served_model=args.teacher_model)
         m = exp / d / "final"
         if not (m / "config.json").is_file():
             if name == "base":
@@ -161,6 +176,8 @@ def main(argv=None) -> int:
     results["training"] = training
     results["settings"] = {"corpus": args.corpus, "rule": args.rule, "budget_seconds": args.budget,
                            "smoke": args.smoke == "true", "decoding": "greedy",
+                           "generation_length": load_json(exp / "gen_length.json") or
+                           {"max_new_tokens": args.max_new_tokens}, "teacher_url": args.teacher_url or None,
                            "models": load_json(exp / "models.json"), "data": load_json(data / "stats.json")}
     results["stage_seconds"] = load_json(exp / "stage_seconds.json") or {}
     (exp / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
