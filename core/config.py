@@ -46,7 +46,8 @@ class ModelConfig:
     trust_remote_code: bool = _f(False, "allow custom modelling code from the model directory")
     lora: dict = _f({}, "peft LoraConfig kwargs (r, lora_alpha, lora_dropout, target_modules, ...); empty = full "
                         "fine-tuning. Without target_modules: every linear layer of the language model's decoder "
-                        "(attention q/k/v/o and MLP gate/up/down projections), never the audio/vision encoder, as a "
+                        "(attention q/k/v/o and MLP gate/up/down projections; in a mixture-of-experts decoder not "
+                        "the fused experts nor the router), never the audio/vision encoder, as a "
                         "regex built from the model's module names (e.g. 'model\\.language_model\\..*\\.(q_proj|...)'"
                         " for Qwen2-Audio, 'model\\..*\\.(q_proj|...)' for a causal LM). The export merges the "
                         "adapters into the base weights (a plain model folder)")
@@ -55,9 +56,10 @@ class ModelConfig:
     bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] = _f("bfloat16", "4-bit: compute dtype (float32 | bfloat16 | float16)")
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = _f("nf4", "4-bit: nf4 | fp4")
     export: Literal["auto", "full", "thinker"] = _f(
-        "auto", "what final/ holds when model.path is a full Qwen2.5-Omni folder (thinker + talker + token2wav): "
-                "auto/full: that folder with the trained thinker put back, so the model still speaks; thinker: "
-                "the thinker alone. Other models: their own folder (full = auto)")
+        "auto", "what final/ holds when model.path is a full Omni folder (Qwen2.5-Omni: thinker + talker + "
+                "token2wav; Qwen3-Omni-MoE: thinker + talker + code2wav): auto/full: that folder with the trained "
+                "thinker put back, so the model still speaks; thinker: the thinker alone. Other models: their "
+                "own folder (full = auto)")
 
     def check(self, path: str) -> None:
         if self.lora and not isinstance(self.lora.get("target_modules", []), (str, list)):
@@ -116,7 +118,8 @@ class DataConfig:
                                      "(refused with the file named, before training) | silence (silent audio of "
                                      "the clip's length)")
     video_max_pixels: int = _f(64 * 64, "av: largest frame area in pixels given to the vision encoder (frames are "
-                                        "resized to multiples of 28 within it; 64*64 keeps a 64x64 frame at 56x56, 4 "
+                                        "resized to multiples of patch x merge within it: 28 for Qwen2.5-Omni, "
+                                        "32 for Qwen3-Omni; 64*64 keeps a 64x64 frame at 56x56 or 64x64, 4 "
                                         "tokens per 2 frames); raise it for real videos and models, e.g. 360*420")
 
     def check(self, path: str) -> None:

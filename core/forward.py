@@ -4,12 +4,12 @@ LM head's input) of prompt + completion at the completion positions.
 - ``completion_logits``: one forward of prompt + completion returning the logits that predict
   each completion token, ``[B, T, V]``. Position ids follow the attention mask, as in
   generation, so left-padded prompts score exactly as they were sampled; a model with
-  multimodal rotary positions (``get_rope_index``: Qwen2-VL, the Qwen2.5-Omni thinker) gets none
-  and builds its own from the attention mask and the video grids over the whole prompt +
-  completion, which continues the prompt's positions as its ``generate`` does. The LM head runs on
-  the completion positions only (``logits_to_keep`` where the model takes it; the head's input
-  sliced by a forward pre-hook for Qwen2-Audio and the Qwen2.5-Omni thinker). When rows are
-  copies of one prompt (the rollout's n samples), each distinct prompt runs once
+  multimodal rotary positions (``get_rope_index``: Qwen2-VL, the Qwen2.5-Omni and Qwen3-Omni-MoE
+  thinkers) gets none and builds its own from the attention mask and the video grids over the
+  whole prompt + completion, which continues the prompt's positions as its ``generate`` does.
+  The LM head runs on the completion positions only (``logits_to_keep`` where the model takes
+  it; the head's input sliced by a forward pre-hook for Qwen2-Audio and the Omni thinkers). When
+  rows are copies of one prompt (the rollout's n samples), each distinct prompt runs once
   (``shared_prompt_logits``: its layers and encoders once, the copies reading its KV cache, at
   the positions the sampler would give them), or, where that cannot run (activation
   checkpointing), at least its media encoders (``encoders_once``); the logits and gradients are
@@ -18,11 +18,12 @@ LM head's input) of prompt + completion at the completion positions.
   fused with the head).
 - ``encoders_once(model, batch)``: while it is open, the model's audio / vision encoders
   (``_SHARED_ENCODERS``: Qwen2-Audio's ``audio_tower``, the Qwen2.5-Omni thinker's ``audio_tower``
-  and ``visual``) see only the distinct prompts of a batch whose rows are copies
+  and ``visual``, Qwen3-ASR's ``audio_tower``, the Qwen3-Omni-MoE thinker's ``audio_tower`` and
+  ``visual``) see only the distinct prompts of a batch whose rows are copies
   (``PromptBatch.groups``, set by ``repeat``), and every copy gets its prompt's output back by an
   ``index_select``, whose backward sums the copies' gradients into the encoder's, as the plain
-  forward does. It works through hooks on the encoder modules, so the call still goes through
-  the model's own forward (and any ZeRO-3 / peft hooks); other models run unchanged.
+  forward does. It works through hooks on the encoder modules, so the call still goes through the
+  model's own forward (and any ZeRO-3 / peft hooks); other models run unchanged.
 - The prompt forward with a KV cache (``_prefill``) and the position rules (``_positions``,
   ``_text_positions``, ``own_loop_ok``) that ``core.sampling`` decodes with, so that sampling and
   training place every token the same way.
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import sys
 
 import torch
 
@@ -65,8 +67,8 @@ def _out_cache(out):
 def own_loop_ok(model, batch: PromptBatch | None = None) -> bool:
     """Whether ``sample_loop`` (and the shared prompt forward) can run ``model`` (on ``batch``): its
     forward takes a KV cache and explicit positions: 1-D ones, or, for a multimodal-rotary model
-    (the Omni thinker), 3-D ones offset by the ``rope_deltas`` its prompt forward leaves
-    (``_rope_holder``). Not for prompts that interleave audio into the video
+    (the Qwen2.5-Omni and Qwen3-Omni-MoE thinkers), 3-D ones offset by the ``rope_deltas`` its
+    prompt forward leaves (``_rope_holder``). Not for prompts that interleave audio into the video
     (``use_audio_in_video``), whose last prompt position need not be the largest."""
     if _cache_arg(model) is None:
         return False
@@ -78,7 +80,7 @@ def own_loop_ok(model, batch: PromptBatch | None = None) -> bool:
 
 # multimodal-rotary models whose decoding positions the loop reproduces (tested against their
 # ``generate``); others of the kind keep ``generate`` and share their encoders only
-_MROPE_LOOP_CLASSES = ("Qwen2_5OmniThinkerForConditionalGeneration",)
+_MROPE_LOOP_CLASSES = ("Qwen2_5OmniThinkerForConditionalGeneration", "Qwen3OmniMoeThinkerForConditionalGeneration")
 
 
 def _rope_holder(model):
@@ -187,7 +189,8 @@ def _takes_logits_to_keep(model) -> bool:
 
 # transformers classes whose forward is exactly ``logits = self.lm_head(self.model(...)[0])`` and
 # that take no ``logits_to_keep``: for them the LM head's input is sliced to the completion positions.
-_SLICE_HEAD_CLASSES = ("Qwen2AudioForConditionalGeneration", "Qwen2_5OmniThinkerForConditionalGeneration")
+_SLICE_HEAD_CLASSES = ("Qwen2AudioForConditionalGeneration", "Qwen2_5OmniThinkerForConditionalGeneration",
+                       "Qwen3OmniMoeThinkerForConditionalGeneration")
 
 
 def _sliceable_head(model):
@@ -215,14 +218,23 @@ def uses_mrope(model) -> bool:
 #   (Qwen2-Audio's attention mask [N, 1, L, L]); outputs [N, ...].
 # - "audio_flat": ``input_features`` [mel, sum of frames], item i owning ``feature_lens[i]``
 #   columns; ``feature_lens`` / ``aftercnn_lens`` [N]; output rows [sum of output lengths, D]
-#   (the Qwen2.5-Omni audio tower, called by ``get_audio_features`` on the unpadded frames).
+#   (the Qwen2.5-Omni and Qwen3-Omni-MoE audio towers, called by ``get_audio_features`` on the
+#   unpadded frames; Qwen3-Omni's windows its items' chunks apart, so an item's rows are its own).
 # - "patches": ``hidden_states`` [sum of patches, D], item i owning ``prod(grid_thw[i])`` rows;
 #   ``grid_thw`` [N, 3]; output rows per item: its patches (``last_hidden_state``), or its patches
-#   over ``spatial_merge_size ** 2`` (``pooler_output``, the merged tokens the LM receives).
+#   over ``spatial_merge_size ** 2`` (``pooler_output``, the merged tokens the LM receives, and
+#   Qwen3-Omni's ``deepstack_features``, a list of such tensors).
+# - "chunked_packed": ``input_features`` [N, mel, frames] and ``input_features_mask`` [N, frames]
+#   per item on dim 0, frames in chunks of ``2 * n_window``; output rows packed
+#   [sum of output lengths, D], item i owning the post-convolution lengths of its chunks' real
+#   frames, summed (the Qwen3-ASR encoder, whose attention windows never cross items).
 _SHARED_ENCODERS = {
     "Qwen2AudioEncoder": "batch",
     "Qwen2_5OmniAudioEncoder": "audio_flat",
     "Qwen2_5OmniVisionEncoder": "patches",
+    "Qwen3ASREncoder": "chunked_packed",
+    "Qwen3OmniMoeAudioEncoder": "audio_flat",
+    "Qwen3OmniMoeVisionEncoder": "patches",
 }
 
 
@@ -306,9 +318,24 @@ class _EncoderOnce:
             for k in ("feature_lens", "aftercnn_lens"):
                 if isinstance(a.get(k), torch.Tensor):
                     a[k] = index_rows(a[k], first)
-            out_lens = self.module._get_feat_extract_output_lengths(sizes)[1]
+            out_lens = _flat_audio_lengths(self.module, sizes)
             self.items += len(first)
             return [out_lens[first].tolist()]
+        if self.layout == "chunked_packed":
+            x, fmask = a.get("input_features"), a.get("input_features_mask")
+            if not (isinstance(x, torch.Tensor) and isinstance(fmask, torch.Tensor) and x.dim() == 3
+                    and x.shape[0] == B and tuple(fmask.shape) == (B, x.shape[-1])):
+                return None
+            if any(isinstance(v, torch.Tensor) and k not in ("input_features", "input_features_mask")
+                   for k, v in a.items()):
+                return None
+            chunk = 2 * int(self.module.n_window)
+            if x.shape[-1] % chunk:
+                return None  # the encoder refuses it itself
+            a["input_features"], a["input_features_mask"] = index_rows(x, first), index_rows(fmask, first)
+            per_chunk = fmask[first].reshape(len(first), -1, chunk).sum(-1).long().cpu()
+            self.items += len(first)
+            return [self.module._post_cnn_length(per_chunk).sum(-1).tolist()]
         # "patches"
         x, grid = a.get("hidden_states"), a.get("grid_thw")
         if not (isinstance(x, torch.Tensor) and isinstance(grid, torch.Tensor) and grid.dim() == 2
@@ -324,6 +351,17 @@ class _EncoderOnce:
         merge = int(getattr(self.module, "spatial_merge_size", 1)) ** 2
         self.items += len(first)
         return [sizes[first].tolist(), (sizes[first] // merge).tolist()]
+
+
+def _flat_audio_lengths(module, sizes: torch.Tensor) -> torch.Tensor:
+    """Output rows per item of an ``audio_flat`` encoder given its items' mel frames ``sizes``:
+    the Qwen2.5-Omni audio tower's own method (after the convolutions, after its pooling: the
+    second), or the function beside the Qwen3-Omni-MoE audio encoder's class (13 rows per chunk of
+    ``2 * n_window`` frames, the rest of a last chunk through three stride-2 convolutions)."""
+    own = getattr(module, "_get_feat_extract_output_lengths", None)
+    if callable(own):
+        return own(sizes)[1]
+    return sys.modules[type(module).__module__]._get_feat_extract_output_lengths(sizes, module.n_window)
 
 
 def _expand(out, plan: list[list[int]], inverse: list[int], seen: dict):
@@ -343,6 +381,8 @@ def _expand(out, plan: list[list[int]], inverse: list[int], seen: dict):
         for k in list(out.keys()):
             out[k] = _expand(out[k], plan, inverse, seen)
         return out
+    if isinstance(out, list):  # Qwen3-Omni's deepstack features: one tensor per merger
+        return [_expand(v, plan, inverse, seen) for v in out]
     if isinstance(out, tuple) and not hasattr(out, "_fields"):
         return tuple(_expand(v, plan, inverse, seen) for v in out)
     return out

@@ -3,7 +3,9 @@
 What it does:
 - ``load_model_and_processor(path)``: picks the transformers class from the checkpoint's own
   ``config.json`` (``model_type``), never from the path: Qwen2-Audio, the Qwen2.5-Omni thinker,
-  or any ``AutoModelForCausalLM``; no hub access, ``trust_remote_code`` off unless asked.
+  the Qwen3-Omni-MoE thinker (``output_router_logits`` turned off: no load-balancing loss),
+  Qwen3-ASR (the converted ``-hf`` layout; the original ``thinker_config`` one is refused), or
+  any ``AutoModelForCausalLM``; no hub access, ``trust_remote_code`` off unless asked.
 - ``train_tokenizer``: a byte-level BPE trained on a recipe's own text, with the Qwen chat
   specials and a Jinja chat template that renders audio items as
   ``<|audio_bos|><|AUDIO|><|audio_eos|>``.
@@ -15,18 +17,32 @@ What it does:
 - ``build_tiny_omni_thinker``: a ``Qwen2_5OmniThinkerForConditionalGeneration`` (audio + vision
   encoders, mrope text model) and its ``Qwen2_5OmniProcessor`` built from sizes, for the
   audio-visual path; the tokenizer comes from ``train_tokenizer(..., omni=True)``.
+- ``build_tiny_qwen3_asr``: a ``Qwen3ASRForConditionalGeneration`` (chunked conv + windowed
+  attention audio encoder, Qwen3 text model, tied LM head) and its ``Qwen3ASRProcessor`` with the
+  released chat template, in the released checkpoints' layout; the tokenizer comes from
+  ``train_tokenizer(..., qwen3_asr=True)``.
+- ``build_tiny_qwen3_omni_thinker``: a ``Qwen3OmniMoeThinkerForConditionalGeneration`` (MoE text
+  model with a few tiny experts, interleaved mrope, audio encoder, vision encoder with a deepstack
+  merger) and its ``Qwen3OmniMoeProcessor``; the tokenizer comes from ``train_tokenizer(...,
+  omni=True)`` (that processor reads the same named specials as Qwen2.5-Omni's).
+- A full released Omni folder (``is_full_omni``: Qwen2.5-Omni thinker + talker + token2wav,
+  Qwen3-Omni-MoE thinker + talker + code2wav) loads as its thinker; ``export_full_omni`` puts a
+  trained thinker back into it, shard by shard; ``build_tiny_full_omni`` /
+  ``build_tiny_full_qwen3_omni`` build tiny ones in the released layout for tests.
 - ``build_tiny_causal_lm``: a text-only ``Qwen2ForCausalLM`` built from sizes (the text-model
   path: any ``AutoModelForCausalLM`` trains through the same loop with text prompts).
 - ``check_vocab_match``: teacher and student must share a vocabulary; fail at start-up.
 - LoRA through ``peft``: ``apply_lora`` wraps a model (default targets from
-  ``lora_target_modules``: the language model's linear layers, never an encoder; QLoRA's
+  ``lora_target_modules``: the language model's linear layers, never an encoder, nor a MoE
+  model's experts (fused 3-D tensors, not linear layers) or router; QLoRA's
   ``prepare_model_for_kbit_training`` on a 4-bit base), ``save_merged_lora`` merges trained
   adapters into a freshly loaded full-precision base and saves a plain model folder.
 - 4-bit loading (``load_in_4bit``): bitsandbytes through ``BitsAndBytesConfig``; refused with a
   message naming ``model.load_in_4bit`` where there is no CUDA GPU or no bitsandbytes.
 
-What it leaves out: when to wrap (the trainer decides from the config), the Omni talker (speech
-output), chat rendering of prompts (``core/data/collate.py``).
+What it leaves out: when to wrap (the trainer decides from the config), the Omni talker and
+token2wav / code2wav (speech output: carried through the export untouched, never trained), chat
+rendering of prompts (``core/data/collate.py``).
 """
 from __future__ import annotations
 
@@ -88,10 +104,52 @@ OMNI_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# Qwen3-ASR's specials (the Qwen3 vocabulary's names, which ``Qwen3ASRProcessor`` reads as the
+# tokenizer's ``audio_token`` / ``audio_bos_token`` / ``audio_eos_token``), added by
+# ``train_tokenizer(..., qwen3_asr=True)``; the first three are the chat specials of the others.
+QWEN3_ASR_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|audio_start|>", "<|audio_end|>",
+                            "<|audio_pad|>"]
+QWEN3_ASR_EXTRA_SPECIALS = {"audio_token": "<|audio_pad|>", "audio_bos_token": "<|audio_start|>",
+                            "audio_eos_token": "<|audio_end|>"}
+# added tokens that are not special (``skip_special_tokens`` keeps them): the released model writes
+# ``language <Name><asr_text><transcript>`` and its forced aligner reads ``<timestamp>`` markers
+QWEN3_ASR_TEXT_TOKENS = ["<asr_text>", "<timestamp>"]
+
+# The released Qwen3-ASR chat template (as transformers' conversion writes it): one system turn
+# holding the text of every system message (the context / hot words, empty by default), one user
+# turn holding only the audio placeholders (a user's text items are not rendered), then the
+# assistant turns, each marked as generation (``return_assistant_tokens_mask``).
+QWEN3_ASR_CHAT_TEMPLATE = (
+    "{%- set ns = namespace(system='', audio='') -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['content'] is string -%}"
+    "{%- if m['role'] == 'system' -%}{%- set ns.system = ns.system + m['content'] -%}{%- endif -%}"
+    "{%- else -%}{%- for c in m['content'] -%}"
+    "{%- if c['type'] == 'audio' or 'audio' in c or 'audio_url' in c -%}"
+    "{%- set ns.audio = ns.audio + '<|audio_start|><|audio_pad|><|audio_end|>' -%}"
+    "{%- elif m['role'] == 'system' and c['type'] == 'text' and c['text'] is defined -%}"
+    "{%- set ns.system = ns.system + c['text'] -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{{- '<|im_start|>system\n' + ns.system + '<|im_end|>\n' -}}"
+    "{{- '<|im_start|>user\n' + ns.audio + '<|im_end|>\n' -}}"
+    "{%- for m in messages if m['role'] == 'assistant' -%}"
+    "{%- set ns.reply = '' -%}"
+    "{%- if m['content'] is string -%}{%- set ns.reply = m['content'] -%}"
+    "{%- else -%}{%- for c in m['content'] if c['type'] == 'text' and c['text'] is defined -%}"
+    "{%- set ns.reply = ns.reply + c['text'] -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_start|>assistant\n' -}}"
+    "{% generation %}{{- ns.reply + '<|im_end|>\n' -}}{% endgeneration %}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
+)
+
 
 # --------------------------------------------------------------------------- tokenizer
 def train_tokenizer(texts: list[str], vocab_size: int, out_dir: str | os.PathLike | None = None, *,
-                    omni: bool = False):
+                    omni: bool = False, qwen3_asr: bool = False):
     """Train a byte-level BPE on ``texts`` and wrap it as a ``PreTrainedTokenizerFast``.
 
     The specials are those Qwen2-Audio's processor expects; ``<|im_end|>`` is the EOS (end of
@@ -99,27 +157,41 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: str | os.PathLik
     thinker's (``<|IMAGE|>``, ``<|VIDEO|>``, ``<|vision_bos|>``, ``<|vision_eos|>``, after the
     others, so the first six ids are the same) as named specials (``tok.video_token_id`` ...) and
     uses a chat template that also renders video and image items.
+
+    ``qwen3_asr=True``: Qwen3-ASR's vocabulary layout instead: the specials
+    ``QWEN3_ASR_SPECIAL_TOKENS`` (``<|audio_pad|>`` the audio placeholder between
+    ``<|audio_start|>`` and ``<|audio_end|>``, named ``audio_token`` / ``audio_bos_token`` /
+    ``audio_eos_token`` as ``Qwen3ASRProcessor`` reads them), then the BPE, then ``<asr_text>`` and
+    ``<timestamp>`` as added tokens that are not special (decoding with ``skip_special_tokens``
+    keeps them, as the released tokenizer does), and the released chat template
+    (``QWEN3_ASR_CHAT_TEMPLATE``). The default tokenizer's ids are unchanged by this keyword.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     if not texts:
         raise ValueError("train_tokenizer: no text to train on")
+    if omni and qwen3_asr:
+        raise ValueError("train_tokenizer: omni and qwen3_asr are two different vocabularies; pick one")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS + (OMNI_SPECIAL_TOKENS if omni else []),
+        vocab_size=vocab_size, special_tokens=QWEN3_ASR_SPECIAL_TOKENS if qwen3_asr else
+        SPECIAL_TOKENS + (OMNI_SPECIAL_TOKENS if omni else []),
         min_frequency=1,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
         bos_token=None, unk_token=None,
-        extra_special_tokens=dict(OMNI_EXTRA_SPECIALS) if omni else {
+        extra_special_tokens=dict(OMNI_EXTRA_SPECIALS) if omni else dict(QWEN3_ASR_EXTRA_SPECIALS) if qwen3_asr else {
             "audio_token": "<|AUDIO|>", "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>"},
     )
     fast.chat_template = OMNI_CHAT_TEMPLATE if omni else CHAT_TEMPLATE
+    if qwen3_asr:
+        fast.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN3_ASR_TEXT_TOKENS])
+        fast.chat_template = QWEN3_ASR_CHAT_TEMPLATE
     fast.padding_side = "left"
     if out_dir is not None:
         fast.save_pretrained(out_dir)
@@ -280,6 +352,87 @@ def build_tiny_omni_thinker(tokenizer, *, hidden: int = 64, layers: int = 2, hea
     return model, processor
 
 
+# Qwen3-ASR's encoder chunk: 2 * n_window mel frames (1 s), 13 positions after its three stride-2
+# convolutions. Fixed: Qwen3ASRProcessor and the model count 13 tokens per full chunk.
+QWEN3_ASR_N_WINDOW = 50
+
+
+def build_tiny_qwen3_asr(tokenizer, *, hidden: int = 64, layers: int = 2, heads: int = 4,
+                         kv_heads: int | None = None, intermediate: int | None = None,
+                         audio_hidden: int | None = None, audio_layers: int | None = None,
+                         audio_heads: int | None = None, downsample_hidden: int = 16, num_mel_bins: int = 128,
+                         n_window_infer: int = 800, max_position_embeddings: int = 512,
+                         tie_word_embeddings: bool = True, seed: int = 0,
+                         out_dir: str | os.PathLike | None = None):
+    """Build a ``Qwen3ASRForConditionalGeneration`` and its ``Qwen3ASRProcessor`` from sizes.
+
+    ``tokenizer``: from ``train_tokenizer(..., qwen3_asr=True)`` (``<|audio_pad|>`` and its
+    start/end markers as named specials, ``<asr_text>`` / ``<timestamp>``, the released chat
+    template). The layout is that of the released checkpoints as transformers reads them
+    (Qwen3-ASR-0.6B / 1.7B converted, ``model_type: qwen3_asr``): ``audio_config``
+    (``qwen3_asr_encoder``: ``audio_hidden`` x ``audio_layers``, a ``downsample_hidden``-channel
+    convolution stack over ``num_mel_bins`` mel bins, chunks of ``2 * n_window`` = 100 mel frames
+    (``QWEN3_ASR_N_WINDOW``, the released value: the processor counts 13 audio tokens per chunk),
+    attention windows of ``n_window_infer`` frames, a fixed sinusoid table of 13 positions) and
+    ``text_config`` (``qwen3``: ``hidden`` x ``layers``, q/k norms, head size ``hidden // heads``),
+    ``audio_token_id`` / ``timestamp_token_id`` and a projector to the text width. The LM head
+    is tied to the input embeddings by default, ``Qwen3ASRConfig``'s own default
+    (``tie_word_embeddings``; the class declares the tie, so ``save_pretrained`` keeps it). The
+    feature extractor (``Qwen3ASRFeatureExtractor``) pads a batch to its longest clip, rounded up
+    to whole chunks, and marks the real frames in ``input_features_mask``. Returns
+    ``(model, processor)``; saves both when ``out_dir`` is given.
+    """
+    from transformers import (Qwen3ASRConfig, Qwen3ASRFeatureExtractor, Qwen3ASRForConditionalGeneration,
+                              Qwen3ASRProcessor)
+
+    names = {**QWEN3_ASR_EXTRA_SPECIALS, "timestamp": "<timestamp>", "asr_text": "<asr_text>"}
+    ids = {name: tokenizer.convert_tokens_to_ids(t) for name, t in names.items()}
+    missing = [names[n] for n, i in ids.items() if not isinstance(i, int) or i < 0 or i == tokenizer.unk_token_id]
+    if missing or getattr(tokenizer, "audio_token", None) != QWEN3_ASR_EXTRA_SPECIALS["audio_token"]:
+        lacks = missing or list(QWEN3_ASR_EXTRA_SPECIALS.values())
+        raise ValueError(f"the tokenizer lacks Qwen3-ASR's tokens {lacks}; build it with "
+                         "train_tokenizer(..., qwen3_asr=True)")
+    chunk = 2 * QWEN3_ASR_N_WINDOW
+    if n_window_infer < chunk or n_window_infer % chunk:
+        raise ValueError(f"n_window_infer must be a positive multiple of {chunk} mel frames (whole encoder chunks), "
+                         f"got {n_window_infer}")
+    if hidden % heads:
+        raise ValueError(f"hidden {hidden} is not a multiple of heads {heads}")
+    audio_hidden = audio_hidden or hidden
+    eos = [tokenizer.convert_tokens_to_ids("<|endoftext|>"), tokenizer.eos_token_id]
+    audio_cfg = dict(
+        d_model=audio_hidden, encoder_layers=audio_layers or layers, encoder_attention_heads=audio_heads or heads,
+        encoder_ffn_dim=4 * audio_hidden, num_mel_bins=num_mel_bins, output_dim=hidden, n_window=QWEN3_ASR_N_WINDOW,
+        n_window_infer=n_window_infer, downsample_hidden_size=downsample_hidden, max_position_embeddings=13,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+    )
+    text_cfg = dict(
+        model_type="qwen3", vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads or heads, head_dim=hidden // heads,
+        intermediate_size=intermediate or 4 * hidden, max_position_embeddings=max_position_embeddings,
+        rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        tie_word_embeddings=tie_word_embeddings, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+    )
+    config = Qwen3ASRConfig(audio_config=audio_cfg, text_config=text_cfg, audio_token_id=ids["audio_token"],
+                            timestamp_token_id=ids["timestamp"], pad_token_id=tokenizer.pad_token_id,
+                            eos_token_id=eos, tie_word_embeddings=tie_word_embeddings)
+    torch.manual_seed(seed)
+    model = Qwen3ASRForConditionalGeneration(config)
+    tied = model.lm_head.weight is model.get_input_embeddings().weight
+    if tied != bool(tie_word_embeddings):
+        raise RuntimeError(f"build_tiny_qwen3_asr: the LM head came out {'tied' if tied else 'untied'}, "
+                           f"asked for tie_word_embeddings={tie_word_embeddings}")
+    _set_generation_ids(model, tokenizer)
+    model.generation_config.eos_token_id = eos
+    fe = Qwen3ASRFeatureExtractor(feature_size=num_mel_bins, sampling_rate=16000, hop_length=160, n_fft=400,
+                                  n_window=QWEN3_ASR_N_WINDOW)
+    processor = Qwen3ASRProcessor(feature_extractor=fe, tokenizer=tokenizer, chat_template=QWEN3_ASR_CHAT_TEMPLATE)
+    if out_dir is not None:
+        save_model(model, processor, out_dir)
+    return model, processor
+
+
 def build_tiny_causal_lm(tokenizer, *, hidden: int = 64, layers: int = 2, heads: int = 4,
                          kv_heads: int | None = None, intermediate: int | None = None,
                          max_position_embeddings: int = 512, tie_word_embeddings: bool = False,
@@ -407,13 +560,14 @@ def student_from_teacher(teacher_dir: str | os.PathLike, out_dir: str | os.PathL
             "teacher_parameters": count_parameters(model)}
 
 
-# --------------------------------------------------------------------------- full Qwen2.5-Omni
-FULL_OMNI_TYPES = ("qwen2_5_omni",)
+# --------------------------------------------------------------------------- full Omni folders
+FULL_OMNI_TYPES = ("qwen2_5_omni", "qwen3_omni_moe")
 _WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
 
 
 def is_full_omni(path: str | os.PathLike) -> bool:
-    """A released Qwen2.5-Omni folder (thinker + talker + token2wav, weights prefixed ``thinker.``)."""
+    """A released full Omni folder (``FULL_OMNI_TYPES``): Qwen2.5-Omni (thinker + talker +
+    token2wav) or Qwen3-Omni-MoE (thinker + talker + code2wav), weights prefixed ``thinker.``."""
     return (Path(path) / "config.json").is_file() and model_type_of(path) in FULL_OMNI_TYPES
 
 
@@ -430,9 +584,10 @@ def _safetensor_files(folder: Path) -> list[Path]:
 
 def export_full_omni(source: str | os.PathLike, thinker_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                      shard_bytes: int = 2 << 30) -> dict:
-    """A full Qwen2.5-Omni folder at ``out_dir``: ``source`` (the released folder training started
-    from) with its thinker weights replaced by those of ``thinker_dir`` (our export of the trained
-    thinker), each cast to the source tensor's dtype; the talker, token2wav and every other file of
+    """A full Omni folder at ``out_dir`` (Qwen2.5-Omni or Qwen3-Omni-MoE, ``is_full_omni``):
+    ``source`` (the released folder training started from) with its thinker weights (``thinker.*``)
+    replaced by those of ``thinker_dir`` (our export of the trained thinker), each cast to the
+    source tensor's dtype; every other tensor (talker, token2wav / code2wav) and every other file of
     ``source`` (config, processor, speaker dictionary ...) as they were. Written tensor by tensor
     (one shard in memory at a time) to ``out_dir``.tmp, then moved into place.
 
@@ -567,6 +722,162 @@ def build_tiny_full_omni(thinker_dir: str | os.PathLike, out_dir: str | os.PathL
     return out_dir
 
 
+# --------------------------------------------------------------------------- Qwen3-Omni-MoE
+def interleaved_mrope_section(head_dim: int) -> list[int]:
+    """Temporal / height / width split of the rotary half-dimension for Qwen3-Omni's interleaved
+    multimodal rotary positions, in the released 24:20:20 ratio (``[24, 20, 20]`` for head_dim 128,
+    ``[4, 2, 2]`` for 16); the parts sum to ``head_dim // 2``."""
+    half = head_dim // 2
+    hw = half * 5 // 16
+    if head_dim % 2 or hw < 1:
+        raise ValueError(f"head_dim {head_dim} is too small for multimodal rotary positions (>= 8, even)")
+    return [half - 2 * hw, hw, hw]
+
+
+def build_tiny_qwen3_omni_thinker(tokenizer, *, hidden: int = 64, layers: int = 2, heads: int = 4,
+                                  kv_heads: int | None = None, head_dim: int | None = None,
+                                  experts: int = 4, experts_per_tok: int = 2, moe_intermediate: int = 32,
+                                  audio_hidden: int = 32, audio_layers: int = 2, audio_heads: int = 2,
+                                  downsample_hidden: int = 16, vision_hidden: int = 32, vision_depth: int = 2,
+                                  vision_heads: int = 2, num_mel_bins: int = 128, max_position_embeddings: int = 4096,
+                                  video_max_pixels: int = 64 * 64, seed: int = 0,
+                                  out_dir: str | os.PathLike | None = None):
+    """Build a ``Qwen3OmniMoeThinkerForConditionalGeneration`` and its ``Qwen3OmniMoeProcessor``.
+
+    The layout of Qwen3-Omni-30B-A3B's thinker at a size that trains on a CPU: a MoE text model
+    (``hidden`` x ``layers``, per-head q/k norms, every layer sparse: ``experts`` experts of width
+    ``moe_intermediate``, ``experts_per_tok`` routed per token, normalised top-k weights; the
+    router's load-balancing loss off, ``output_router_logits: false``) with interleaved
+    multimodal rotary positions (``interleaved_mrope_section``), an audio encoder
+    (``audio_hidden`` x ``audio_layers``; three stride-2 convolutions of ``downsample_hidden``
+    channels over chunks of 100 mel frames, 13 tokens per chunk, as released: ``n_window`` 50,
+    which the processor assumes), a vision encoder (``vision_hidden`` x ``vision_depth``, 16-pixel
+    patches, 2 x 2 merge, 2 frames per temporal patch, a learned position grid, one deepstack
+    merger after block 0) and an untied LM head. ``position_id_per_seconds`` is the released 13.
+    ``tokenizer``: from ``train_tokenizer(..., omni=True)`` (the processor reads the same named
+    specials as Qwen2.5-Omni's). The image and video processors cap frames at ``video_max_pixels``
+    (a 64 x 64 frame stays 64 x 64: 4 tokens per pair of frames); callers pass the cap and the
+    clip's fps on every call (``AVPromptCollator`` does). Audio is padded to the batch's longest
+    clip (the released processor's ``padding: longest``). Returns ``(model, processor)``; saves
+    both when ``out_dir`` is given.
+    """
+    from transformers import (Qwen2VLImageProcessor, Qwen2VLVideoProcessor, Qwen3OmniMoeProcessor,
+                              Qwen3OmniMoeThinkerConfig, Qwen3OmniMoeThinkerForConditionalGeneration,
+                              WhisperFeatureExtractor)
+
+    ids = {name: tokenizer.convert_tokens_to_ids(t) for name, t in OMNI_EXTRA_SPECIALS.items()}
+    missing = [OMNI_EXTRA_SPECIALS[n] for n, i in ids.items() if not isinstance(i, int) or i < 0
+               or i == tokenizer.unk_token_id]
+    if missing:
+        raise ValueError(f"the tokenizer lacks the Omni specials {missing}; "
+                         "build it with train_tokenizer(..., omni=True)")
+    if experts_per_tok > experts:
+        raise ValueError(f"experts_per_tok {experts_per_tok} is more than the {experts} experts")
+    head_dim = head_dim or hidden // heads
+    text_cfg = dict(
+        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads, head_dim=head_dim, intermediate_size=2 * hidden,
+        max_position_embeddings=max_position_embeddings, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": interleaved_mrope_section(head_dim),
+                         "interleaved": True, "mrope_interleaved": True},
+        num_experts=experts, num_experts_per_tok=experts_per_tok, moe_intermediate_size=moe_intermediate,
+        decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True, output_router_logits=False,
+        router_aux_loss_coef=0.001, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    audio_cfg = dict(
+        d_model=audio_hidden, encoder_layers=audio_layers, encoder_attention_heads=audio_heads,
+        encoder_ffn_dim=2 * audio_hidden, num_mel_bins=num_mel_bins, max_source_positions=1500, n_window=50,
+        n_window_infer=800, conv_chunksize=500, downsample_hidden_size=downsample_hidden, output_dim=hidden,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+    )
+    vision_cfg = dict(
+        depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_heads=vision_heads,
+        patch_size=16, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=hidden,
+        num_position_embeddings=64, deepstack_visual_indexes=[0], hidden_act="gelu_pytorch_tanh",
+    )
+    user = tokenizer("user", add_special_tokens=False)["input_ids"]
+    config = Qwen3OmniMoeThinkerConfig(
+        text_config=text_cfg, audio_config=audio_cfg, vision_config=vision_cfg,
+        audio_token_id=ids["audio_token"], image_token_id=ids["image_token"], video_token_id=ids["video_token"],
+        audio_start_token_id=ids["audio_bos_token"], position_id_per_seconds=13,
+        user_token_id=user[0] if len(user) == 1 else tokenizer.pad_token_id, tie_word_embeddings=False,
+        # read by the multimodal position code, as in the released config, though not declared fields
+        vision_start_token_id=ids["vision_bos_token"], vision_end_token_id=ids["vision_eos_token"],
+        audio_end_token_id=ids["audio_eos_token"],
+    )
+    torch.manual_seed(seed)
+    model = Qwen3OmniMoeThinkerForConditionalGeneration(config)
+    if model.lm_head.weight is model.get_input_embeddings().weight:
+        raise RuntimeError("build_tiny_qwen3_omni_thinker: the LM head came out tied to the input embeddings")
+    _set_generation_ids(model, tokenizer)
+    fe = WhisperFeatureExtractor(feature_size=num_mel_bins, sampling_rate=16000, hop_length=160, chunk_length=30,
+                                 n_fft=400)
+    size = {"shortest_edge": 32 * 32, "longest_edge": int(video_max_pixels)}
+    processor = Qwen3OmniMoeProcessor(
+        image_processor=Qwen2VLImageProcessor(size=size, patch_size=16, temporal_patch_size=2, merge_size=2),
+        video_processor=Qwen2VLVideoProcessor(size=size, patch_size=16, temporal_patch_size=2, merge_size=2),
+        feature_extractor=fe, tokenizer=tokenizer, chat_template=OMNI_CHAT_TEMPLATE)
+    if out_dir is not None:
+        save_model(model, processor, out_dir)
+    return model, processor
+
+
+def build_tiny_full_qwen3_omni(thinker_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                               seed: int = 0) -> Path:
+    """A full ``Qwen3OmniMoeForConditionalGeneration`` folder in the released layout (model_type
+    ``qwen3_omni_moe``; ``thinker_config`` / ``talker_config`` (with its ``text_config`` and
+    ``code_predictor_config``) / ``code2wav_config`` nested as transformers reads them; weights
+    prefixed ``thinker.`` / ``talker.`` / ``code2wav.``; the voices in
+    ``talker_config.speaker_id``, no speaker file) around the tiny thinker in ``thinker_dir`` (its
+    weights and processor), with a tiny MoE talker (a shared expert, as released), code predictor
+    and code2wav vocoder. For tests: the layout of Qwen3-Omni-30B-A3B-Instruct at CPU size."""
+    from transformers import (AutoProcessor, Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration,
+                              Qwen3OmniMoeThinkerForConditionalGeneration)
+
+    thinker = Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(str(thinker_dir))
+    processor = AutoProcessor.from_pretrained(str(thinker_dir))
+    tok = tokenizer_of(processor)
+    tc = thinker.config
+    text = tc.get_text_config()
+
+    def one_id(word: str) -> int:
+        got = tok(word, add_special_tokens=False)["input_ids"]
+        return got[0] if len(got) == 1 else tok.pad_token_id
+
+    talker = dict(
+        text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, moe_intermediate_size=16,
+                         num_experts=2, num_experts_per_tok=1, shared_expert_intermediate_size=32,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                          "mrope_section": interleaved_mrope_section(16), "interleaved": True}),
+        code_predictor_config=dict(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_code_groups=4),
+        num_code_groups=4, thinker_hidden_size=text.hidden_size, accept_hidden_layer=text.num_hidden_layers,
+        codec_pad_id=58, codec_bos_id=59, codec_eos_token_id=60, codec_nothink_id=61, codec_think_bos_id=62,
+        codec_think_eos_id=63, audio_token_id=tc.audio_token_id, image_token_id=tc.image_token_id,
+        video_token_id=tc.video_token_id, vision_start_token_id=tc.vision_start_token_id,
+        audio_start_token_id=tc.audio_start_token_id, position_id_per_seconds=tc.position_id_per_seconds,
+        spatial_merge_size=tc.vision_config.spatial_merge_size, speaker_id={"ethan": 50, "chelsie": 51})
+    code2wav = dict(codebook_size=32, hidden_size=32, max_position_embeddings=256, num_attention_heads=2,
+                    num_key_value_heads=2, sliding_window=8, intermediate_size=64, num_hidden_layers=1,
+                    num_quantizers=4, upsample_rates=[2, 2], upsampling_ratios=[2], decoder_dim=32)
+    config = Qwen3OmniMoeConfig(
+        thinker_config=tc.to_dict(), talker_config=talker, code2wav_config=code2wav, enable_audio_output=True,
+        im_start_token_id=tok.convert_tokens_to_ids("<|im_start|>"), im_end_token_id=tok.eos_token_id,
+        tts_pad_token_id=tok.pad_token_id, tts_bos_token_id=tok.pad_token_id, tts_eos_token_id=tok.pad_token_id,
+        system_token_id=one_id("system"), user_token_id=one_id("user"), assistant_token_id=one_id("assistant"))
+    torch.manual_seed(seed)
+    full = Qwen3OmniMoeForConditionalGeneration(config)
+    missing, unexpected = full.thinker.load_state_dict(thinker.state_dict(), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"build_tiny_full_qwen3_omni: thinker weights do not fit ({missing[:3]}, {unexpected[:3]})")
+    out_dir = Path(out_dir)
+    full.save_pretrained(out_dir, safe_serialization=True)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
 # --------------------------------------------------------------------------- loading
 def model_type_of(path: str | os.PathLike) -> str:
     cfg = Path(path) / "config.json"
@@ -580,6 +891,9 @@ MULTIMODAL_CLASSES = {
     "qwen2_audio": "Qwen2AudioForConditionalGeneration",
     "qwen2_5_omni": "Qwen2_5OmniThinkerForConditionalGeneration",        # a full Omni folder: its thinker
     "qwen2_5_omni_thinker": "Qwen2_5OmniThinkerForConditionalGeneration",
+    "qwen3_omni_moe": "Qwen3OmniMoeThinkerForConditionalGeneration",     # a full Qwen3-Omni folder: its thinker
+    "qwen3_omni_moe_thinker": "Qwen3OmniMoeThinkerForConditionalGeneration",
+    "qwen3_asr": "Qwen3ASRForConditionalGeneration",
 }
 
 
@@ -591,10 +905,13 @@ def check_model_type(path: str | os.PathLike, trust_remote_code: bool = False) -
     """``model_type`` of the folder ``path`` when supported: one of ``MULTIMODAL_CLASSES``, a
     text-only causal LM transformers knows (qwen2, qwen3, llama, ...), or with
     ``trust_remote_code`` a folder whose ``auto_map`` names an ``AutoModelForCausalLM``. Raises
-    UnsupportedModel naming the type and the supported ones otherwise (e.g. ``qwen3_omni_moe``,
-    ``qwen3_asr``)."""
+    UnsupportedModel naming the type and the supported ones otherwise (e.g. ``qwen3_vl_moe``),
+    and for a Qwen3-ASR folder in the original release's layout (``thinker_config``, read by the
+    ``qwen-asr`` package), which transformers would silently build at its default size."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     mtype = model_type_of(path)
+    if mtype == "qwen3_asr":
+        _check_qwen3_asr_layout(path)
     if mtype in MULTIMODAL_CLASSES or mtype in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return mtype
     auto_map = json.loads((Path(path) / "config.json").read_text()).get("auto_map") or {}
@@ -608,6 +925,23 @@ def check_model_type(path: str | os.PathLike, trust_remote_code: bool = False) -
         f"{Path(path) / 'config.json'}: model_type {mtype or '(none)'!r} is not supported. Supported: "
         + ", ".join(f"{t} ({c})" for t, c in MULTIMODAL_CLASSES.items())
         + ", and text-only causal LMs (AutoModelForCausalLM: qwen2, qwen3, llama, mistral, gemma ...)")
+
+
+def _check_qwen3_asr_layout(path: str | os.PathLike) -> None:
+    """Refuse a Qwen3-ASR folder in the original release's layout: its config nests the model in
+    ``thinker_config`` and its weights are prefixed ``thinker.``; transformers' ``Qwen3ASRConfig``
+    ignores that key and would build the default 1.7B shapes around none of the weights."""
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    if "thinker_config" in cfg and "text_config" not in cfg:
+        raise UnsupportedModel(
+            f"{Path(path) / 'config.json'}: a Qwen3-ASR checkpoint in the original layout (thinker_config, weights "
+            "prefixed 'thinker.', for the qwen-asr package), which transformers does not read. Use the converted "
+            "release (Qwen/Qwen3-ASR-0.6B-hf, Qwen/Qwen3-ASR-1.7B-hf) or convert the folder with transformers' "
+            "models/qwen3_asr/convert_qwen3_asr_to_hf.py --src_dir <folder> --dst_dir <new folder>")
+    if "Qwen3ASRForTokenClassification" in (cfg.get("architectures") or []):
+        raise UnsupportedModel(f"{Path(path) / 'config.json'}: a Qwen3 forced aligner (Qwen3ASRForTokenClassification: "
+                               "timestamps per word, no text generation); only the Qwen3-ASR speech recognisers "
+                               "(Qwen3ASRForConditionalGeneration) train here")
 
 
 def check_4bit_available(key: str = "model.load_in_4bit") -> None:
@@ -653,10 +987,15 @@ def load_model_and_processor(path: str | os.PathLike, *, dtype: str | torch.dtyp
         from transformers import Qwen2_5OmniThinkerForConditionalGeneration as cls
     elif mtype == "qwen2_5_omni":
         from transformers import Qwen2_5OmniThinkerForConditionalGeneration as cls
+    elif mtype in ("qwen3_omni_moe", "qwen3_omni_moe_thinker"):
+        from transformers import Qwen3OmniMoeThinkerForConditionalGeneration as cls
+    elif mtype == "qwen3_asr":
+        from transformers import Qwen3ASRForConditionalGeneration as cls
     else:
         from transformers import AutoModelForCausalLM as cls
     model = cls.from_pretrained(path, **kw)
     _refreeze_audio_positions(model)
+    _no_router_logits(model)
     try:
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception:  # text-only checkpoints have only a tokenizer
@@ -681,6 +1020,25 @@ def _refreeze_audio_positions(model) -> None:
             mod.weight.requires_grad_(False)
 
 
+def _no_router_logits(model) -> None:
+    """Turn off a mixture-of-experts model's ``output_router_logits`` (Qwen3-Omni-MoE's thinker ...).
+
+    With it on, every forward collects each layer's router logits and computes the
+    load-balancing loss over ``attention_mask``, which a forward reading a KV cache (our sampler,
+    the shared prompt forward) does not match; and our losses never read the model's own
+    ``loss`` / ``aux_loss``. The routers still train through the policy / distillation gradient
+    (the routing weights are differentiable); no load-balancing term is added.
+    """
+    config = getattr(model, "config", None)
+    seen = {id(c): c for c in (config, config.get_text_config() if hasattr(config, "get_text_config") else None)
+            if c is not None}
+    for c in seen.values():
+        if getattr(c, "output_router_logits", False):
+            log.info("%s: output_router_logits off (the router's load-balancing loss is not part of these losses)",
+                     type(model).__name__)
+            c.output_router_logits = False
+
+
 # --------------------------------------------------------------------------- LoRA
 # modules holding an encoder: LoRA's default targets never reach into them
 _ENCODERS = ("audio_tower", "visual", "vision_tower", "vision_model", "audio_encoder", "multi_modal_projector")
@@ -696,10 +1054,20 @@ def lora_target_modules(model) -> str:
 
     Qwen2-Audio gives ``model\\.language_model\\..*\\.(down_proj|gate_proj|k_proj|o_proj|q_proj|up_proj|v_proj)``,
     a Qwen2 causal LM the same under ``model\\.``; the LM head and any encoder are left out.
+
+    Mixture-of-experts decoders (the Qwen3-Omni-MoE thinker: ``model\\.language_model\\..*\\.(k_proj|o_proj|
+    q_proj|v_proj)``): the experts are fused 3-D parameters, not linear layers, so they stay frozen,
+    and the router (a linear ``gate`` / ``router`` / ``shared_expert_gate`` beside ``experts``) is
+    never a target, so routing stays the base model's; dense MLP layers (``mlp_only_layers``, a
+    shared expert) keep their projections as targets. To adapt the experts, name them in peft's
+    ``target_parameters`` (``model.lora``).
     """
     dec = model.get_decoder() if hasattr(model, "get_decoder") else None
     prefix = next((n for n, m in model.named_modules() if m is dec), None) if dec is not None else None
-    names = [n for n, m in dec.named_modules() if isinstance(m, torch.nn.Linear)] if prefix is not None else []
+    routers = {n for n, m in dec.named_modules() if hasattr(m, "experts")} if prefix is not None else set()
+    names = [n for n, m in dec.named_modules() if isinstance(m, torch.nn.Linear)
+             and not (n.rsplit(".", 1)[-1] in ("gate", "router", "shared_expert_gate")
+                      and n.rsplit(".", 1)[0] in routers)] if prefix is not None else []
     if not names or any(p in _ENCODERS for n in names for p in n.split(".")):
         raise ValueError(f"no default LoRA targets for {type(model).__name__} (its language model's decoder "
                          "was not found apart from the encoders); set model.lora.target_modules")
@@ -710,26 +1078,39 @@ def lora_target_modules(model) -> str:
 def apply_lora(model, lora: dict, *, kbit: bool = False):
     """Wrap ``model`` with peft LoRA adapters (``lora``: ``LoraConfig`` kwargs); the base is frozen.
 
-    ``target_modules`` defaults to ``lora_target_modules(model)``; ``kbit``: a 4-bit base first
-    goes through ``prepare_model_for_kbit_training`` (fp32 norms, gradient checkpointing).
+    ``target_modules`` defaults to ``lora_target_modules(model)``; for a mixture-of-experts model
+    as the list of the modules it matches, by full name: peft (0.21) resolves a regex for MoE model
+    types (``qwen3_omni_moe`` ...) to bare leaf names (``q_proj`` ...), which would also match the
+    audio encoder's projections. The default targets are checked to hold no encoder module.
+    ``kbit``: a 4-bit base first goes through ``prepare_model_for_kbit_training`` (fp32 norms,
+    gradient checkpointing).
     """
     from peft import LoraConfig, get_peft_model
 
     from core.config import ConfigError
 
     kw = dict(lora)
+    default = not kw.get("target_modules")
     try:
-        if not kw.get("target_modules"):
-            kw["target_modules"] = lora_target_modules(model)
+        if default:
+            rx = kw["target_modules"] = lora_target_modules(model)
+            if any(hasattr(m, "experts") for m in model.modules()):
+                kw["target_modules"] = [n for n, _ in model.named_modules() if re.fullmatch(rx, n)]
         lcfg = LoraConfig(**kw)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config key 'model.lora': {e}") from None
+    shown = rx if default else lcfg.target_modules
     if kbit:
         from peft import prepare_model_for_kbit_training
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, lcfg)
-    log.info("LoRA on %s: %d trainable of %d parameters", lcfg.target_modules,
+    if default:
+        inside = [n for n, m in model.named_modules() if hasattr(m, "lora_A")
+                  and any(p in _ENCODERS for p in n.split("."))]
+        if inside:
+            raise RuntimeError(f"LoRA's default targets reached an encoder ({inside[:3]}); set model.lora.target_modules")
+    log.info("LoRA on %s: %d trainable of %d parameters", shown,
              sum(p.numel() for p in model.parameters() if p.requires_grad), count_parameters(model))
     return model
 

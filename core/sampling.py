@@ -10,9 +10,9 @@
   token, with the processing steps of ``model.generate`` (with its ``multinomial`` draw, the same
   tokens under the same seed, tested) but without its per-step machinery, and an inverse-CDF draw
   (``draw``) that samples the same distribution much faster on a CPU. A model with multimodal
-  rotary positions that keeps ``rope_deltas`` (the Qwen2.5-Omni thinker) places the prompt
-  itself; its new tokens take their text positions plus that row's offset on all three axes
-  (``core.forward._text_positions``), as its own decoding does. ``engine="hf"`` (and a model the
+  rotary positions that keeps ``rope_deltas`` (the Qwen2.5-Omni and Qwen3-Omni-MoE thinkers)
+  places the prompt itself; its new tokens take their text positions plus that row's offset on
+  all three axes (``core.forward._text_positions``), as its own decoding does. ``engine="hf"`` (and a model the
   loop cannot place, ``own_loop_ok``) uses ``model.generate``.
   ``synced_gpus`` keeps ZeRO-3 ranks stepping together until all are done.
 

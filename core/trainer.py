@@ -168,9 +168,10 @@ def read_rows(path: str, cfg: C.TrainConfig, modality: str, require=(), key: str
 
 
 def export_full_omni_if_asked(m: "C.ModelConfig", final: Path) -> None:
-    """``model.export`` auto/full with a full Qwen2.5-Omni ``model.path``: ``final`` (the trained
-    thinker) becomes that folder with the thinker put back (``core.models.export_full_omni``)."""
-    from core.models import export_full_omni, is_full_omni
+    """``model.export`` auto/full with a full Omni ``model.path`` (Qwen2.5-Omni, Qwen3-Omni-MoE:
+    ``core.models.is_full_omni``): ``final`` (the trained thinker) becomes that folder with the
+    thinker put back (``core.models.export_full_omni``)."""
+    from core.models import export_full_omni, is_full_omni, model_type_of
     if m.export != "thinker" and is_full_omni(m.path):
         thinker = final.with_name(final.name + ".thinker")
         if thinker.exists():
@@ -183,7 +184,7 @@ def export_full_omni_if_asked(m: "C.ModelConfig", final: Path) -> None:
                 os.replace(thinker, final)
             raise
         shutil.rmtree(thinker)
-        log.info("exported a full Qwen2.5-Omni folder to %s (%s)", final, counts)
+        log.info("exported a full Omni folder (%s) to %s (%s)", model_type_of(m.path), final, counts)
 
 
 def model_kwargs(m: C.ModelConfig) -> dict:

@@ -21,6 +21,17 @@
 #   launch_prefix                 the command train() runs core.bin.train with (an array, LAUNCH)
 #   prep_args                     (--skip_bad) when skip_bad=true, else empty: for the prep scripts
 #   fresh DIR...                  removes DIRs (non-training outputs a stage rewrites)
+#   budget_args NAME SECONDS      the train overrides that bound compared method NAME: with an empty
+#                                 ${budget}, its fixed step count from conf/budget.yaml (x ${budget_scale},
+#                                 smoke runs; tools/step_budget.py), else SECONDS of wall-clock
+#   run_seeds FIRST_STAGE METRIC SHARED...
+#                                 with --seeds N > 1: this run.sh again for stages max(stage,
+#                                 FIRST_STAGE)..stop_stage once per training seed (seed, seed+1 ...)
+#                                 into ${exp}/seed<s>/, each linking the SHARED outputs of ${exp}
+#                                 (the warm-up), then their results.json combined into
+#                                 ${exp}/results.json (tools/aggregate_seeds.py: mean, std, per seed;
+#                                 a METRIC table in ${exp}/RESULTS.md). Needs orig_args (run.sh's
+#                                 arguments). Returns 1 (nothing done) when seeds is 1.
 #   gen_length MODEL FIELD MANIFEST...
 #                                 the decoding / rollout length (prints it): ${max_new_tokens} when
 #                                 a number; with auto, the longest FIELD of the MANIFESTs in MODEL's
@@ -137,6 +148,40 @@ eval_model_ok() {  # [TAG]: --eval_only's checks; data/ and exp/ default to data
   [ "${data}" = data ] && data="data/eval_${1:-${corpus:-test}}"
   [ "${exp}" = exp ] && exp="exp/eval_${eval_name}"
   mkdir -p "${data}" "${exp}"
+}
+budget_args() {  # NAME SECONDS
+  if [ -n "${budget:-}" ]; then
+    [[ "${budget}" =~ ^[0-9]+([.][0-9]+)?$ ]] || { echo "--budget must be a number of seconds, got '${budget}'" >&2; return 2; }
+    echo "train.max_seconds=$2"
+  else
+    local n
+    n=$("${PY}" -m tools.step_budget steps --conf conf/budget.yaml "$1" --scale "${budget_scale:-1}") || return
+    echo "train.max_seconds=0 train.max_steps=${n}"
+  fi
+}
+run_seeds() {  # FIRST_STAGE METRIC SHARED...
+  local n=${seeds:-1} first=$1 metric=$2 k s sub d from files=() seed_list=()
+  shift 2
+  [[ "${n}" =~ ^[1-9][0-9]*$ ]] || { echo "--seeds must be a positive integer, got '${n}'" >&2; exit 2; }
+  [ "${n}" -gt 1 ] && [ "${stop_stage}" -ge "${first}" ] || return 1
+  from=$(( stage > first ? stage : first ))
+  local data_abs exp_abs script
+  data_abs=$(readlink -f "${data}"); exp_abs=$(readlink -f "${exp}"); script="$(pwd)/run.sh"
+  for ((k = 0; k < n; k++)); do
+    s=$(( seed + k )); sub="${exp_abs}/seed${s}"
+    mkdir -p "${sub}"
+    for d in "$@"; do
+      if [ -e "${exp_abs}/${d}" ]; then ln -sfn "$(readlink -f "${exp_abs}/${d}")" "${sub}/${d}"; fi
+    done
+    log "seed ${s} (${k} of ${n}): stages ${from}-${stop_stage} in ${sub}"
+    (cd "${caller_pwd:-.}" && bash "${script}" "${orig_args[@]}" --stage "${from}" --stop_stage "${stop_stage}" \
+       --seeds 1 --seed "${s}" --exp "${sub}" --data "${data_abs}" --update_readme false) || return 2
+    files+=("${sub}/results.json"); seed_list+=("${s}")
+  done
+  [ -f "${files[0]}" ] || return 0   # stop_stage before scoring: nothing to combine
+  local IFS=,
+  "${PY}" -m tools.aggregate_seeds --out "${exp_abs}/results.json" --seeds "${seed_list[*]}" --metric "${metric}" \
+    --report_exp "${exp_abs}" ${readme_args[@]+"${readme_args[@]}"} "${files[@]}"
 }
 gen_length() {  # MODEL FIELD MANIFEST...
   local n=${max_new_tokens:-auto}

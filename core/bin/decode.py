@@ -4,16 +4,17 @@ Writes one JSON line per sample (``key``, ``text``: the hypothesis, plus ``ref``
 manifest has the target field); ``--as_manifest`` writes the input rows with the hypothesis in
 the target field instead, ready for SFT (sequence-level knowledge distillation).
 
-Audio-in models (Qwen2-Audio, the Omni thinker) read each row's ``audio`` with ``--prompt`` as the
-text of the user turn (``AudioPromptCollator``); the Omni thinker with a manifest of ``video`` rows
-reads ``--num_frames`` frames and the sound track of each video (``AVPromptCollator``, modality
-``av``; ``--missing_audio silence`` for videos without sound). Text-only causal LMs (any
-``AutoModelForCausalLM``) get ``TextPromptCollator``: the prompt is ``--prompt`` formatted with the
-row's fields when it names one (``"{question}"``), else the row's own ``prompt`` field (then
-``question``), so a text manifest needs no ``--prompt``. ``--modality auto`` (the default) picks
-as the trainer does for ``data.modality: auto``: text for a model without an audio encoder, or
-for an audio model when no row of the manifest has an ``audio``/``video`` path; av for a model
-with a vision encoder and rows with ``video``; else audio.
+Audio-in models (Qwen2-Audio, Qwen3-ASR, the Omni thinker) read each row's ``audio`` with
+``--prompt`` as the text of the user turn (``AudioPromptCollator``; Qwen3-ASR's chat template
+renders only the audio there, and the log says so once); the Omni thinker with a manifest of
+``video`` rows reads ``--num_frames`` frames and the sound track of each video
+(``AVPromptCollator``, modality ``av``; ``--missing_audio silence`` for videos without sound).
+Text-only causal LMs (any ``AutoModelForCausalLM``) get ``TextPromptCollator``: the prompt is
+``--prompt`` formatted with the row's fields when it names one (``"{question}"``), else the row's
+own ``prompt`` field (then ``question``), so a text manifest needs no ``--prompt``.
+``--modality auto`` (the default) picks as the trainer does for ``data.modality: auto``: text for
+a model without an audio encoder, or for an audio model when no row of the manifest has an
+``audio``/``video`` path; av for a model with a vision encoder and rows with ``video``; else audio.
 
 Rows are decoded longest first in batches of similar length (audio seconds, else a video row's
 ``duration`` field, else the prompt's characters; ``--no_sort`` keeps the manifest's order), so

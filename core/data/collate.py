@@ -5,8 +5,11 @@ fields, e.g. ``"{question}"``) followed by the generation prompt; prompts are le
 that every completion starts at the same column. Targets (transcripts, reference answers) are
 tokenised without specials, followed by EOS, right-padded.
 
-``AudioPromptCollator`` serves audio-in models; ``AVPromptCollator`` serves audio-visual ones
-(the Qwen2.5-Omni thinker: a video item, then its audio as a separate item, never
+``AudioPromptCollator`` serves audio-in models (Qwen2-Audio, Qwen3-ASR: whatever tensors the
+processor returns, ``feature_attention_mask`` or ``input_features_mask``, go to the model as they
+are; a chat template that leaves the prompt text out, as Qwen3-ASR's does, is said once in the
+log); ``AVPromptCollator`` serves audio-visual ones
+(the Qwen2.5-Omni and Qwen3-Omni-MoE thinkers: a video item, then its audio as a separate item, never
 ``use_audio_in_video``); ``TextPromptCollator`` serves text-only causal LMs (any
 ``AutoModelForCausalLM``); all three share one interface. ``make_collator(modality, processor,
 data)`` is the one place that picks among them.
@@ -22,12 +25,15 @@ images in one prompt.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from core.data.audio import load_audio
+
+log = logging.getLogger(__name__)
 
 
 # flattened patch tensors (rows of all samples stacked) -> the per-sample grid that sizes each one's rows
@@ -155,7 +161,20 @@ def _require_prompt(prompt, kind: str) -> None:
 
 
 class AudioPromptCollator:
-    """Builds ``PromptBatch`` objects for audio-in, text-out models (Qwen2-Audio style)."""
+    """Builds ``PromptBatch`` objects for audio-in, text-out models (Qwen2-Audio, Qwen3-ASR).
+
+    The prompt text is always put in the user turn; whether the model sees it is the chat
+    template's choice. Qwen3-ASR's released template renders only the audio there (its context
+    is the system message, ``system``): the first batch whose rendered prompt lacks the text logs
+    a warning saying so, once per collator.
+
+    Each row goes through the processor alone and the rows are then stacked (``stack_encodings``),
+    so a clip's features and its number of audio tokens never depend on the other clips of its
+    batch, and equal what a server that encodes one request at a time computes. (Qwen3-ASR's
+    feature extractor pads a batch to its longest clip: the edge frames of a shorter clip and its
+    count of real frames would change with the batch. Fixed-length extractors, Qwen2-Audio's 30 s
+    chunk, give the batch call's tensors either way.)
+    """
 
     def __init__(self, processor, prompt: str, *, system: str | None = None, sample_rate: int = 16000):
         _require_prompt(prompt, "audio")
@@ -164,6 +183,7 @@ class AudioPromptCollator:
         self.prompt = prompt
         self.system = system
         self.sample_rate = sample_rate
+        self._prompt_checked = False
 
     def messages(self, row: dict) -> list[dict]:
         text = format_prompt(self.prompt, row)
@@ -171,19 +191,28 @@ class AudioPromptCollator:
         msgs = [{"role": "system", "content": self.system}] if self.system else []
         return msgs + [{"role": "user", "content": content}]
 
+    def _check_prompt_shown(self, row: dict, rendered: str) -> None:
+        if self._prompt_checked:
+            return
+        self._prompt_checked = True
+        text = format_prompt(self.prompt, row).strip()
+        if text and text not in rendered:
+            log.warning("the chat template of this processor leaves the prompt text %r out of the rendered prompt "
+                        "(Qwen3-ASR's renders only the audio in the user turn; give context as data.system): "
+                        "the model sees %r", text, rendered)
+
     def prompts(self, rows: list[dict]) -> PromptBatch:
         texts = [self.processor.apply_chat_template(self.messages(r), add_generation_prompt=True, tokenize=False)
                  for r in rows]
+        if rows:
+            self._check_prompt_shown(rows[0], texts[0])
         audios = [load_audio(r["audio"], r.get("begin_time"), r.get("end_time"), sample_rate=self.sample_rate)
                   for r in rows]
-        old_side = self.tokenizer.padding_side
-        self.tokenizer.padding_side = "left"
-        try:
-            enc = self.processor(text=texts, audio=audios, sampling_rate=self.sample_rate,
-                                 return_tensors="pt", padding=True)
-        finally:
-            self.tokenizer.padding_side = old_side
-        inputs = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor) and k != "num_audio_tokens"}
+        encs = []
+        for text, audio in zip(texts, audios):
+            enc = self.processor(text=[text], audio=[audio], sampling_rate=self.sample_rate, return_tensors="pt")
+            encs.append({k: v for k, v in enc.items() if isinstance(v, torch.Tensor) and k != "num_audio_tokens"})
+        inputs = stack_encodings(encs, self.tokenizer.pad_token_id) if encs else {}
         return PromptBatch(inputs, list(rows), texts, audios)
 
     def targets(self, texts: list[str], max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,9 +220,43 @@ class AudioPromptCollator:
         return tokenize_targets(self.tokenizer, texts, max_len)
 
 
+def stack_encodings(encs: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """One batch from processor outputs of one sample each (batch dim 1, the same keys).
+
+    ``input_ids`` are left-padded with ``pad_id`` and ``attention_mask`` with 0, as the tokenizer
+    pads prompts; every other tensor (audio features, their masks) is zero-padded at the end of
+    each other dim to the largest size, which a feature mask then marks as padding.
+    """
+    keys = list(encs[0])
+    for i, e in enumerate(encs):
+        if set(e) != set(keys):
+            raise ValueError(f"the processor returned {sorted(e)} for sample {i}, {sorted(keys)} for sample 0")
+        bad = [k for k in keys if e[k].dim() == 0 or e[k].shape[0] != 1]
+        if bad:
+            raise ValueError(f"the processor returned {bad} without a batch dim of 1 for one sample")
+    out = {}
+    for k in keys:
+        ts = [e[k] for e in encs]
+        if k in ("input_ids", "attention_mask"):
+            L = max(t.shape[1] for t in ts)
+            fill = pad_id if k == "input_ids" else 0
+            out[k] = torch.cat([torch.nn.functional.pad(t, (L - t.shape[1], 0), value=fill) for t in ts])
+        elif len({tuple(t.shape) for t in ts}) == 1:
+            out[k] = torch.cat(ts)
+        else:
+            shape = [max(t.shape[d] for t in ts) for d in range(1, ts[0].dim())]
+            padded = []
+            for t in ts:
+                z = t.new_zeros((1, *shape))
+                z[(slice(None),) + tuple(slice(0, n) for n in t.shape[1:])] = t
+                padded.append(z)
+            out[k] = torch.cat(padded)
+    return out
+
+
 class AVPromptCollator:
-    """Builds ``PromptBatch`` objects for audio-visual models (the Qwen2.5-Omni thinker); same
-    interface as ``AudioPromptCollator``.
+    """Builds ``PromptBatch`` objects for audio-visual models (the Qwen2.5-Omni and Qwen3-Omni-MoE
+    thinkers); same interface as ``AudioPromptCollator``.
 
     Each row's ``video`` is decoded by ``core.data.video.load_video`` (``num_frames`` frames
     sampled uniformly over ``begin_time`` .. ``end_time``, and the sound track at
@@ -205,7 +268,9 @@ class AVPromptCollator:
     sample from each clip's own fps (the processor takes one fps per call), and the processor's
     ``num_audio_tokens`` is dropped. ``missing_audio``: ``error`` (a video without a sound track,
     and no ``audio`` path, is an error naming the file) or ``silence`` (it gets silent audio of
-    the clip's length).
+    the clip's length). A ``video_max_pixels`` smaller than one merged patch of the processor's
+    vision grid (28 x 28 for Qwen2.5-Omni, 32 x 32 for Qwen3-Omni: patch size x merge size) is
+    refused here, naming ``data.video_max_pixels``.
     """
 
     def __init__(self, processor, prompt: str, *, system: str | None = None,
@@ -222,6 +287,11 @@ class AVPromptCollator:
         self.num_frames = int(num_frames)
         self.missing_audio = missing_audio
         self.video_max_pixels = int(video_max_pixels)
+        vp = getattr(processor, "video_processor", None)
+        side = int(getattr(vp, "patch_size", 14) or 14) * int(getattr(vp, "merge_size", 2) or 2)
+        if self.video_max_pixels < side * side:
+            raise ValueError(f"data.video_max_pixels {self.video_max_pixels} is smaller than one merged patch of this "
+                             f"model's vision encoder ({side}x{side} = {side * side} pixels)")
 
     def messages(self, row: dict) -> list[dict]:
         if not row.get("video"):

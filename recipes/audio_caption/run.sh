@@ -44,12 +44,12 @@ update_readme=false   # true: also write the results table into README.md (maint
 eval_only=false       # true: only score --model on the test split of --corpus audiocaps|clotho, no training
 model=""              # --eval_only: the model folder to score (a released checkpoint or any final/)
 prompt="Describe the audio."  # --eval_only: the user turn after the audio
-max_new_tokens=24     # --eval_only: caption length limit
+max_new_tokens=24     # caption length of every stage (OPD rollouts, the KD captions, scoring); auto: longest reference caption in tokens x 1.25 + 8
 seed=0
 help_message="Usage: bash run.sh [--stage N] [--stop_stage N] [--corpus synthetic|audiocaps|clotho] [--corpus_dir DIR] [--audio_dir DIR]
        bash run.sh --eval_only true --model DIR --corpus audiocaps|clotho --corpus_dir DIR [--audio_dir DIR] [--prompt TEXT]
        [--teacher remote|local] [--teacher_url URL] [--teacher_model NAME] [--budget SECONDS] [--baselines true|false]
-       [--qa_model DIR] [--backend torch|deepspeed] [--data DIR] [--exp DIR] [--smoke true] [--update_readme true]
+       [--qa_model DIR] [--backend torch|deepspeed] [--data DIR] [--exp DIR] [--smoke true] [--update_readme true] [--max_new_tokens auto|N]
        [--ngpu N] [--num_nodes N --node_rank R --master_addr HOST] [--hostfile F] [--dtype bfloat16] [--zero 2|3]
        [--resume auto|never] [--skip_bad true]   (launch options: tools/launch_options.sh)"
 . ../../tools/launch_options.sh   # --ngpu, --num_nodes, --hostfile, --dtype, --zero, --resume, --skip_bad
@@ -76,8 +76,9 @@ if [ "${eval_only}" = "true" ]; then
   esac
   log "evaluation only: ${model} on the ${corpus} test split"
   qa=(); [ -n "${qa_model}" ] && qa=(--qa_model "${qa_model}")
+  gen_len=$(gen_length "${model}" text "${data}/test.jsonl")
   "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --corpus ${corpus} --prompt "${prompt}" \
-    --max_new_tokens ${max_new_tokens} --eval_model "${model}" --eval_name "${eval_name}" "${qa[@]}"
+    --max_new_tokens ${gen_len} --eval_model "${model}" --eval_name "${eval_name}" "${qa[@]}"
   exit 0
 fi
 
@@ -188,9 +189,16 @@ if [ -n "${external_teacher}" ]; then
 fi
 opd_paths=(model.path=${exp}/student_sft/final output_dir=${exp}/opd data.train=${data}/unlabelled.jsonl data.dev=${data}/dev.jsonl)
 kd_paths=(model.path=${exp}/student_sft/final data.train=${exp}/seqkd_data/unlabelled_teacher.jsonl data.dev=${data}/dev.jsonl)
+gen_len=""
+if [ ${stop_stage} -ge 2 ] && [ ${stage} -le 3 ]; then  # after stage 1: the student's tokenizer exists
+  set_gen_len() { [ -n "${gen_len}" ] || gen_len=$(gen_length "${exp}/student_sft/final" text "${data}/student_labelled.jsonl" "${data}/teacher_train.jsonl"); }
+fi
 
 if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
   t0=$(date +%s)
+  set_gen_len
+  log "stage 2: captions of at most ${gen_len} tokens (${exp}/gen_length.json)"
+  opd_paths+=(rollout.max_new_tokens=${gen_len})
   if [ "${teacher}" = "remote" ]; then
     [ -n "${teacher_url}" ] || start_server "${exp}/teacher/final"
     teacher_args=(teacher.kind=remote teacher.url=${teacher_url})
@@ -214,7 +222,7 @@ if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
     t1=$(date +%s)
     log "baseline seqkd: the teacher captions the unlabelled clips"
     "${PY}" -m core.bin.decode "${teacher_decode[@]}" --manifest ${data}/unlabelled.jsonl \
-      --out ${exp}/seqkd_data/unlabelled_teacher.jsonl --as_manifest --prompt "Describe the audio." --max_new_tokens 24
+      --out ${exp}/seqkd_data/unlabelled_teacher.jsonl --as_manifest --prompt "Describe the audio." --max_new_tokens ${gen_len}
     record_time teacher_caption $(( $(date +%s) - t1 ))
     t1=$(date +%s)
     log "baseline seqkd: SFT on the teacher's captions, ${spent} s"
@@ -225,6 +233,7 @@ fi
 
 if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
   t0=$(date +%s)
+  set_gen_len
   log "stage 3: caption the test clips, caption metrics, cascaded question answering"
   qa_args=(); [ -n "${qa_model}" ] && qa_args=(--qa_model "${qa_model}")
   has_questions=$("${PY}" -c "import json,sys;print(any(json.loads(l).get('questions') for l in open(sys.argv[1]) if l.strip()))" "${data}/test.jsonl")
@@ -238,7 +247,7 @@ if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
   fi
   [ "${has_questions}" = "True" ] || log "stage 3: the test clips carry no questions: no cascaded evaluation"
   "${PY}" local/make_results.py --data "${data}" --exp "${exp}" "${readme_args[@]}" --corpus ${corpus} \
-    --teacher ${teacher} --smoke ${smoke} --seed ${seed} "${qa_args[@]}" "${teacher_score[@]}"
+    --teacher ${teacher} --smoke ${smoke} --seed ${seed} --max_new_tokens ${gen_len} "${qa_args[@]}" "${teacher_score[@]}"
   record_time eval $(( $(date +%s) - t0 ))
   "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --only_times
 fi

@@ -32,7 +32,7 @@ intentbench_video_root="" # real: folder IntentBench's video paths are relative 
 eval_only=false           # true: only score --model on --dailyomni_dir and/or --intentbench_json, no training
 model=""                  # --eval_only: the model folder to score (a released checkpoint or any final/)
 prompt_style=""           # ours (think/answer tags) | plain (Daily-Omni: the letter alone); default ours, plain with --eval_only
-max_new_tokens=40         # decoding length of the scoring stage
+max_new_tokens=40         # decoding and rollout length of stages 2-4; auto: longest training target in tokens x 1.25 + 8
 data=data                 # manifests
 exp=exp                   # models, logs, results
 budget=200                # seconds of GRPO, and of the SFT baseline (equal wall-clock)
@@ -46,7 +46,7 @@ seed=0
 help_message="Usage: bash run.sh [--stage N] [--stop_stage N] [--corpus synthetic|real] [--train_json F --train_video_root D]
        [--dailyomni_dir D] [--intentbench_json F --intentbench_video_root D] [--budget S] [--num_frames N]
        [--missing_audio error|silence] [--backend torch|deepspeed] [--data DIR] [--exp DIR] [--smoke true] [--update_readme true]
-       [--ngpu N] [--num_nodes N --node_rank R --master_addr HOST] [--hostfile F] [--dtype bfloat16] [--zero 2|3]
+       [--max_new_tokens auto|N] [--ngpu N] [--num_nodes N --node_rank R --master_addr HOST] [--hostfile F] [--dtype bfloat16] [--zero 2|3]
        [--resume auto|never] [--skip_bad true]   (launch options: tools/launch_options.sh)
        bash run.sh --eval_only true --model DIR [--dailyomni_dir D] [--intentbench_json F --intentbench_video_root D]"
 . ../../tools/launch_options.sh   # --ngpu, --num_nodes, --hostfile, --dtype, --zero, --resume, --skip_bad
@@ -85,8 +85,9 @@ if [ "${eval_only}" = "true" ]; then
   prepare_tests
   cat "${tests[@]}" > "${data}/test_raw.jsonl"
   "${PY}" local/prompt.py "${data}/test_raw.jsonl" "${data}/test.jsonl" --style "${prompt_style}"
+  gen_len=$(gen_length "${model}" target "${data}/test.jsonl")
   "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --corpus real --num_frames ${num_frames} \
-    --missing_audio ${missing_audio} --max_new_tokens ${max_new_tokens} --eval_model "${model}" \
+    --missing_audio ${missing_audio} --max_new_tokens ${gen_len} --eval_model "${model}" \
     --eval_name "${eval_name}"
   exit 0
 fi
@@ -160,8 +161,18 @@ if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
 fi
 
 paths=(data.train=${data}/train.jsonl data.dev=${data}/dev.jsonl)
+# the decoding / rollout length of stages 2-4 (set by the first of them that runs): --max_new_tokens,
+# or auto from the training targets in the warmed-up model's tokens
+gen_len=""
+set_gen_len() {
+  [ -z "${gen_len}" ] || return 0
+  gen_len=$(gen_length "${exp}/sft_qa/final" target "${data}/train.jsonl")
+  log "generation length ${gen_len} tokens (${exp}/gen_length.json)"
+  paths+=(rollout.max_new_tokens=${gen_len})
+}
 
 if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
+  set_gen_len
   t0=$(date +%s)
   log "stage 2: GRPO, ${budget} s"
   train conf/grpo.yaml model.path=${exp}/sft_qa/final output_dir=${exp}/grpo "${paths[@]}" \
@@ -174,6 +185,7 @@ spent=${budget}
 [ -f "${exp}/grpo/train_summary.json" ] && spent=$(summary_seconds "${exp}/grpo/train_summary.json")
 
 if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ] && [ "${baselines}" = "true" ]; then
+  set_gen_len
   t0=$(date +%s)
   log "stage 3: baseline sft_answers, SFT on the answers for ${spent} s"
   train conf/sft_answers.yaml model.path=${exp}/sft_qa/final output_dir=${exp}/sft_answers "${paths[@]}" \
@@ -182,10 +194,11 @@ if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ] && [ "${baselines}" = "true" ];
 fi
 
 if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
+  set_gen_len
   t0=$(date +%s)
   log "stage 4: decode the test set and score"
   "${PY}" local/make_results.py --data "${data}" --exp "${exp}" "${readme_args[@]}" --corpus ${corpus} \
-    --num_frames ${num_frames} --missing_audio ${missing_audio} --smoke ${smoke}
+    --num_frames ${num_frames} --missing_audio ${missing_audio} --smoke ${smoke} --max_new_tokens ${gen_len}
   record_time decode_score $(( $(date +%s) - t0 ))
   "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --only_times
 fi

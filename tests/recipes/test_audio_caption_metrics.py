@@ -63,7 +63,13 @@ def test_identical_captions_score_one():
     assert s["BLEU_4"] == pytest.approx(1.0, abs=1e-6) and s["BLEU_1"] == pytest.approx(1.0, abs=1e-6)
     assert s["ROUGE_L"] == pytest.approx(1.0)
     assert s["n"] == 4 and s["empty_hyps"] == 0
-    assert set(s) == {"BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "ROUGE_L", "CIDEr", "n", "empty_hyps", "skipped"}
+    assert set(s) == {"BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "ROUGE_L", "CIDEr", "n", "empty_hyps", "skipped",
+                      "per_clip", "ci95"}
+    # per-clip scores whose means are the corpus figures, and intervals around them
+    for m in ("ROUGE_L", "CIDEr"):
+        per = s["per_clip"][m]
+        assert set(per) == set(CLIPS) and sum(per.values()) / 4 == pytest.approx(s[m])
+        assert s["ci95"][m][0] <= s[m] + 1e-9 and s[m] - 1e-9 <= s["ci95"][m][1]
     # case and punctuation do not count
     loud = {k: v[0].upper() + "!" for k, v in CLIPS.items()}
     assert M.score_captions(loud, CLIPS, java_metrics=False)["BLEU_4"] == pytest.approx(1.0, abs=1e-6)

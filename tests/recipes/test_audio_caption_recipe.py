@@ -46,6 +46,16 @@ def test_audio_caption_recipe_smoke(smoke_run):
         assert res["decode"][name]["num_clips"] == 16
     assert set(res["baselines"]) == {"sft_more", "seqkd"}
     assert 0.0 <= res["cascade_reference"]["cascade_acc"] <= 1.0
+    # bootstrap intervals over the clips: CIDEr and ROUGE-L inside their own, paired CIDEr differences
+    for name in ("teacher", "student_before", "student_after", "sft_more", "seqkd"):
+        r = res[name] if name in res else res["baselines"][name]
+        for m in ("CIDEr", "ROUGE_L"):
+            lo, hi = res["decode"][name]["ci95"][m]
+            assert lo - 1e-9 <= r[m] <= hi + 1e-9, (name, m)
+    assert set(res["differences"]) == {"student_after - student_before", "student_after - sft_more",
+                                       "student_after - seqkd"}
+    d = res["differences"]["student_after - student_before"]
+    assert d["diff"] == pytest.approx(res["student_after"]["CIDEr"] - res["student_before"]["CIDEr"], abs=1e-5)
     for v in ("data", "models", "opd", "sft_more", "seqkd", "eval"):
         assert v in res["stage_seconds"], v
     # the baselines got the wall-clock OPD took

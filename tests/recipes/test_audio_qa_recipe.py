@@ -36,6 +36,13 @@ def test_results_json_has_every_system(smoke_run):
             assert sum(v["n"] for v in r[group].values()) == n_test, (name, group)
         assert set(r["by_category"]) <= {"speech", "sound", "music"}
     assert set(res["baselines"]) == {"sft_answers"}
+    for name in ("base", "grpo", "rest", "opd", "teacher_sft", "teacher_grpo"):
+        lo, hi = res[name]["acc_ci95"]
+        assert lo <= res[name]["acc"] <= hi and "per_item" not in res[name]
+    assert set(res["differences"]) == {f"{k} - base" for k in ("grpo", "rest", "opd", "sft_answers")}
+    for k, d in res["differences"].items():
+        assert d["diff"] == pytest.approx(res["delta_vs_base"][k.split(" ")[0]], abs=1e-4)
+        assert d["n"] == n_test and d["ci95"][0] <= d["diff"] <= d["ci95"][1]
     for k in ("grpo", "rest", "opd", "sft_answers"):
         assert k in res["delta_vs_base"]
     for stage in ("data", "models", "grpo", "teacher_grpo", "rest", "opd", "sft_answers"):

@@ -31,6 +31,13 @@ def test_audio_visual_recipe_smoke(smoke_run):
         assert 0.0 <= res[name]["acc"] <= 1.0 and res[name]["n"] == 16
         assert set(res[name]["by_type"]) == {"count", "colour_by_count", "beep_colour", "motion"}
     assert set(res["baselines"]) == {"sft_answers"}
+    # bootstrap intervals over the questions, and paired ones for GRPO's gain and against the baseline
+    for r in (res["before"], res["after"], res["baselines"]["sft_answers"]):
+        lo, hi = r["acc_ci95"]
+        assert lo <= r["acc"] <= hi and "per_item" not in r
+    assert set(res["differences"]) == {"after - before", "after - sft_answers"}
+    d = res["differences"]["after - before"]
+    assert d["diff"] == pytest.approx(res["gain"], abs=1e-4) and d["ci95"][0] <= d["diff"] <= d["ci95"][1]
     tr = res["training"]
     assert {"sft", "sft_qa", "grpo", "sft_answers"} <= set(tr)   # the warm-up's two passes, GRPO, baseline
     assert tr["sft_answers"]["train_seconds"] >= 0.8 * tr["grpo"]["train_seconds"]

@@ -98,12 +98,13 @@ def test_bad_input_in_a_child_process_exits_2_without_a_traceback(tmp_path, writ
 
 
 @pytest.fixture(scope="module")
-def moe_omni(tmp_path_factory):
-    """A Qwen3-Omni-MoE folder as released (its config.json; no weights are needed to refuse it)."""
-    from transformers import Qwen3OmniMoeConfig
+def moe_vl(tmp_path_factory):
+    """A Qwen3-VL-MoE folder as released (its config.json; no weights are needed to refuse it): a
+    type transformers knows and this project does not train."""
+    from transformers import Qwen3VLMoeConfig
 
-    out = tmp_path_factory.mktemp("qwen3_omni") / "Qwen3-Omni-30B-A3B-Instruct"
-    Qwen3OmniMoeConfig().save_pretrained(out)
+    out = tmp_path_factory.mktemp("qwen3_vl_moe") / "Qwen3-VL-30B-A3B-Instruct"
+    Qwen3VLMoeConfig().save_pretrained(out)
     return out
 
 
@@ -114,25 +115,26 @@ def _one_error_line(stderr: str, *wants: str) -> None:
         assert want in stderr, (want, stderr[-3000:])
 
 
-def test_an_unsupported_model_type_is_one_error_line_and_exit_2(tmp_path, write_config, moe_omni, tiny):
-    names = ("model_type 'qwen3_omni_moe' is not supported", "qwen2_audio", "qwen2_5_omni", "text-only causal LMs")
+def test_an_unsupported_model_type_is_one_error_line_and_exit_2(tmp_path, write_config, moe_vl, tiny):
+    names = ("model_type 'qwen3_vl_moe' is not supported", "qwen2_audio", "qwen2_5_omni", "qwen3_omni_moe",
+             "text-only causal LMs")
     out = tmp_path / "exp"
-    cfg = write_config(tmp_path, "moe", model={"path": str(moe_omni)}, output_dir=str(out))
+    cfg = write_config(tmp_path, "moe", model={"path": str(moe_vl)}, output_dir=str(out))
     p = subprocess.run([sys.executable, "-m", "core.bin.train", "--config", str(cfg)], cwd=REPO,
                        env=cpu_env(1), capture_output=True, text=True, timeout=300)
     assert p.returncode == 2
     _one_error_line(p.stderr, "config key 'model.path'", *names)
     assert not out.exists()
     # as an OPD teacher
-    cfg = write_config(tmp_path, "moe_teacher", method="opd", teacher={"path": str(moe_omni)}, output_dir=str(out))
+    cfg = write_config(tmp_path, "moe_teacher", method="opd", teacher={"path": str(moe_vl)}, output_dir=str(out))
     p = subprocess.run([sys.executable, "-m", "core.bin.train", "--config", str(cfg)], cwd=REPO,
                        env=cpu_env(1), capture_output=True, text=True, timeout=300)
     assert p.returncode == 2
     _one_error_line(p.stderr, "config key 'teacher.path'", *names)
     # decoding and serving it
-    for cmd in (["core.bin.decode", "--model", str(moe_omni), "--manifest", str(tiny.manifest),
+    for cmd in (["core.bin.decode", "--model", str(moe_vl), "--manifest", str(tiny.manifest),
                  "--out", str(tmp_path / "hyp.jsonl"), "--prompt", "Transcribe the audio."],
-                ["core.bin.serve_teacher", "--model", str(moe_omni), "--port", "0"]):
+                ["core.bin.serve_teacher", "--model", str(moe_vl), "--port", "0"]):
         p = subprocess.run([sys.executable, "-m", *cmd], cwd=REPO, env=cpu_env(1), capture_output=True,
                            text=True, timeout=300)
         assert p.returncode == 2, (cmd[0], p.stderr[-3000:])

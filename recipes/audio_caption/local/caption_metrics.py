@@ -27,10 +27,15 @@ downloads anything). A metric that cannot run is left out and named with the rea
 Output (``--out``, JSON; also what ``score_captions`` returns)::
 
     {"BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "ROUGE_L", "CIDEr", ["METEOR"], ["SPICE"]: float,
-     "n": clips scored, "empty_hyps": int, "skipped": {metric: reason}}
+     "n": clips scored, "empty_hyps": int, "skipped": {metric: reason},
+     "per_clip": {"ROUGE_L" | "CIDEr": {key: score}}, "ci95": {"ROUGE_L" | "CIDEr": [lo, hi]}}
 
-Left out: per-clip scores, FENSE / SPIDEr-FL and other model-based caption metrics, confidence
-intervals.
+ROUGE-L and CIDEr are means of per-clip scores (CIDEr's document frequencies from all the scored
+clips' references); ``per_clip`` keeps those, and ``ci95`` is their 95% bootstrap interval over
+the clips (``tools/bootstrap.py``; the document frequencies stay those of the whole set).
+
+Left out: intervals of BLEU (corpus-level, not a mean of clips) and the Java metrics, FENSE /
+SPIDEr-FL and other model-based caption metrics.
 """
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ from typing import Mapping, Sequence
 
 
 from core.rewards import normalize_text
+from tools.bootstrap import ratio_ci
 
 log = logging.getLogger("caption_metrics")
 
@@ -124,8 +130,12 @@ def score_captions(hyps: Mapping[str, str], refs: Mapping[str, Sequence[str]], *
     gts = {k: [normalize_text(r) for r in refs[k]] for k in keys}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     out: dict = {f"BLEU_{i + 1}": float(b) for i, b in enumerate(bleu)}
-    out["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
-    out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+    rouge, rouge_clips = Rouge().compute_score(gts, res)
+    cider, cider_clips = Cider().compute_score(gts, res)
+    out["ROUGE_L"], out["CIDEr"] = float(rouge), float(cider)
+    out["per_clip"] = {"ROUGE_L": {k: float(v) for k, v in zip(keys, rouge_clips)},
+                       "CIDEr": {k: float(v) for k, v in zip(keys, cider_clips)}}
+    out["ci95"] = {m: ratio_ci(list(v.values()))["ci95"] for m, v in out["per_clip"].items()}
     skipped = _java_skips(java_metrics)
     for name in JAVA_METRICS:
         if name in skipped:

@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from tools.bootstrap import describe_diff, fmt_ci, keyed_diff
 from tools.local_module import load_sibling
 from tools.report import refresh_stage_seconds, write_results
 
@@ -83,7 +84,9 @@ def evaluate(name: str, model_dir: Path | str, data: Path, exp: Path, qa_model: 
                             for r in test_rows[:5]]}
     if qa_model is not None and has_questions:
         metrics["cascade_acc"], details["cascade"] = cascade_eval(qa_model, out / "hyp.jsonl", data, out)
-    (out / "scores.json").write_text(json.dumps({"metrics": metrics, **details}, indent=2, ensure_ascii=False))
+    details["ci95"] = scores.get("ci95", {})
+    (out / "scores.json").write_text(json.dumps({"metrics": metrics, **details, "per_clip": scores.get("per_clip", {})},
+                                               indent=2, ensure_ascii=False))
     return metrics, details
 
 
@@ -97,17 +100,28 @@ def fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else ""
 
 
+def differences(exp: Path, pairs: list[tuple[str, str]], metric: str = "CIDEr") -> dict:
+    """``metric`` of system a minus system b for each ``(a, b)``, with a paired bootstrap interval
+    over the test clips (the per-clip scores in each system's ``scores.json``)."""
+    def clips(name):
+        per = json.loads((exp / "decode" / name / "scores.json").read_text())["per_clip"][metric]
+        return {k: (float(v), 1.0) for k, v in per.items()}
+    return {f"{a} - {b}": keyed_diff(clips(a), clips(b)) for a, b in pairs}
+
+
 def fmt_table(results: dict) -> str:
     rows = [(k, results[k], WHAT[k]) for k in SYSTEMS]
     rows += [(k, v, BASELINES.get(k, "")) for k, v in results.get("baselines", {}).items()]
     cols = [c for c in COLUMNS if any(c in r for _, r, _ in rows)]
     tr = results.get("training", {})
     lines = ["| system | " + " | ".join(c.replace("_", "-") if c != "cascade_acc" else "cascade acc" for c in cols)
-             + " | train s | steps | what |", "|---" * (len(cols) + 4) + "|"]
+             + " | CIDEr 95% CI | train s | steps | what |", "|---" * (len(cols) + 5) + "|"]
     for name, r, what in rows:
         t = tr.get(TRAIN_DIR.get(name, name), {})
+        ci = ((results.get("decode") or {}).get(name) or {}).get("ci95", {}).get("CIDEr")
         lines.append(f"| {name} | " + " | ".join(fmt(r.get(c)) for c in cols)
-                     + f" | {t.get('train_seconds', '')} | {t.get('steps', '')} | {what} |")
+                     + f" | {fmt_ci(ci, scale=1.0, digits=3) if ci else ''} | {t.get('train_seconds', '')} | "
+                     f"{t.get('steps', '')} | {what} |")
     return "\n".join(lines)
 
 
@@ -173,13 +187,14 @@ def main(argv=None) -> int:
             continue
         if not (m / "config.json").is_file():
             raise SystemExit(f"{m} is missing: run stages 1-2 first")
-        results[name], results["decode"][name] = evaluate(name, m, data, exp, qa_model, has_questions, java)
+        results[name], results["decode"][name] = evaluate(name, m, data, exp, qa_model, has_questions, java,
+                                                          max_new_tokens=args.max_new_tokens)
     results["baselines"] = {}
     for name in BASELINES:
         m = exp / name / "final"
         if (m / "config.json").is_file():
             results["baselines"][name], results["decode"][name] = evaluate(name, m, data, exp, qa_model, has_questions,
-                                                                           java)
+                                                                           java, max_new_tokens=args.max_new_tokens)
     if qa_model is not None and has_questions:
         out = exp / "decode" / "references"
         out.mkdir(parents=True, exist_ok=True)
@@ -190,11 +205,14 @@ def main(argv=None) -> int:
     b, a = results["student_before"], results["student_after"]
     keys = [k for k in b if k in a]
     results["improved_metrics"] = [k for k in keys if a[k] > b[k]]
+    results["differences"] = differences(exp, [("student_after", o) for o in ["student_before", *results["baselines"]]])
     results["training"] = {d: load_json(exp / d / "train_summary.json") for d in
                            ("teacher", "student_sft", "opd", "sft_more", "seqkd", "cascade")
                            if (exp / d / "train_summary.json").is_file()}
     results["settings"] = {"corpus": args.corpus, "teacher": args.teacher, "smoke": args.smoke == "true",
-                           "prompt": PROMPT, "max_new_tokens": MAX_NEW_TOKENS, "cascade_model": str(qa_model or ""),
+                           "prompt": PROMPT, "max_new_tokens": args.max_new_tokens,
+                           "generation_length": load_json(exp / "gen_length.json") or {"max_new_tokens": args.max_new_tokens},
+                           "cascade_model": str(qa_model or ""),
                            "models": load_json(exp / "models.json"), "data": load_json(data / "stats.json"),
                            "opd_config": str(exp / "opd" / "config.yaml")}
     results["stage_seconds"] = times
@@ -208,6 +226,8 @@ def main(argv=None) -> int:
                      f"{results['cascade_reference']['cascade_acc']:.3f}.")
     lines.append(f"OPD improved {len(results['improved_metrics'])}/{len(keys)} metrics over student_before"
                  f" ({', '.join(results['improved_metrics']) or 'none'}).")
+    lines += ["", "CIDEr differences, paired bootstrap 95% intervals over the test clips:", ""]
+    lines += [f"- {describe_diff(k, d, scale=1.0, digits=3, unit='CIDEr')}" for k, d in results["differences"].items()]
     summary = "\n".join(lines)
     print(summary)
     spent = (results["training"].get("opd") or {}).get("train_seconds", "")

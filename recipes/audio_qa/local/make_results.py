@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from tools.bootstrap import describe_diff, fmt_ci, keyed_diff
 from tools.local_module import load_sibling
 from tools.report import write_results
 
@@ -64,16 +65,27 @@ def decode_and_score(name: str, model_dir: Path | str, test: Path, exp: Path, ru
     else:
         res = score(rows, hyps, rule=rule)
         (out / "score.json").write_text(json.dumps(res, indent=2, ensure_ascii=False))
+        res.pop("per_item")  # in score.json; results.json keeps the figures
     res["decode_seconds"] = round(time.time() - t0, 2)
     res["empty_outputs"] = info["empty"]
     res["model"] = str(model_dir)
     return res
 
 
+def differences(exp: Path, systems: list[str]) -> dict:
+    """Accuracy of each of ``systems`` minus the base's, with a paired bootstrap interval over the
+    test questions (from each system's ``score.json``)."""
+    def items(name):
+        per = json.loads((exp / "decode" / name / "score.json").read_text())["per_item"]
+        return {k: (float(v), 1.0) for k, v in per.items()}
+    base = items("base")
+    return {f"{s} - base": keyed_diff(items(s), base) for s in systems}
+
+
 def fmt_table(results: dict, training: dict) -> str:
     cats = sorted(results["base"]["by_category"])
-    lines = ["| system | acc (%) | official (%) | " + " | ".join(cats) + " | format (%) | train s | steps | what |",
-             "|---|---|---|" + "---|" * len(cats) + "---|---|---|---|"]
+    lines = ["| system | acc (%) | 95% CI | official (%) | " + " | ".join(cats) + " | format (%) | train s | steps | what |",
+             "|---|---|---|---|" + "---|" * len(cats) + "---|---|---|---|"]
     entries = [(k, results.get(k), SYSTEMS[k]) for k in SYSTEMS]
     entries += [(k, results["baselines"].get(k), BASELINES[k]) for k in BASELINES]
     entries += [(k, results.get(k), TEACHERS[k]) for k in TEACHERS]
@@ -84,7 +96,8 @@ def fmt_table(results: dict, training: dict) -> str:
         per = " | ".join(f"{100 * r['by_category'].get(c, {}).get('acc', 0):.1f}" for c in cats)
         off = r.get("acc_official")
         off = f"{100 * off:.1f}" if off is not None else ""
-        lines.append(f"| {name} | {100 * r['acc']:.1f} | {off} | {per} | {100 * r['format_rate']:.0f} | "
+        ci = fmt_ci(r["acc_ci95"]) if r.get("acc_ci95") else ""
+        lines.append(f"| {name} | {100 * r['acc']:.1f} | {ci} | {off} | {per} | {100 * r['format_rate']:.0f} | "
                      f"{t.get('train_seconds', '')} | {t.get('steps', '')} | {what} |")
     return "\n".join(lines)
 
@@ -167,6 +180,7 @@ def main(argv=None) -> int:
     base = results["base"]["acc"]
     results["delta_vs_base"] = {k: round(results[k]["acc"] - base, 4) for k in ("grpo", "rest", "opd") if results.get(k)}
     results["delta_vs_base"].update({k: round(v["acc"] - base, 4) for k, v in results["baselines"].items()})
+    results["differences"] = differences(exp, list(results["delta_vs_base"]))
     dirs = [d for d, _ in list(SYSTEMS.values()) + list(BASELINES.values()) + list(TEACHERS.values())]
     training = {d: load_json(exp / d / "train_summary.json") for d in dirs if (exp / d / "train_summary.json").is_file()}
     rest = load_json(exp / "rest" / "rest_summary.json")
@@ -185,6 +199,8 @@ def main(argv=None) -> int:
     summary = fmt_table(results, training) + "\n\nAccuracy (%) by task:\n\n" + task_table(results)
     deltas = ", ".join(f"{k} {100 * v:+.1f}" for k, v in results["delta_vs_base"].items())
     summary += f"\n\nChange vs base (accuracy points): {deltas}."
+    summary += ("\n\nPaired bootstrap 95% intervals over the test questions:\n\n"
+                + "\n".join(f"- {describe_diff(k, d)}" for k, d in results["differences"].items()))
     print(summary)
     write_results(exp, summary + f"\n\n(measured by `run.sh` on {time.strftime('%Y-%m-%d')}, corpus {args.corpus}, "
                                  f"{args.budget} s of training per method, greedy decoding)",

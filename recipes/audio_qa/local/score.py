@@ -32,9 +32,12 @@ The predicted answer of a hypothesis is ``core.rewards.extract_answer(text)`` (t
 
 Output (``--out``, JSON)::
 
-    {"rule", "acc", "acc_official", "n", "by_category": {cat: {"acc", "n"}}, "by_task":
+    {"rule", "acc", "acc_ci95", "acc_official", "n", "by_category": {cat: {"acc", "n"}}, "by_task":
      {sub_category: ...}, "by_difficulty": {...}, "by_domain": {...}, "format_rate", "answer_dist":
-     {category: {answer: count}}, ["official_warnings"], ["n_unparsed"]}
+     {category: {answer: count}}, "per_item": {key: 1 | 0}, ["official_warnings"], ["n_unparsed"]}
+
+``acc_ci95``: the 95% bootstrap interval of ``acc`` over the questions (``tools/bootstrap.py``);
+``per_item``: each question right (1) or not, for paired comparisons between systems.
 
 Accuracies are fractions in [0, 1]. A breakdown is empty when no row has its field (rows
 lacking it are grouped under "(none)" otherwise); ``by_domain`` groups by ``domain`` (MMAU's
@@ -62,6 +65,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from core.rewards import extract_answer, get_reward, string_match
+from tools.bootstrap import ratio_ci
 from tools.hyps import check_alignment, keys_preview, read_hyps
 
 RULES = ("mmau", "mmsu")
@@ -135,6 +139,8 @@ def score(rows: Sequence[Mapping], hyps: Mapping[str, str], rule: str = "mmau", 
         correct = [mmsu_correct(p, r["answer"], r["choices"]) for p, r in zip(preds, rows)]
 
     out = {"rule": rule, **_acc(correct)}
+    out["acc_ci95"] = ratio_ci([float(c) for c in correct])["ci95"]  # bootstrap over the questions
+    out["per_item"] = {r["key"]: int(c) for r, c in zip(rows, correct)}
     if rule == "mmau":
         out["acc_official"] = official["acc"]
         if official["warnings"]:

@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from tools.bootstrap import describe_diff, fmt_ci, keyed_diff
 from tools.local_module import load_sibling
 from tools.report import refresh_stage_seconds, write_results
 
@@ -57,6 +58,7 @@ def evaluate(name: str, model_dir: Path, data: Path, exp: Path, args) -> dict:
     res["empty_outputs"] = info["empty"]
     res["model"] = str(model_dir)
     (out / "score.json").write_text(json.dumps(res, indent=2, ensure_ascii=False))
+    res.pop("per_item")  # in score.json; results.json keeps the figures
     return res
 
 
@@ -76,13 +78,22 @@ def training_reward(metrics: Path) -> dict | None:
             "steps": len(r)}
 
 
+def differences(exp: Path, pairs: list[tuple[str, str]]) -> dict:
+    """Accuracy of system a minus system b for each ``(a, b)``, with a paired bootstrap interval
+    over the test questions (each system's ``score.json``)."""
+    def items(name):
+        per = json.loads((exp / "decode" / name / "score.json").read_text())["per_item"]
+        return {k: (float(v), 1.0) for k, v in per.items()}
+    return {f"{a} - {b}": keyed_diff(items(a), items(b)) for a, b in pairs}
+
+
 def fmt_table(results: dict) -> str:
     rows = [(k, results[k], SYSTEMS[k][1]) for k in SYSTEMS]
     rows += [(k, v, BASELINES[k][1]) for k, v in results.get("baselines", {}).items()]
     types = sorted({t for _, r, _ in rows for t in r.get("by_type", {})})
     tr = results.get("training", {})
-    head = "| system | acc % | official % | " + " | ".join(types) + " | unparsed | train s | steps | what |"
-    lines = [head, "|---" * (len(types) + 7) + "|"]
+    head = "| system | acc % | 95% CI | official % | " + " | ".join(types) + " | unparsed | train s | steps | what |"
+    lines = [head, "|---" * (len(types) + 8) + "|"]
     for name, r, what in rows:
         d = (SYSTEMS.get(name) or BASELINES.get(name))[0]
         t = tr.get(d, {})
@@ -90,7 +101,8 @@ def fmt_table(results: dict) -> str:
             t = {k: round(sum(tr[w].get(k, 0) for w in WARMUP), 2) for k in ("train_seconds", "steps")}
         cells = [f"{100 * r['by_type'][ty]['acc']:.1f}" if ty in r.get("by_type", {}) else "" for ty in types]
         off = f"{100 * r['acc_official']:.1f}" if r.get("acc_official") is not None else ""
-        lines.append(f"| {name} | {100 * r['acc']:.1f} | {off} | " + " | ".join(cells)
+        ci = fmt_ci(r["acc_ci95"]) if r.get("acc_ci95") else ""
+        lines.append(f"| {name} | {100 * r['acc']:.1f} | {ci} | {off} | " + " | ".join(cells)
                      + f" | {r['unparsed']} | {t.get('train_seconds', '')} | {t.get('steps', '')} | {what} |")
     return "\n".join(lines)
 
@@ -148,13 +160,15 @@ def main(argv=None) -> int:
         if (m / "config.json").is_file():
             results["baselines"][name] = evaluate(name, m, data, exp, args)
     results["gain"] = round(results["after"]["acc"] - results["before"]["acc"], 4)
+    results["differences"] = differences(exp, [("after", "before")] + [("after", b) for b in results["baselines"]])
     results["training_reward"] = training_reward(exp / "grpo" / "metrics.jsonl")
     results["training"] = {d: load_json(exp / d / "train_summary.json") for d in (*WARMUP, "grpo", "sft_answers")
                            if (exp / d / "train_summary.json").is_file()}
     results["settings"] = {"corpus": args.corpus, "smoke": args.smoke == "true", "num_frames": args.num_frames,
                            "missing_audio": args.missing_audio, "model": load_json(exp / "model.json"),
                            "data": load_json(data / "stats.json"), "grpo_config": str(exp / "grpo" / "config.yaml"),
-                           "decoding": f"greedy, at most {args.max_new_tokens} new tokens"}
+                           "decoding": f"greedy, at most {args.max_new_tokens} new tokens",
+                           "generation_length": load_json(exp / "gen_length.json") or {"max_new_tokens": args.max_new_tokens}}
     results["stage_seconds"] = times
     exp.mkdir(parents=True, exist_ok=True)
     res_path.write_text(json.dumps(results, indent=2, ensure_ascii=False))
@@ -163,7 +177,10 @@ def main(argv=None) -> int:
     tr = results["training_reward"]
     lines = [table, "", f"GRPO changed test accuracy by {100 * results['gain']:+.1f} points "
                         f"({100 * results['before']['acc']:.1f} -> {100 * results['after']['acc']:.1f})."]
+    lines += ["", "Paired bootstrap 95% intervals over the test questions:", ""]
+    lines += [f"- {describe_diff(k, d)}" for k, d in results["differences"].items()]
     if tr:
+        lines.append("")
         lines.append(f"Mean training reward: first tenth of the steps {tr['first']:.3f}, last tenth {tr['last']:.3f}, "
                      f"best 5-step mean {tr['max_smoothed']:.3f} ({tr['steps']} steps).")
     summary = "\n".join(lines)

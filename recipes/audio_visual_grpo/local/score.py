@@ -77,6 +77,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from core.rewards import extract_answer, get_reward
+from tools.bootstrap import ratio_ci
 from tools.hyps import check_alignment, jsonl_objects, read_hyps
 
 RULES = ("letter", "multiple choice", "emer_ov_mc", "judge")
@@ -259,6 +260,8 @@ def score(rows: Sequence[Mapping], hyps: Mapping[str, str]) -> dict:
         preds.append(p)
     official = official_predictions(rows, hyps)["scores"]
     out = {**_acc(values), "acc_official": sum(official) / len(official), "unparsed": sum(not p for p in parsed)}
+    out["acc_ci95"] = ratio_ci(values)["ci95"]  # bootstrap over the questions (tools/bootstrap.py)
+    out["per_item"] = {r["key"]: v for r, v in zip(rows, values)}  # for paired comparisons
     groups = {"by_type": lambda r: r.get("Type", r.get("problem_type")),
               "by_duration": duration_bucket,
               "by_rule": rule_of}

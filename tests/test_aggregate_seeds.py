@@ -1,0 +1,68 @@
+"""tools/aggregate_seeds.py and tools/step_budget.py: results over seeds, step budgets."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _results(tmp_path, name, wer_after, steps):
+    r = {"teacher": {"wer": 0.04, "wer_ci95": [0.03, 0.05], "model": "exp/teacher/final"},
+         "student_after": {"wer": wer_after, "wer_ci95": [wer_after - 0.01, wer_after + 0.01], "model": name},
+         "baselines": {"seqkd": {"wer": 0.08}},
+         "training": {"opd": {"steps": steps}}, "settings": {"corpus": "synthetic"}}
+    p = tmp_path / name / "results.json"
+    p.parent.mkdir()
+    p.write_text(json.dumps(r))
+    return p
+
+
+def test_three_seeds_become_means_the_checker_reads(tmp_path):
+    files = [_results(tmp_path, f"seed{i}", w, 20) for i, w in enumerate((0.10, 0.12, 0.14))]
+    out = tmp_path / "results.json"
+    r = subprocess.run([sys.executable, "-m", "tools.aggregate_seeds", "--out", str(out), "--metric", "wer",
+                        *map(str, files)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    agg = json.loads(out.read_text())
+    a = agg["student_after"]["wer"]
+    assert a["mean"] == pytest.approx(0.12) and a["std"] == pytest.approx(0.02) and a["per_seed"] == [0.10, 0.12, 0.14]
+    assert agg["teacher"]["wer"]["std"] == 0.0 and agg["baselines"]["seqkd"]["wer"]["mean"] == pytest.approx(0.08)
+    ci = agg["student_after"]["wer_ci95"]["per_seed"]
+    assert [pytest.approx(x) for x in ([0.09, 0.11], [0.11, 0.13], [0.13, 0.15])] == ci
+    assert agg["teacher"]["model"] == "exp/teacher/final"                        # equal: kept
+    assert agg["student_after"]["model"] == {"per_seed": ["seed0", "seed1", "seed2"]}
+    assert agg["settings"] == {"corpus": "synthetic"} and agg["seeds"] == [0, 1, 2]
+    assert "| student_after | 12.00 | 2.00 | 10.00, 12.00, 14.00 |" in r.stdout
+    # the shared checker reads the means
+    from tools.aggregate_seeds import combine
+    assert combine([None, 1.0])["per_seed"] == [1.0]
+
+
+def test_a_missing_seed_is_a_clear_error(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "tools.aggregate_seeds", "--out", str(tmp_path / "o.json"),
+                        str(tmp_path / "nope" / "results.json")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "nope/results.json: no results.json" in r.stderr
+
+
+def test_step_budget_from_measured_runs(tmp_path):
+    from tools.step_budget import BudgetError, load, measure, steps_of
+    for name, steps, secs in (("opd", 400, 150.0), ("sft_more", 750, 150.0), ("td_kd", 350, 75.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train_summary.json").write_text(json.dumps({"steps": steps, "train_seconds": secs}))
+    conf = tmp_path / "budget.yaml"
+    out = measure(conf, {n: tmp_path / n for n in ("opd", "sft_more", "td_kd")}, 150, "2-core CPU",
+                  shares={"td_kd": 75})
+    assert out["steps"] == {"opd": 400, "sft_more": 750, "td_kd": 350}
+    assert load(conf)["reference"]["machine"] == "2-core CPU" and conf.read_text().startswith("# Equal compute")
+    assert steps_of(conf, "opd", 0.05) == 20 and steps_of(conf, "td_kd", 0.001) == 1
+    with pytest.raises(BudgetError, match="no steps.grpo"):
+        steps_of(conf, "grpo")
+    conf.write_text("steps: {opd: 0}\n")
+    with pytest.raises(BudgetError, match="steps.opd must be a positive integer"):
+        load(conf)
+    r = subprocess.run([sys.executable, "-m", "tools.step_budget", "steps", "--conf", str(tmp_path / "x.yaml"), "opd"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "no step budget file" in r.stderr

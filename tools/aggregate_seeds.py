@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""Combine the ``results.json`` of runs that differ only in their training seed (``run.sh --seeds N``).
+
+    python -m tools.aggregate_seeds --out exp/results.json --metric wer exp/seed0/results.json exp/seed1/results.json ...
+
+Every number of the per-seed files becomes ``{"mean", "std", "per_seed": [...]}`` (``std``: the
+sample standard deviation, 0 for one seed); a list of numbers (an interval) becomes ``{"per_seed":
+[...]}``; anything else keeps the first seed's value when all seeds agree, else ``{"per_seed":
+[...]}``. Keys missing from some seed are kept with the seeds that have them. ``seeds`` lists the
+seeds. ``--metric`` also prints (and with ``--table``, writes) a Markdown table of that metric per
+system (each top-level entry and each baseline that has it): mean, standard deviation and the
+per-seed values, in percent.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def combine(values: list):
+    """One aggregated value from the seeds' ``values`` (None where a seed lacks it)."""
+    have = [v for v in values if v is not None]
+    if not have:
+        return None
+    if all(isinstance(v, dict) for v in have):
+        keys = list(dict.fromkeys(k for v in have for k in v))
+        return {k: combine([v.get(k) if isinstance(v, dict) else None for v in values]) for k in keys}
+    if all(_is_num(v) for v in have):
+        mean = statistics.fmean(have)
+        std = statistics.stdev(have) if len(have) > 1 else 0.0
+        return {"mean": round(mean, 6), "std": round(std, 6), "per_seed": have}
+    if all(isinstance(v, list) and all(_is_num(x) for x in v) for v in have):
+        return {"per_seed": have}
+    if all(v == have[0] for v in have):
+        return have[0]
+    return {"per_seed": have}
+
+
+def aggregate(files: list[Path], seeds: list[int] | None = None) -> dict:
+    runs = []
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: no results.json (did that seed's run finish?)")
+        runs.append(json.loads(f.read_text()))
+    out = combine(runs)
+    out["seeds"] = seeds if seeds is not None else list(range(len(files)))
+    out["per_seed_files"] = [str(f) for f in files]
+    return out
+
+
+def metric_table(agg: dict, metric: str) -> str:
+    rows = [(k, v) for k, v in agg.items() if isinstance(v, dict) and isinstance(v.get(metric), dict)
+            and "mean" in v[metric]]
+    rows += [(k, v) for k, v in (agg.get("baselines") or {}).items()
+             if isinstance(v, dict) and isinstance(v.get(metric), dict) and "mean" in v[metric]]
+    n = len(agg.get("seeds", []))
+    lines = [f"| system | {metric} (%) mean | std | per seed ({n}) |", "|---|---|---|---|"]
+    for k, v in rows:
+        m = v[metric]
+        lines.append(f"| {k} | {100 * m['mean']:.2f} | {100 * m['std']:.2f} | "
+                     + ", ".join(f"{100 * x:.2f}" for x in m["per_seed"]) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("files", nargs="+", type=Path, help="the per-seed results.json")
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--seeds", default="", help="comma-separated seeds of the files (default 0, 1, ...)")
+    ap.add_argument("--metric", default="", help="print a table of this metric (e.g. wer, acc)")
+    ap.add_argument("--table", type=Path, help="also write that table here (Markdown)")
+    ap.add_argument("--report_exp", type=Path, help="write the table to this folder's RESULTS.md (tools/report.py)")
+    ap.add_argument("--readme", default="", help="with --report_exp: also into this README's results section")
+    args = ap.parse_args(argv)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+        if seeds is not None and len(seeds) != len(args.files):
+            raise ValueError(f"--seeds names {len(seeds)} seeds for {len(args.files)} files")
+        agg = aggregate(args.files, seeds)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    args.out.write_text(json.dumps(agg, indent=2, ensure_ascii=False))
+    if args.metric:
+        t = metric_table(agg, args.metric)
+        print(t)
+        if args.table:
+            args.table.write_text(t + "\n")
+        if args.report_exp:
+            from tools.report import write_results
+            note = (f"\n\nMean and sample standard deviation over {len(agg['seeds'])} training seeds "
+                    f"({', '.join(map(str, agg['seeds']))}) after the shared warm-up; each seed's own table, with "
+                    f"its bootstrap intervals, is in its folder: {', '.join(agg['per_seed_files'])}.")
+            write_results(args.report_exp, t + note, readme=args.readme)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
