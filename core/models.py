@@ -936,8 +936,9 @@ def _check_qwen3_asr_layout(path: str | os.PathLike) -> None:
         raise UnsupportedModel(
             f"{Path(path) / 'config.json'}: a Qwen3-ASR checkpoint in the original layout (thinker_config, weights "
             "prefixed 'thinker.', for the qwen-asr package), which transformers does not read. Use the converted "
-            "release (Qwen/Qwen3-ASR-0.6B-hf, Qwen/Qwen3-ASR-1.7B-hf) or convert the folder with transformers' "
-            "models/qwen3_asr/convert_qwen3_asr_to_hf.py --src_dir <folder> --dst_dir <new folder>")
+            "release (Qwen/Qwen3-ASR-0.6B-hf, Qwen/Qwen3-ASR-1.7B-hf) or convert the folder with "
+            "src/transformers/models/qwen3_asr/convert_qwen3_asr_to_hf.py from the transformers source repository "
+            "(not in the installed package): --src_dir <folder> --dst_dir <new folder>")
     if "Qwen3ASRForTokenClassification" in (cfg.get("architectures") or []):
         raise UnsupportedModel(f"{Path(path) / 'config.json'}: a Qwen3 forced aligner (Qwen3ASRForTokenClassification: "
                                "timestamps per word, no text generation); only the Qwen3-ASR speech recognisers "

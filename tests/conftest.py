@@ -187,3 +187,89 @@ def teacher_server(model_dir, max_new_tokens: int = 32):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# ----------------------------------------------------------------------------- model families
+# The chat template Qwen2-Audio-7B-Instruct's checkpoints carry when saved by transformers 4.x:
+# a part is audio when it has an "audio" or "audio_url" key (not by its type).
+QWEN2_AUDIO_4X_TEMPLATE = (
+    "{% set audio_count = namespace(value=0) %}{% for message in messages %}{% if loop.first and "
+    "message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if 'audio' in content or "
+    "'audio_url' in content %}{% set audio_count.value = audio_count.value + 1 %}Audio "
+    "{{ audio_count.value }}: <|audio_bos|><|AUDIO|><|audio_eos|>\n{% elif 'text' in content %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def run_losses(out) -> list[float]:
+    """The step losses of a training run in ``out`` (ReST: its rounds' SFT steps, whose own log
+    holds one line per round)."""
+    logs = [Path(out) / "metrics.jsonl"] + sorted(Path(out).glob("round_*/metrics.jsonl"))
+    rows = [json.loads(x) for f in logs for x in f.read_text().splitlines() if x.strip()]
+    return [float(r["loss"]) for r in rows if "loss" in r]
+
+
+def check_served_teacher(teacher_dir, audio, prompt: str, opd_run, tmp_path, *,
+                         prefill: str = "hello world<|im_end|>", k: int = 3) -> tuple[list[int], str]:
+    """The teacher folder behind our server (``core.serve.app``, in this process):
+
+    - one chat request with ``prompt_logprobs`` (the clip ``audio`` + ``prompt``, the assistant's
+      ``prefill`` continued) returns the token ids of the prompt the folder's chat template
+      renders, each position's top-k led by the actual token, and log-probs equal to a plain
+      forward of that prompt (1e-4);
+    - ``opd_run(out_dir, teacher_overrides)`` (an OPD run, returning its summary) with the remote
+      teacher trains the same steps with the same losses as with the local one.
+
+    Returns the prompt's ids and rendered text for family-specific checks."""
+    import base64
+
+    import httpx
+    import soundfile as sf
+    import torch
+
+    from core.models import load_model_and_processor
+    from core.serve.app import ServerThread, create_app
+    data = base64.b64encode(Path(audio).read_bytes()).decode("ascii")
+    body = {"model": str(teacher_dir), "max_tokens": 1, "temperature": 0, "prompt_logprobs": k,
+            "return_token_ids": True, "add_generation_prompt": False, "continue_final_message": True,
+            "messages": [{"role": "user", "content": [
+                {"type": "input_audio", "input_audio": {"data": data, "format": "wav"}},
+                {"type": "text", "text": prompt}]}, {"role": "assistant", "content": prefill}]}
+    local = opd_run(tmp_path / "local", {})
+    with ServerThread(create_app(teacher_dir, device="cpu")) as s:
+        r = httpx.post(f"{s.url}/v1/chat/completions", json=body, timeout=120)
+        remote = opd_run(tmp_path / "remote", {"kind": "remote", "url": s.url})
+    assert r.status_code == 200, r.text
+    ids, plp = r.json()["prompt_token_ids"], r.json()["prompt_logprobs"]
+    model, proc = load_model_and_processor(teacher_dir)
+    msgs = [{"role": "user", "content": [{"type": "audio", "audio": "a"}, {"type": "text", "text": prompt}]},
+            {"role": "assistant", "content": prefill}]
+    text = proc.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False, continue_final_message=True)
+    wav, _ = sf.read(str(audio), dtype="float32")
+    enc = proc(text=[text], audio=[wav], sampling_rate=16000, return_tensors="pt")
+    assert ids == enc["input_ids"][0].tolist()
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in enc.items() if isinstance(v, torch.Tensor) and k != "num_audio_tokens"})
+        logp = torch.log_softmax(logits.logits[0].float(), -1)
+    assert plp[0] is None and len(plp) == len(ids)
+    for pos in range(1, len(ids)):
+        assert next(iter(plp[pos])) == str(ids[pos])  # the actual token first
+        for key, v in plp[pos].items():
+            assert v["logprob"] == pytest.approx(float(logp[pos - 1, int(key)]), abs=1e-4)
+    assert remote["steps"] == local["steps"] > 0 and remote["skipped_steps"] == 0
+    a, b = run_losses(tmp_path / "local"), run_losses(tmp_path / "remote")
+    assert len(a) == len(b) == local["steps"]
+    assert all(abs(x - y) <= 1e-5 + 1e-3 * abs(y) for x, y in zip(a, b)), (a, b)
+    return ids, text
+
+
+def safetensors_of(folder) -> dict:
+    """Every tensor of a model folder's ``*.safetensors`` files (shards included), by name."""
+    from safetensors import safe_open
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out

@@ -5,6 +5,7 @@ readme_args), report.write_results, synth.speech, and the ASR recipe's synthetic
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -380,3 +381,21 @@ def test_sound_render_is_the_same_bytes_every_time(tmp_path):
     assert a.read_bytes() == b.read_bytes()
     x, sr = sf.read(a)
     assert sr == 16000 and np.abs(x).max() > 0.2  # a real clip, not silence
+
+
+def test_gen_length_measures_strings_and_lists_of_references(tmp_path):
+    """tools/gen_length.py: the longest reference in the model's tokens (+ EOS); a caption row's
+    ``text`` is a list of references and each counts; rows without the field are skipped."""
+    from core.models import train_tokenizer
+    from tools.gen_length import auto_max_new_tokens, longest_reference
+    tok = train_tokenizer(["a dog barks", "rain falls on a metal roof loudly"], 300, out_dir=tmp_path / "tok")
+    m = tmp_path / "m.jsonl"
+    m.write_text("\n".join(json.dumps(r) for r in (
+        {"key": "a", "text": ["a dog barks", "rain falls on a metal roof loudly"]},
+        {"key": "b", "text": "a dog barks"}, {"key": "c"})) + "\n")
+    want = len(tok("rain falls on a metal roof loudly", add_special_tokens=False)["input_ids"]) + 1
+    assert longest_reference(tok, [m]) == (want, 2)
+    r = auto_max_new_tokens(tmp_path / "tok", [m], floor=1)
+    assert r["max_new_tokens"] == math.ceil(1.25 * want) + 8 and r["rows"] == 2
+    with pytest.raises(ValueError, match="no row"):
+        longest_reference(tok, [m], field="answer")

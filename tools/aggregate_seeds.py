@@ -80,6 +80,7 @@ def main(argv=None) -> int:
     ap.add_argument("--table", type=Path, help="also write that table here (Markdown)")
     ap.add_argument("--report_exp", type=Path, help="write the table to this folder's RESULTS.md (tools/report.py)")
     ap.add_argument("--readme", default="", help="with --report_exp: also into this README's results section")
+    ap.add_argument("--smoke", default="false", help="true: a smoke run, which never writes the README")
     args = ap.parse_args(argv)
     try:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
             note = (f"\n\nMean and sample standard deviation over {len(agg['seeds'])} training seeds "
                     f"({', '.join(map(str, agg['seeds']))}) after the shared warm-up; each seed's own table, with "
                     f"its bootstrap intervals, is in its folder: {', '.join(agg['per_seed_files'])}.")
-            write_results(args.report_exp, t + note, readme=args.readme)
+            write_results(args.report_exp, t + note, readme=args.readme, smoke=args.smoke == "true")
     return 0
 
 

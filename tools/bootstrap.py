@@ -102,3 +102,29 @@ def describe_diff(name: str, d: dict, scale: float = 100.0, digits: int = 1, uni
     interval includes 0)."""
     return (f"{name}: {scale * d['diff']:+.{digits}f} {unit} {fmt_ci(d['ci95'], scale, digits, sign=True)}"
             + ("" if d["significant"] else " (not significant)"))
+
+
+def differences(pairs: Sequence[tuple[str, str]], items_of) -> dict:
+    """``{"a - b": keyed_diff(items_of(a), items_of(b))}`` for each system pair ``(a, b)``;
+    ``items_of(name)`` gives a system's ``{item key: (num, den)}`` (the recipes read them from
+    each system's score file)."""
+    cache: dict = {}
+
+    def items(name):
+        if name not in cache:
+            cache[name] = items_of(name)
+        return cache[name]
+    return {f"{a} - {b}": keyed_diff(items(a), items(b)) for a, b in pairs}
+
+
+def score_items(path, *keys: str) -> dict[str, tuple[float, float]]:
+    """``{item key: (score, 1)}`` from a JSON score file: the ``{key: score}`` mapping found under
+    ``keys`` (e.g. ``score.json``'s ``per_item``, ``scores.json``'s ``per_clip`` / ``CIDEr``)."""
+    import json
+    from pathlib import Path
+    d = json.loads(Path(path).read_text())
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            raise ValueError(f"{path}: no {'.'.join(keys)} (per-item scores) to compare systems on")
+        d = d[k]
+    return {k: (float(v), 1.0) for k, v in d.items()}

@@ -5,7 +5,7 @@
         [--field text] [--margin 1.25] [--extra 8] [--floor 16]
 
 prints ``max_new_tokens`` = max(floor, ceil(margin * longest) + extra), where ``longest`` is the
-most tokens any row's ``field`` takes in the tokenizer of ``--model`` (a model folder or a
+most tokens any row's ``field`` (a string, or a list of references: each counts) takes in the tokenizer of ``--model`` (a model folder or a
 tokenizer folder), counting the end-of-sequence token. ``run.sh`` uses it for decoding and
 rollouts with ``--max_new_tokens auto`` (the default), so long transcripts (LibriSpeech) and
 reasoning blocks are not cut at a fixed 32 tokens; ``--json`` prints the figures behind it.
@@ -26,10 +26,12 @@ def longest_reference(tokenizer, manifests, field: str = "text") -> tuple[int, i
     for path in manifests:
         for lineno, rec in jsonl_objects(path, problems):
             text = rec.get(field)
-            if not isinstance(text, str):
+            texts = [text] if isinstance(text, str) else [t for t in text if isinstance(t, str)] \
+                if isinstance(text, list) else []   # a list: several references (captions)
+            if not texts:
                 continue
             rows += 1
-            longest = max(longest, len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1)
+            longest = max([longest] + [len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts])
     if problems:
         raise ValueError("\n".join(problems[:20]))
     if not rows:

@@ -24,6 +24,10 @@
 #   budget_args NAME SECONDS      the train overrides that bound compared method NAME: with an empty
 #                                 ${budget}, its fixed step count from conf/budget.yaml (x ${budget_scale},
 #                                 smoke runs; tools/step_budget.py), else SECONDS of wall-clock
+#   set_gen_len MODEL FIELD MANIFEST...
+#                                 once per run (later calls do nothing): gen_len=$(gen_length ...),
+#                                 logged, and rollout.max_new_tokens=${gen_len} added to the recipe's
+#                                 paths array (the overrides its stages share)
 #   run_seeds FIRST_STAGE METRIC SHARED...
 #                                 with --seeds N > 1: this run.sh again for stages max(stage,
 #                                 FIRST_STAGE)..stop_stage once per training seed (seed, seed+1 ...)
@@ -159,6 +163,13 @@ budget_args() {  # NAME SECONDS
     echo "train.max_seconds=0 train.max_steps=${n}"
   fi
 }
+gen_len=""
+set_gen_len() {  # MODEL FIELD MANIFEST...
+  [ -z "${gen_len}" ] || return 0
+  gen_len=$(gen_length "$@")
+  log "generation length ${gen_len} tokens (${exp}/gen_length.json)"
+  paths+=(rollout.max_new_tokens=${gen_len})
+}
 run_seeds() {  # FIRST_STAGE METRIC SHARED...
   local n=${seeds:-1} first=$1 metric=$2 k s sub d from files=() seed_list=()
   shift 2
@@ -181,7 +192,7 @@ run_seeds() {  # FIRST_STAGE METRIC SHARED...
   [ -f "${files[0]}" ] || return 0   # stop_stage before scoring: nothing to combine
   local IFS=,
   "${PY}" -m tools.aggregate_seeds --out "${exp_abs}/results.json" --seeds "${seed_list[*]}" --metric "${metric}" \
-    --report_exp "${exp_abs}" ${readme_args[@]+"${readme_args[@]}"} "${files[@]}"
+    --report_exp "${exp_abs}" --smoke "${smoke:-false}" ${readme_args[@]+"${readme_args[@]}"} "${files[@]}"
 }
 gen_length() {  # MODEL FIELD MANIFEST...
   local n=${max_new_tokens:-auto}

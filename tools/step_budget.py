@@ -82,7 +82,7 @@ def measure(conf: str | Path, runs: dict[str, Path], target_seconds: float, mach
         t = json.loads(s.read_text())
         if not t.get("steps") or not t.get("train_seconds"):
             raise BudgetError(f"{s}: no steps / train_seconds to measure")
-        sps[name] = round(t["train_seconds"] / t["steps"], 5)
+        sps[name] = t["train_seconds"] / t["steps"]
         measured[name] = {"steps": t["steps"], "train_seconds": t["train_seconds"]}
     old = yaml.safe_load(Path(conf).read_text()) if Path(conf).is_file() else {}
     out = dict(old or {})
@@ -90,7 +90,7 @@ def measure(conf: str | Path, runs: dict[str, Path], target_seconds: float, mach
         "target_seconds": target_seconds,
         "reference": {"machine": machine, "date": datetime.date.today().isoformat(),
                       **({"note": note} if note else {})},
-        "seconds_per_step": sps,
+        "seconds_per_step": {k: round(v, 5) for k, v in sps.items()},
         "measured": measured,
         **({"shares": shares} if shares else {}),
         "steps": {name: max(1, round(shares.get(name, target_seconds) / v)) for name, v in sps.items()},

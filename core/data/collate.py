@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 # flattened patch tensors (rows of all samples stacked) -> the per-sample grid that sizes each one's rows
 PATCH_INPUTS = {"pixel_values_videos": "video_grid_thw", "pixel_values": "image_grid_thw"}
+# processor outputs that run along the prompt's tokens (left-padded when samples are stacked)
+TOKEN_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
 
 def segment_rows(sizes, idx: list[int]) -> torch.Tensor:
@@ -223,21 +225,26 @@ class AudioPromptCollator:
 def stack_encodings(encs: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
     """One batch from processor outputs of one sample each (batch dim 1, the same keys).
 
-    ``input_ids`` are left-padded with ``pad_id`` and ``attention_mask`` with 0, as the tokenizer
-    pads prompts; every other tensor (audio features, their masks) is zero-padded at the end of
-    each other dim to the largest size, which a feature mask then marks as padding.
+    The tensors that run along the prompt's tokens (``TOKEN_INPUTS``: ``input_ids``, padded with
+    ``pad_id``; ``attention_mask`` and the others with 0) are left-padded, as the tokenizer pads
+    prompts. Flattened patches (``PATCH_INPUTS``: each sample's rows, sized by its grid) are
+    concatenated. Every other tensor (audio features, their masks, grids) has a batch dim of 1 and
+    is zero-padded at the end of each other dim to the largest size, which a feature mask then
+    marks as padding.
     """
     keys = list(encs[0])
     for i, e in enumerate(encs):
         if set(e) != set(keys):
             raise ValueError(f"the processor returned {sorted(e)} for sample {i}, {sorted(keys)} for sample 0")
-        bad = [k for k in keys if e[k].dim() == 0 or e[k].shape[0] != 1]
+        bad = [k for k in keys if k not in PATCH_INPUTS and (e[k].dim() == 0 or e[k].shape[0] != 1)]
         if bad:
             raise ValueError(f"the processor returned {bad} without a batch dim of 1 for one sample")
     out = {}
     for k in keys:
         ts = [e[k] for e in encs]
-        if k in ("input_ids", "attention_mask"):
+        if k in PATCH_INPUTS:
+            out[k] = torch.cat(ts)
+        elif k in TOKEN_INPUTS:
             L = max(t.shape[1] for t in ts)
             fill = pad_id if k == "input_ids" else 0
             out[k] = torch.cat([torch.nn.functional.pad(t, (L - t.shape[1], 0), value=fill) for t in ts])
@@ -263,10 +270,11 @@ class AVPromptCollator:
     ``sample_rate``); a row with its own ``audio`` path uses that audio instead of the track. The
     user turn is a video item, then the audio as a separate item, then the prompt text
     (``prompt`` formatted with the row's fields, as in ``AudioPromptCollator``). The processor is
-    called with ``videos_kwargs`` holding the frame cap ``video_max_pixels`` (its defaults would
-    upscale small frames) and the clip's real fps; ``video_second_per_grid`` is then set per
-    sample from each clip's own fps (the processor takes one fps per call), and the processor's
-    ``num_audio_tokens`` is dropped. ``missing_audio``: ``error`` (a video without a sound track,
+    called once per row (the rows are then stacked by ``stack_encodings``, so a clip's inputs never
+    depend on its batch: Qwen3-Omni's processor pads audio to a batch's longest clip) with
+    ``videos_kwargs`` holding the frame cap ``video_max_pixels`` (its defaults would upscale small
+    frames) and the clip's real fps; ``video_second_per_grid`` is set from each clip's own fps,
+    and the processor's ``num_audio_tokens`` is dropped. ``missing_audio``: ``error`` (a video without a sound track,
     and no ``audio`` path, is an error naming the file) or ``silence`` (it gets silent audio of
     the clip's length). A ``video_max_pixels`` smaller than one merged patch of the processor's
     vision grid (28 x 28 for Qwen2.5-Omni, 32 x 32 for Qwen3-Omni: patch size x merge size) is
@@ -327,15 +335,12 @@ class AVPromptCollator:
                  for r in rows]
         loaded = [self.load(r) for r in rows]
         clips, audios = [c for c, _ in loaded], [a for _, a in loaded]
-        old_side = self.tokenizer.padding_side
-        self.tokenizer.padding_side = "left"
-        try:
-            enc = self.processor(text=texts, videos=[c.frames for c in clips], audio=audios,
-                                 sampling_rate=self.sample_rate, return_tensors="pt", padding=True,
-                                 videos_kwargs=self.videos_kwargs(clips[0].fps))
-        finally:
-            self.tokenizer.padding_side = old_side
-        inputs = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor) and k != "num_audio_tokens"}
+        encs = []
+        for text, clip, audio in zip(texts, clips, audios):  # one row at a time, at its own fps
+            enc = self.processor(text=[text], videos=[clip.frames], audio=[audio], sampling_rate=self.sample_rate,
+                                 return_tensors="pt", videos_kwargs=self.videos_kwargs(clip.fps))
+            encs.append({k: v for k, v in enc.items() if isinstance(v, torch.Tensor) and k != "num_audio_tokens"})
+        inputs = stack_encodings(encs, self.tokenizer.pad_token_id) if encs else {}
         if "video_second_per_grid" in inputs:
             tps = getattr(getattr(self.processor, "video_processor", None), "temporal_patch_size", 2)
             inputs["video_second_per_grid"] = torch.tensor([tps / float(c.fps) for c in clips],

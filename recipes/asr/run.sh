@@ -18,6 +18,7 @@
 # README's with --update_readme true), plots.
 set -euo pipefail
 readonly caller_pwd=$PWD
+orig_args=("$@")
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 stage=0
@@ -26,8 +27,9 @@ corpus=synthetic      # synthetic | librispeech | aishell
 corpus_dir=""         # local copy of the corpus (librispeech | aishell)
 data=data             # manifests
 exp=exp               # models, logs, results
-budget=150            # seconds of training for OPD and for each baseline (equal wall-clock)
+budget=""             # empty: the step counts of conf/budget.yaml (equal compute, the same numbers on every run); S: S seconds of wall-clock for OPD, OPD's seconds for each baseline
 baselines=true        # also train the fair baselines (sft_more, seqkd, td_opd)
+seeds=1               # N > 1: stages 2-3 once per training seed (seed .. seed+N-1) into exp/seed<s>/ after the shared stages 0-1; exp/results.json: mean, std, per seed
 backend=torch         # torch | deepspeed (conf/ds_zero2.json; --zero 3 for conf/ds_zero3.json)
 teacher_url=""        # a teacher served elsewhere (our server; vLLM): every stage that needs the teacher asks it
 teacher_model=""      # --teacher_url: the model name the server expects (empty: the first it lists)
@@ -40,7 +42,7 @@ prompt="Transcribe the audio."  # the user turn after the audio (the training co
 smoke=false           # tiny corpus and few steps, for tests
 update_readme=false   # true: also write the results table into README.md (maintainers; always in ${exp}/RESULTS.md)
 seed=0
-help_message="Usage: bash run.sh [--stage N] [--stop_stage N] [--corpus synthetic|librispeech|aishell] [--corpus_dir DIR] [--budget SECONDS] [--smoke true] [--update_readme true]
+help_message="Usage: bash run.sh [--stage N] [--stop_stage N] [--corpus synthetic|librispeech|aishell] [--corpus_dir DIR] [--budget SECONDS] [--seeds N] [--smoke true] [--update_readme true]
        [--teacher_url URL [--teacher_model NAME] [--teacher_top_k K]] [--max_new_tokens auto|N]
        bash run.sh --eval_only true --model DIR --corpus librispeech|aishell --corpus_dir DIR [--test_part test-other]
        [--ngpu N] [--num_nodes N --node_rank R --master_addr HOST] [--hostfile F] [--dtype bfloat16] [--zero 2|3]
@@ -81,13 +83,10 @@ if [ "${smoke}" = "true" ]; then
   synth_args=(--smoke)
   teacher_over=(train.max_steps=40 train.eval_every=0 train.save_every=0)
   student_over=(train.max_steps=10 train.eval_every=0 train.save_every=0)
-  budget=6
+  budget_scale=0.05   # conf/budget.yaml's step counts x 0.05 (OPD: 19 steps)
 fi
 common=(train.eval_every=0)
 [ "${smoke}" = "true" ] || common=()
-# smoke: OPD takes a fixed number of steps, so a loaded machine cannot starve it; the baselines
-# then get the wall-clock those steps took
-opd_steps=(); [ "${smoke}" = "true" ] && opd_steps=(train.max_seconds=0 train.max_steps=20)
 
 if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
   t0=$(date +%s)
@@ -151,6 +150,9 @@ if [ -n "${teacher_url}" ]; then
   teacher_decode=(--url "${teacher_url}"); [ -n "${teacher_model}" ] && teacher_decode+=(--served_model "${teacher_model}")
   teacher_score=(--teacher_url "${teacher_url}"); [ -n "${teacher_model}" ] && teacher_score+=(--teacher_model "${teacher_model}")
 fi
+# --seeds N: stages 2-3 again per seed from the warm-up above, combined into exp/results.json
+rc=0; run_seeds 2 wer teacher teacher_init student_init student_sft models.json || rc=$?
+case ${rc} in 0) exit 0 ;; 1) ;; *) exit ${rc} ;; esac
 if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
   t0=$(date +%s)
   gen_len=$(gen_length "${exp}/student_sft/final" text "${labelled[@]}")
@@ -158,18 +160,20 @@ if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
   opd_paths+=(rollout.max_new_tokens=${gen_len})
   log "stage 2: calibrate (student vs teacher KL on dev, before OPD)"
   train conf/opd.yaml "${opd_paths[@]}" method=calibrate output_dir=${exp}/calibrate_before
-  log "stage 2: on-policy distillation, ${budget} s"
-  train conf/opd.yaml "${opd_paths[@]}" train.max_seconds=${budget} "${common[@]}" "${opd_steps[@]}"
+  b=$(budget_args opd "${budget}")
+  log "stage 2: on-policy distillation (${b})"
+  train conf/opd.yaml "${opd_paths[@]}" ${b} "${common[@]}"
   record_time opd $(( $(date +%s) - t0 ))
   train conf/opd.yaml "${opd_paths[@]}" method=calibrate model.path=${exp}/opd/final output_dir=${exp}/calibrate_after
-  # the baselines get the wall-clock OPD actually trained for
+  # with --budget S the baselines get the wall-clock OPD actually trained for (td_opd: half each)
   spent=$(summary_seconds "${exp}/opd/train_summary.json")
   half=$("${PY}" -c "print(${spent} / 2)")
   if [ "${baselines}" = "true" ]; then
     t1=$(date +%s)
-    log "baseline sft_more: more SFT on the labelled set, ${spent} s"
+    b=$(budget_args sft_more "${spent}")
+    log "baseline sft_more: more SFT on the labelled set (${b})"
     train conf/sft_more.yaml model.path=${exp}/student_sft/final output_dir=${exp}/sft_more data.train=${data}/student_labelled.jsonl \
-      data.dev=${data}/dev.jsonl train.max_seconds=${spent} "${common[@]}"
+      data.dev=${data}/dev.jsonl ${b} "${common[@]}"
     record_time sft_more $(( $(date +%s) - t1 ))
     t1=$(date +%s)
     log "baseline seqkd: the teacher transcribes the unlabelled audio"
@@ -177,13 +181,15 @@ if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
       --out ${exp}/seqkd_data/unlabelled_teacher.jsonl --as_manifest --prompt "${prompt}" --max_new_tokens ${gen_len}
     record_time teacher_transcribe $(( $(date +%s) - t1 ))
     t1=$(date +%s)
-    log "baseline seqkd: SFT on the teacher's transcripts, ${spent} s"
-    train conf/seqkd.yaml "${kd_paths[@]}" output_dir=${exp}/seqkd train.max_seconds=${spent} "${common[@]}"
+    b=$(budget_args seqkd "${spent}")
+    log "baseline seqkd: SFT on the teacher's transcripts (${b})"
+    train conf/seqkd.yaml "${kd_paths[@]}" output_dir=${exp}/seqkd ${b} "${common[@]}"
     record_time seqkd $(( $(date +%s) - t1 ))
     t1=$(date +%s)
-    log "td_opd: sequence-level KD then OPD, ${half} s each"
-    train conf/seqkd.yaml "${kd_paths[@]}" train.max_seconds=${half} output_dir=${exp}/td_kd "${common[@]}"
-    train conf/opd.yaml "${opd_paths[@]}" model.path=${exp}/td_kd/final train.max_seconds=${half} output_dir=${exp}/td_opd \
+    b=$(budget_args td_kd "${half}"); b2=$(budget_args td_opd "${half}")
+    log "td_opd: sequence-level KD (${b}), then OPD (${b2})"
+    train conf/seqkd.yaml "${kd_paths[@]}" ${b} output_dir=${exp}/td_kd "${common[@]}"
+    train conf/opd.yaml "${opd_paths[@]}" model.path=${exp}/td_kd/final ${b2} output_dir=${exp}/td_opd \
       "${common[@]}"
     record_time td_opd $(( $(date +%s) - t1 ))
   fi
@@ -194,7 +200,7 @@ if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
   gen_len=$(gen_length "${exp}/student_sft/final" text "${labelled[@]}")
   log "stage 3: decode the test set and score (at most ${gen_len} new tokens)"
   "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --lang ${lang} "${readme_args[@]}" \
-    --corpus ${corpus} --budget ${budget} --smoke ${smoke} --max_new_tokens ${gen_len} --prompt "${prompt}" \
+    --corpus ${corpus} --budget "${budget}" --smoke ${smoke} --max_new_tokens ${gen_len} --prompt "${prompt}" \
     "${teacher_score[@]}"
   record_time decode_score $(( $(date +%s) - t0 ))
   "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --lang ${lang} --only_times

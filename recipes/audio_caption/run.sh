@@ -189,15 +189,12 @@ if [ -n "${external_teacher}" ]; then
 fi
 opd_paths=(model.path=${exp}/student_sft/final output_dir=${exp}/opd data.train=${data}/unlabelled.jsonl data.dev=${data}/dev.jsonl)
 kd_paths=(model.path=${exp}/student_sft/final data.train=${exp}/seqkd_data/unlabelled_teacher.jsonl data.dev=${data}/dev.jsonl)
-gen_len=""
-if [ ${stop_stage} -ge 2 ] && [ ${stage} -le 3 ]; then  # after stage 1: the student's tokenizer exists
-  set_gen_len() { [ -n "${gen_len}" ] || gen_len=$(gen_length "${exp}/student_sft/final" text "${data}/student_labelled.jsonl" "${data}/teacher_train.jsonl"); }
-fi
+# the caption length of stages 2-3 (set by the first of them that runs; after stage 1 the student's tokenizer exists)
+gen_args=("${exp}/student_sft/final" text "${data}/student_labelled.jsonl" "${data}/teacher_train.jsonl")
 
 if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
   t0=$(date +%s)
-  set_gen_len
-  log "stage 2: captions of at most ${gen_len} tokens (${exp}/gen_length.json)"
+  set_gen_len "${gen_args[@]}"
   opd_paths+=(rollout.max_new_tokens=${gen_len})
   if [ "${teacher}" = "remote" ]; then
     [ -n "${teacher_url}" ] || start_server "${exp}/teacher/final"
@@ -233,7 +230,7 @@ fi
 
 if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
   t0=$(date +%s)
-  set_gen_len
+  set_gen_len "${gen_args[@]}"
   log "stage 3: caption the test clips, caption metrics, cascaded question answering"
   qa_args=(); [ -n "${qa_model}" ] && qa_args=(--qa_model "${qa_model}")
   has_questions=$("${PY}" -c "import json,sys;print(any(json.loads(l).get('questions') for l in open(sys.argv[1]) if l.strip()))" "${data}/test.jsonl")

@@ -158,13 +158,7 @@ fi
 paths=(data.train=${data}/train.jsonl data.dev=${data}/dev.jsonl)
 # the decoding / rollout length of stages 2-6 (set by the first of them that runs): --max_new_tokens,
 # or auto from the training targets in the base policy's tokens
-gen_len=""
-set_gen_len() {
-  [ -z "${gen_len}" ] || return 0
-  gen_len=$(gen_length "${exp}/base_sft/final" target "${data}/train.jsonl")
-  log "generation length ${gen_len} tokens (${exp}/gen_length.json)"
-  paths+=(rollout.max_new_tokens=${gen_len})
-}
+gen_args=("${exp}/base_sft/final" target "${data}/train.jsonl")
 # OPD's teacher: the GRPO-trained teacher here, or the server at --teacher_url (its top-k log-probs)
 opd_teacher=(teacher.path=${exp}/teacher_grpo/final); teacher_score=()
 if [ -n "${teacher_url}" ]; then
@@ -175,7 +169,7 @@ if [ -n "${teacher_url}" ]; then
 fi
 
 if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
-  set_gen_len
+  set_gen_len "${gen_args[@]}"
   t0=$(date +%s)
   log "stage 2: GRPO of the base policy, ${budget} s"
   train conf/grpo.yaml model.path=${exp}/base_sft/final output_dir=${exp}/grpo "${paths[@]}" \
@@ -195,7 +189,7 @@ spent=${budget}
 [ -f "${exp}/grpo/train_summary.json" ] && spent=$(summary_seconds "${exp}/grpo/train_summary.json")
 
 if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
-  set_gen_len
+  set_gen_len "${gen_args[@]}"
   t0=$(date +%s)
   log "stage 3: ReST from the base, ${spent} s of sampling and training"
   train conf/rest.yaml model.path=${exp}/base_sft/final output_dir=${exp}/rest "${paths[@]}" \
@@ -204,7 +198,7 @@ if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
 fi
 
 if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
-  set_gen_len
+  set_gen_len "${gen_args[@]}"
   t0=$(date +%s)
   log "stage 4: OPD of the base from ${teacher_url:-the GRPO-trained teacher}, ${spent} s"
   train conf/opd.yaml model.path=${exp}/base_sft/final "${opd_teacher[@]}" \
@@ -213,7 +207,7 @@ if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
 fi
 
 if [ ${stage} -le 5 ] && [ ${stop_stage} -ge 5 ] && [ "${baselines}" = "true" ]; then
-  set_gen_len
+  set_gen_len "${gen_args[@]}"
   t0=$(date +%s)
   log "stage 5: baseline, plain SFT on the answers, ${spent} s"
   train conf/sft_answers.yaml model.path=${exp}/base_sft/final output_dir=${exp}/sft_answers "${paths[@]}" \
@@ -222,7 +216,7 @@ if [ ${stage} -le 5 ] && [ ${stop_stage} -ge 5 ] && [ "${baselines}" = "true" ];
 fi
 
 if [ ${stage} -le 6 ] && [ ${stop_stage} -ge 6 ]; then
-  set_gen_len
+  set_gen_len "${gen_args[@]}"
   t0=$(date +%s)
   log "stage 6: decode the test set and score (${rule} rule)"
   "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --rule ${rule} "${readme_args[@]}" \

@@ -163,16 +163,10 @@ fi
 paths=(data.train=${data}/train.jsonl data.dev=${data}/dev.jsonl)
 # the decoding / rollout length of stages 2-4 (set by the first of them that runs): --max_new_tokens,
 # or auto from the training targets in the warmed-up model's tokens
-gen_len=""
-set_gen_len() {
-  [ -z "${gen_len}" ] || return 0
-  gen_len=$(gen_length "${exp}/sft_qa/final" target "${data}/train.jsonl")
-  log "generation length ${gen_len} tokens (${exp}/gen_length.json)"
-  paths+=(rollout.max_new_tokens=${gen_len})
-}
+gen_args=("${exp}/sft_qa/final" target "${data}/train.jsonl")
 
 if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
-  set_gen_len
+  set_gen_len "${gen_args[@]}"
   t0=$(date +%s)
   log "stage 2: GRPO, ${budget} s"
   train conf/grpo.yaml model.path=${exp}/sft_qa/final output_dir=${exp}/grpo "${paths[@]}" \
@@ -185,7 +179,7 @@ spent=${budget}
 [ -f "${exp}/grpo/train_summary.json" ] && spent=$(summary_seconds "${exp}/grpo/train_summary.json")
 
 if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ] && [ "${baselines}" = "true" ]; then
-  set_gen_len
+  set_gen_len "${gen_args[@]}"
   t0=$(date +%s)
   log "stage 3: baseline sft_answers, SFT on the answers for ${spent} s"
   train conf/sft_answers.yaml model.path=${exp}/sft_qa/final output_dir=${exp}/sft_answers "${paths[@]}" \
@@ -194,7 +188,7 @@ if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ] && [ "${baselines}" = "true" ];
 fi
 
 if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
-  set_gen_len
+  set_gen_len "${gen_args[@]}"
   t0=$(date +%s)
   log "stage 4: decode the test set and score"
   "${PY}" local/make_results.py --data "${data}" --exp "${exp}" "${readme_args[@]}" --corpus ${corpus} \

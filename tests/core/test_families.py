@@ -13,16 +13,12 @@ and Qwen3-Omni-MoE in ``test_family_qwen3_*.py``):
 """
 from __future__ import annotations
 
-import base64
 import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
 
-import httpx
 import pytest
-import soundfile as sf
-import torch
 
 from core import config as C
 from core.models import load_model_and_processor
@@ -30,20 +26,12 @@ from core.rewards import register_reward
 from core.trainer import Trainer
 from core.trainer import run as train_run
 
+from conftest import QWEN2_AUDIO_4X_TEMPLATE, check_served_teacher, run_losses
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPT = "Transcribe the audio."
 
-# the template of Qwen2-Audio-7B-Instruct as transformers 4.x saved it (tests/core/test_serve.py)
-QWEN2_AUDIO_4X_TEMPLATE = (
-    "{% set audio_count = namespace(value=0) %}{% for message in messages %}{% if loop.first and "
-    "message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
-    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if 'audio' in content or "
-    "'audio_url' in content %}{% set audio_count.value = audio_count.value + 1 %}Audio "
-    "{{ audio_count.value }}: <|audio_bos|><|AUDIO|><|audio_eos|>\n{% elif 'text' in content %}"
-    "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 @register_reward("test_family_length")
@@ -108,12 +96,6 @@ def _cfg(fam, out: Path, method: str, **over) -> C.TrainConfig:
     return C.load_config(overrides=C.deep_merge(base, over))
 
 
-def _losses(out: Path) -> list[float]:
-    files = [out / "metrics.jsonl"] + sorted(out.glob("round_*/metrics.jsonl"))  # ReST: its rounds' SFT
-    rows = [json.loads(x) for f in files for x in f.read_text().splitlines() if x.strip()]
-    return [float(r["loss"]) for r in rows if "loss" in r]
-
-
 def test_loads_and_decodes(family, tmp_path):
     from core.bin.decode import decode
     model, proc = load_model_and_processor(family.student)
@@ -137,7 +119,7 @@ def test_every_method_trains_and_exports(family, tmp_path, method, over):
     res = train_run(_cfg(family, tmp_path / method, "sft" if method == "lora" else method, **over))
     final = Path(res["final_model"])
     assert (final / "config.json").is_file() and not (final / "adapter_config.json").exists()
-    losses = _losses(tmp_path / method)
+    losses = run_losses(tmp_path / method)
     assert losses and all(math.isfinite(x) for x in losses)
     whole = getattr(transformers, family.load_cls).from_pretrained(str(final))
     assert type(whole).__name__ == family.load_cls
@@ -145,40 +127,10 @@ def test_every_method_trains_and_exports(family, tmp_path, method, over):
     assert type(again).__name__ == family.cls
 
 
-def _b64(path) -> str:
-    return base64.b64encode(Path(path).read_bytes()).decode("ascii")
-
-
 def test_served_prompt_logprobs_and_remote_opd(family, tmp_path):
     """The teacher behind our server: one ``prompt_logprobs`` request equals a plain forward of the
     prompt the chat template renders; a remote OPD run's losses equal the local run's."""
-    from core.serve.app import ServerThread, create_app
-    prefill = "hello world<|im_end|>"
-    row = family.rows[0]
-    body = {"model": str(family.teacher), "max_tokens": 1, "temperature": 0, "prompt_logprobs": 3,
-            "return_token_ids": True, "add_generation_prompt": False, "continue_final_message": True,
-            "messages": [{"role": "user", "content": [
-                {"type": "input_audio", "input_audio": {"data": _b64(row["audio"]), "format": "wav"}},
-                {"type": "text", "text": PROMPT}]}, {"role": "assistant", "content": prefill}]}
-    local = Trainer(_cfg(family, tmp_path / "local", "opd", train={"max_steps": 3})).train()
-    with ServerThread(create_app(family.teacher, device="cpu")) as s:
-        r = httpx.post(f"{s.url}/v1/chat/completions", json=body, timeout=120)
-        remote = Trainer(_cfg(family, tmp_path / "remote", "opd", teacher={"kind": "remote", "url": s.url},
-                              train={"max_steps": 3})).train()
-    assert r.status_code == 200, r.text
-    ids, plp = r.json()["prompt_token_ids"], r.json()["prompt_logprobs"]
-    model, proc = load_model_and_processor(family.teacher)
-    msgs = [{"role": "user", "content": [{"type": "audio", "audio": "a"}, {"type": "text", "text": PROMPT}]},
-            {"role": "assistant", "content": prefill}]
-    text = proc.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False, continue_final_message=True)
-    wav, _ = sf.read(row["audio"], dtype="float32")
-    enc = proc(text=[text], audio=[wav], sampling_rate=16000, return_tensors="pt")
-    assert ids == enc["input_ids"][0].tolist()
-    with torch.no_grad():
-        logp = torch.log_softmax(model(**{k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}).logits[0], -1)
-    for pos in range(1, len(ids)):
-        for key, v in plp[pos].items():
-            assert v["logprob"] == pytest.approx(float(logp[pos - 1, int(key)]), abs=1e-4)
-    assert remote["steps"] == local["steps"] == 3 and remote["skipped_steps"] == 0
-    a, b = _losses(tmp_path / "local"), _losses(tmp_path / "remote")
-    assert all(math.isclose(x, y, rel_tol=1e-3, abs_tol=1e-5) for x, y in zip(a, b)), (a, b)
+    def opd(out, teacher):
+        return Trainer(_cfg(family, out, "opd", train={"max_steps": 3},
+                            **({"teacher": teacher} if teacher else {}))).train()
+    check_served_teacher(family.teacher, family.rows[0]["audio"], PROMPT, opd, tmp_path)

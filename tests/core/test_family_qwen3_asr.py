@@ -23,14 +23,12 @@ qwen3_asr=True)`` on the espeak-ng clips of the ``tiny`` fixture (each < 3 s; th
 """
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import math
 from pathlib import Path
 from types import SimpleNamespace
 
-import httpx
 import pytest
 import soundfile as sf
 import torch
@@ -41,6 +39,8 @@ from core.models import (UnsupportedModel, build_tiny_qwen3_asr, check_model_typ
 from core.rewards import register_reward
 from core.trainer import Trainer
 from core.trainer import run as train_run
+
+from conftest import check_served_teacher, run_losses
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,13 +78,6 @@ def _cfg(asr, out: Path, method: str, **over) -> C.TrainConfig:
         base["teacher"] = {"path": str(asr.teacher)}
         base["opd"] = {"form": "distribution", "divergence": "reverse_kl", "support": "teacher_topk", "top_k": 8}
     return C.load_config(overrides=C.deep_merge(base, over))
-
-
-def _losses(out: Path) -> list[float]:
-    """The step losses of a run (of ReST's rounds: its own log holds one line per round)."""
-    logs = [out / "metrics.jsonl"] + sorted(out.glob("round_*/metrics.jsonl"))
-    rows = [json.loads(x) for f in logs for x in f.read_text().splitlines() if x.strip()]
-    return [float(r["loss"]) for r in rows if "loss" in r]
 
 
 def _wav(row):
@@ -276,7 +269,7 @@ def test_every_method_trains_and_exports(asr, tmp_path, method, over):
     res = train_run(_cfg(asr, tmp_path / method, "sft" if method == "lora" else method, **over))
     final = Path(res["final_model"])
     assert (final / "config.json").is_file() and not (final / "adapter_config.json").exists()
-    losses = _losses(tmp_path / method)
+    losses = run_losses(tmp_path / method)
     assert losses and all(math.isfinite(x) for x in losses)
     model = Qwen3ASRForConditionalGeneration.from_pretrained(str(final))
     proc = AutoProcessor.from_pretrained(str(final))
@@ -299,38 +292,10 @@ def test_every_method_trains_and_exports(asr, tmp_path, method, over):
 # ----------------------------------------------------------------------------- the server
 def test_served_prompt_logprobs_and_remote_opd(asr, tmp_path):
     """The teacher behind our server: one ``prompt_logprobs`` request equals a plain forward of the
-    prompt the chat template renders; a remote OPD run's losses equal the local run's."""
-    from core.serve.app import ServerThread, create_app
+    prompt the released template renders (the audio alone in the user turn); a remote OPD run's
+    losses equal the local run's."""
+    def opd(out, teacher):
+        return Trainer(_cfg(asr, out, "opd", train={"max_steps": 3}, **({"teacher": teacher} if teacher else {}))).train()
     prefill = "hello world<|im_end|>"
-    row = asr.rows[0]
-    data = base64.b64encode(Path(row["audio"]).read_bytes()).decode("ascii")
-    body = {"model": str(asr.teacher), "max_tokens": 1, "temperature": 0, "prompt_logprobs": 3,
-            "return_token_ids": True, "add_generation_prompt": False, "continue_final_message": True,
-            "messages": [{"role": "user", "content": [
-                {"type": "input_audio", "input_audio": {"data": data, "format": "wav"}},
-                {"type": "text", "text": PROMPT}]}, {"role": "assistant", "content": prefill}]}
-    local = Trainer(_cfg(asr, tmp_path / "local", "opd", train={"max_steps": 3})).train()
-    with ServerThread(create_app(asr.teacher, device="cpu")) as s:
-        r = httpx.post(f"{s.url}/v1/chat/completions", json=body, timeout=120)
-        remote = Trainer(_cfg(asr, tmp_path / "remote", "opd", teacher={"kind": "remote", "url": s.url},
-                              train={"max_steps": 3})).train()
-    assert r.status_code == 200, r.text
-    ids, plp = r.json()["prompt_token_ids"], r.json()["prompt_logprobs"]
-    model, proc = load_model_and_processor(asr.teacher)
-    msgs = [{"role": "user", "content": [{"type": "audio", "audio": "a"}, {"type": "text", "text": PROMPT}]},
-            {"role": "assistant", "content": prefill}]
-    text = proc.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False, continue_final_message=True)
+    _, text = check_served_teacher(asr.teacher, asr.rows[0]["audio"], PROMPT, opd, tmp_path, prefill=prefill)
     assert text.endswith("<|audio_end|><|im_end|>\n<|im_start|>assistant\n" + prefill)
-    enc = proc(text=[text], audio=[_wav(row)], sampling_rate=16000, return_tensors="pt")
-    assert ids == enc["input_ids"][0].tolist()
-    with torch.no_grad():
-        logp = torch.log_softmax(model(**{k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}).logits[0], -1)
-    assert plp[0] is None and len(plp) == len(ids)
-    for pos in range(1, len(ids)):
-        assert str(ids[pos]) in plp[pos]
-        for key, v in plp[pos].items():
-            assert v["logprob"] == pytest.approx(float(logp[pos - 1, int(key)]), abs=1e-4)
-    assert remote["steps"] == local["steps"] == 3 and remote["skipped_steps"] == 0
-    a, b = _losses(tmp_path / "local"), _losses(tmp_path / "remote")
-    assert len(a) == len(b) == 3
-    assert all(math.isclose(x, y, rel_tol=1e-3, abs_tol=1e-5) for x, y in zip(a, b)), (a, b)

@@ -33,7 +33,6 @@ Checks:
 """
 from __future__ import annotations
 
-import base64
 import copy
 import inspect
 import json
@@ -43,9 +42,7 @@ import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
-import httpx
 import pytest
-import soundfile as sf
 import torch
 
 from core import config as C
@@ -57,6 +54,8 @@ from core.rewards import register_reward
 from core.sampling import generate_completions
 from core.trainer import Trainer
 from core.trainer import run as train_run
+
+from conftest import check_served_teacher, run_losses, safetensors_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -127,15 +126,6 @@ def audio_batch(q3):
     return AudioPromptCollator(q3.proc, AUDIO_PROMPT).prompts(q3.audio_rows[:2])
 
 
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
-
-
 def _cfg(q3, out: Path, method: str, *, av: bool = True, **over) -> C.TrainConfig:
     base = {"method": method, "output_dir": str(out), "model": {"path": str(q3.student)},
             "data": {"train": str(q3.av_manifest if av else q3.audio_manifest),
@@ -150,10 +140,6 @@ def _cfg(q3, out: Path, method: str, *, av: bool = True, **over) -> C.TrainConfi
         base["teacher"] = {"path": str(q3.teacher)}
         base["opd"] = {"form": "distribution", "divergence": "reverse_kl", "support": "teacher_topk", "top_k": 8}
     return C.load_config(overrides=C.deep_merge(base, over))
-
-
-def _losses(out: Path) -> list[float]:
-    return [float(json.loads(x)["loss"]) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
 
 def _completions(q3, rows: int, T: int = 5, seed: int = 0):
@@ -178,7 +164,7 @@ def test_builders_load_as_the_thinker_from_either_folder(q3, tmp_path):
     assert {"text_config", "code_predictor_config"} <= cfg["talker_config"].keys()
     assert {"text_config", "audio_config", "vision_config"} <= cfg["thinker_config"].keys()
     assert type(AutoConfig.from_pretrained(q3.full)).__name__ == "Qwen3OmniMoeConfig"
-    assert {k.split(".")[0] for k in _tensors(q3.full)} == {"thinker", "talker", "code2wav"}
+    assert {k.split(".")[0] for k in safetensors_of(q3.full)} == {"thinker", "talker", "code2wav"}
     full, proc = load_model_and_processor(q3.full)
     assert type(full).__name__ == type(q3.model).__name__ == THINKER
     assert type(proc).__name__ == type(q3.proc).__name__ == "Qwen3OmniMoeProcessor"
@@ -394,7 +380,7 @@ def test_every_method_trains_and_exports(q3, tmp_path, method, av, over):
     res = train_run(_cfg(q3, tmp_path / method, "sft" if method == "lora" else method, av=av, **over))
     final = Path(res["final_model"])
     assert (final / "config.json").is_file() and not (final / "adapter_config.json").exists()
-    losses = _losses(tmp_path / method / ("round_0" if method == "rest" else ""))
+    losses = run_losses(tmp_path / method)
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
     plain = getattr(transformers, THINKER).from_pretrained(str(final))
     again, _ = load_model_and_processor(final)
@@ -435,11 +421,11 @@ def test_a_full_folder_trains_and_exports_whole(q3, tmp_path):
     trained thinker put back (talker and code2wav bitwise the source's; plain transformers loads
     the whole model), or, with ``model.export: thinker``, the thinker alone."""
     from transformers import Qwen3OmniMoeForConditionalGeneration
-    src = _tensors(q3.full)
+    src = safetensors_of(q3.full)
     tr = Trainer(_cfg(q3, tmp_path / "full", "sft", model={"path": str(q3.full)}))
     final = Path(tr.train()["final_model"])
     assert json.loads((final / "config.json").read_text())["model_type"] == "qwen3_omni_moe"
-    out = _tensors(final)
+    out = safetensors_of(final)
     assert out.keys() == src.keys()
     assert all(torch.equal(out[k], src[k]) for k in src if not k.startswith("thinker."))
     changed = [k for k in src if k.startswith("thinker.") and not torch.equal(out[k], src[k])]
@@ -454,7 +440,7 @@ def test_a_full_folder_trains_and_exports_whole(q3, tmp_path):
                train={"max_steps": 1})
     final = Path(Trainer(cfg).train()["final_model"])
     assert json.loads((final / "config.json").read_text())["model_type"] == "qwen3_omni_moe_thinker"
-    assert not any(k.startswith(("talker.", "code2wav.")) for k in _tensors(final))
+    assert not any(k.startswith(("talker.", "code2wav.")) for k in safetensors_of(final))
 
 
 def test_export_full_omni_in_shards_and_refusing_another_thinker(q3, tmp_path):
@@ -463,7 +449,7 @@ def test_export_full_omni_in_shards_and_refusing_another_thinker(q3, tmp_path):
     from core.models import export_full_omni
     counts = export_full_omni(q3.full, q3.student, tmp_path / "out", shard_bytes=200_000)
     assert counts["shards"] > 2 and (tmp_path / "out" / "model.safetensors.index.json").is_file()
-    src, out = _tensors(q3.full), _tensors(tmp_path / "out")
+    src, out = safetensors_of(q3.full), safetensors_of(tmp_path / "out")
     assert src.keys() == out.keys() and all(torch.equal(src[k], out[k]) for k in src)
     Qwen3OmniMoeForConditionalGeneration.from_pretrained(str(tmp_path / "out"))
     with pytest.raises(ValueError, match="does not match|has shape"):
@@ -475,37 +461,7 @@ def test_export_full_omni_in_shards_and_refusing_another_thinker(q3, tmp_path):
 def test_served_prompt_logprobs_and_remote_opd(q3, tmp_path):
     """The teacher behind our server: one ``prompt_logprobs`` request equals a plain forward of the
     prompt the chat template renders; a remote OPD run's losses equal the local run's."""
-    from core.serve.app import ServerThread, create_app
-    prefill = "hello world<|im_end|>"
-    row = q3.audio_rows[1]
-    data = base64.b64encode(Path(row["audio"]).read_bytes()).decode("ascii")
-    body = {"model": str(q3.teacher), "max_tokens": 1, "temperature": 0, "prompt_logprobs": 3,
-            "return_token_ids": True, "add_generation_prompt": False, "continue_final_message": True,
-            "messages": [{"role": "user", "content": [
-                {"type": "input_audio", "input_audio": {"data": data, "format": "wav"}},
-                {"type": "text", "text": AUDIO_PROMPT}]}, {"role": "assistant", "content": prefill}]}
-    local = Trainer(_cfg(q3, tmp_path / "local", "opd", av=False)).train()
-    with ServerThread(create_app(q3.teacher, device="cpu")) as s:
-        r = httpx.post(f"{s.url}/v1/chat/completions", json=body, timeout=120)
-        remote = Trainer(_cfg(q3, tmp_path / "remote", "opd", av=False,
-                              teacher={"kind": "remote", "url": s.url})).train()
-    assert r.status_code == 200, r.text
-    ids, plp = r.json()["prompt_token_ids"], r.json()["prompt_logprobs"]
-    model, proc = load_model_and_processor(q3.teacher)
-    msgs = [{"role": "user", "content": [{"type": "audio", "audio": "a"}, {"type": "text", "text": AUDIO_PROMPT}]},
-            {"role": "assistant", "content": prefill}]
-    text = proc.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False, continue_final_message=True)
-    wav, _ = sf.read(row["audio"], dtype="float32")
-    enc = proc(text=[text], audio=[wav], sampling_rate=16000, return_tensors="pt")
-    assert ids == enc["input_ids"][0].tolist() and (enc["input_ids"] == q3.tok.audio_token_id).sum() > 0
-    with torch.no_grad():
-        logp = torch.log_softmax(model(**{k: v for k, v in enc.items() if isinstance(v, torch.Tensor)
-                                          and k != "num_audio_tokens"}).logits[0].float(), -1)
-    assert plp[0] is None and len(plp) == len(ids)
-    for pos in range(1, len(ids)):
-        assert next(iter(plp[pos])) == str(ids[pos])
-        for key, v in plp[pos].items():
-            assert v["logprob"] == pytest.approx(float(logp[pos - 1, int(key)]), abs=1e-4)
-    assert remote["steps"] == local["steps"] == 2 and remote["skipped_steps"] == 0
-    a, b = _losses(tmp_path / "local"), _losses(tmp_path / "remote")
-    assert len(a) == 2 and all(math.isclose(x, y, rel_tol=1e-3, abs_tol=1e-5) for x, y in zip(a, b)), (a, b)
+    def opd(out, teacher):
+        return Trainer(_cfg(q3, out, "opd", av=False, **({"teacher": teacher} if teacher else {}))).train()
+    ids, _ = check_served_teacher(q3.teacher, q3.audio_rows[1]["audio"], AUDIO_PROMPT, opd, tmp_path)
+    assert q3.tok.audio_token_id in ids

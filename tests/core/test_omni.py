@@ -31,6 +31,8 @@ from core.forward import completion_logits, token_logp, uses_mrope
 from core.sampling import generate_completions
 from core.trainer import Trainer, resolve_modality
 
+from conftest import safetensors_of
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TEXTS = ["a red square", "a blue circle", "two beeps", "one low tone", "what do you see", "what do you hear"]
@@ -348,28 +350,19 @@ def full_omni(omni):
     return build_tiny_full_omni(omni.dir, omni.root / "Qwen2.5-Omni-tiny")
 
 
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
-
-
 def test_a_full_omni_folder_trains_and_exports_whole(omni, full_omni, tmp_path):
     """Training from a released-layout Qwen2.5-Omni folder (thinker + talker + token2wav) exports
     that folder with the trained thinker put back: plain transformers loads the whole model, the
     talker and token2wav are bitwise the source's, the thinker is the trained one."""
     from transformers import Qwen2_5OmniForConditionalGeneration
-    src = _tensors(full_omni)
+    src = safetensors_of(full_omni)
     assert {k.split(".")[0] for k in src} == {"thinker", "talker", "token2wav"}
     cfg = _cfg(omni, tmp_path / "full", "sft", model={"path": str(full_omni)})
     tr = Trainer(cfg)
     res = tr.train()
     final = Path(res["final_model"])
     assert json.loads((final / "config.json").read_text())["model_type"] == "qwen2_5_omni"
-    out = _tensors(final)
+    out = safetensors_of(final)
     assert out.keys() == src.keys()
     for k in src:
         if not k.startswith("thinker."):
@@ -387,7 +380,7 @@ def test_a_full_omni_folder_trains_and_exports_whole(omni, full_omni, tmp_path):
     cfg = _cfg(omni, tmp_path / "thinker_only", "sft", model={"path": str(full_omni), "export": "thinker"})
     final = Path(Trainer(cfg).train()["final_model"])
     assert json.loads((final / "config.json").read_text())["model_type"] != "qwen2_5_omni"
-    assert not any(k.startswith(("talker.", "token2wav.")) for k in _tensors(final))
+    assert not any(k.startswith(("talker.", "token2wav.")) for k in safetensors_of(final))
 
 
 def test_export_full_omni_refuses_another_thinker(omni, full_omni, tmp_path):
@@ -408,6 +401,6 @@ def test_export_full_omni_in_shards(omni, full_omni, tmp_path):
     counts = export_full_omni(full_omni, tmp_path / "th", tmp_path / "out", shard_bytes=200_000)
     assert counts["shards"] > 2 and (tmp_path / "out" / "model.safetensors.index.json").is_file()
     assert not list((tmp_path / "out").glob("*.tmp"))
-    src, out = _tensors(full_omni), _tensors(tmp_path / "out")
+    src, out = safetensors_of(full_omni), safetensors_of(tmp_path / "out")
     assert src.keys() == out.keys() and all(torch.equal(src[k], out[k]) for k in src)
     Qwen2_5OmniForConditionalGeneration.from_pretrained(str(tmp_path / "out"))

@@ -33,6 +33,8 @@ from core.serve.app import ServerThread, create_app
 from core.serve.engine import TeacherEngine
 from core.serve.protocol import vocab_fingerprint
 
+from conftest import QWEN2_AUDIO_4X_TEMPLATE
+
 REPO = Path(__file__).resolve().parents[2]
 KEY = "s3cret-key"
 
@@ -441,17 +443,6 @@ def test_web_page_in_headless_chromium(server, engine, tiny, tmp_path):
             browser.close()
 
 
-# The chat template Qwen2-Audio-7B-Instruct's checkpoints carry when saved by transformers 4.x:
-# a part is audio when it has an "audio" or "audio_url" key (not by its type).
-QWEN2_AUDIO_4X_TEMPLATE = (
-    "{% set audio_count = namespace(value=0) %}{% for message in messages %}{% if loop.first and "
-    "message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
-    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if 'audio' in content or "
-    "'audio_url' in content %}{% set audio_count.value = audio_count.value + 1 %}Audio "
-    "{{ audio_count.value }}: <|audio_bos|><|AUDIO|><|audio_eos|>\n{% elif 'text' in content %}"
-    "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def test_a_transformers_4x_chat_template_gets_its_audio(tiny, tmp_path, one_thread):

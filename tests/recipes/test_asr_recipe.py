@@ -32,11 +32,20 @@ def test_asr_recipe_smoke(smoke):
         assert 0.0 <= res[name]["wer"] and math.isfinite(res[name]["wer"])
         assert res[name]["num_utts"] == 16
     assert set(res["baselines"]) == {"sft_more", "seqkd", "td_opd"}
+    # bootstrap intervals: each system's WER inside its own, and paired ones for OPD's claims
+    for r in [res[n] for n in ("teacher", "student_before", "student_after")] + list(res["baselines"].values()):
+        lo, hi = r["wer_ci95"]
+        assert lo <= r["wer"] <= hi
+    assert set(res["differences"]) == {f"student_after - {o}" for o in ("student_before", "sft_more", "seqkd", "td_opd")}
+    d = res["differences"]["student_after - student_before"]
+    assert d["diff"] == pytest.approx(res["student_after"]["wer"] - res["student_before"]["wer"], abs=1e-6)
+    assert d["ci95"][0] <= d["diff"] <= d["ci95"][1] and d["significant"] == (d["ci95"][0] > 0 or d["ci95"][1] < 0)
+    assert "paired bootstrap" in (exp / "RESULTS.md").read_text()
     for v in ("data", "models", "opd", "sft_more", "seqkd", "td_opd", "decode_score"):
         assert v in res["stage_seconds"], v
-    # the stage-2 runs got equal wall-clock: each baseline's training time is close to OPD's
+    # the stage-2 runs got their fixed step counts (conf/budget.yaml x the smoke scale)
     tr = res["training"]
-    assert tr["sft_more"]["train_seconds"] >= 0.8 * tr["opd"]["train_seconds"]
+    assert tr["opd"]["steps"] == res["settings"]["compute"]["steps_run"]["opd"] > 0
     # OPD lowers what it optimises: the student's per-token reverse KL to the teacher on dev
     cal = res["calibrate"]
     assert cal["after"]["reverse_kl_per_token"] < cal["before"]["reverse_kl_per_token"]
@@ -77,3 +86,39 @@ def test_a_teacher_served_elsewhere(smoke, tmp_path):
     # the teacher's row came from the server: the same transcripts as decoding its folder here
     assert res["teacher"]["wer"] == pytest.approx(json.loads((exp0 / "results.json").read_text())["teacher"]["wer"])
     assert (exp / "seqkd_data" / "unlabelled_teacher.jsonl").is_file() and "seqkd" in res["baselines"]
+
+
+def _without_timing(x):
+    """``results.json`` without what the clock decides (seconds, rates, dates, paths of the run)."""
+    if isinstance(x, dict):
+        return {k: _without_timing(v) for k, v in x.items()
+                if not any(t in k for t in ("seconds", "time", "per_sec", "date", "elapsed"))
+                and k not in ("model", "opd_config", "conf")}
+    if isinstance(x, list):
+        return [_without_timing(v) for v in x]
+    return x
+
+
+def test_stages_2_and_3_give_the_same_numbers_again(smoke, tmp_path):
+    """The compared methods train fixed step counts (conf/budget.yaml x the smoke scale), so stages
+    2-3 run again from the same stage-1 models give the same results.json, figure for figure,
+    whatever the machine was doing; the steps are the budget file's."""
+    from tools.step_budget import steps_of
+    data, exp0 = smoke
+    exp = tmp_path / "exp"
+    shutil.copytree(exp0, exp, symlinks=True)
+    for d in ("opd", "calibrate_before", "calibrate_after", "seqkd", "seqkd_data", "sft_more", "td_kd", "td_opd",
+              "decode", "results.json", "RESULTS.md", "plots"):
+        p = exp / d
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    proc = subprocess.run(["bash", str(ROOT / "recipes/asr/run.sh"), "--smoke", "true", "--stage", "2",
+                           "--data", str(data), "--exp", str(exp)],
+                          capture_output=True, text=True, env=ENV, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a = json.loads((exp0 / "results.json").read_text())
+    b = json.loads((exp / "results.json").read_text())
+    assert _without_timing(a) == _without_timing(b)
+    conf = ROOT / "recipes/asr/conf/budget.yaml"
+    for name in ("opd", "sft_more", "seqkd", "td_kd", "td_opd"):
+        assert a["training"][name]["steps"] == steps_of(conf, name, 0.05), name
+    assert a["settings"]["compute"]["mode"] == "steps"

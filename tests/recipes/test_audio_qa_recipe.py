@@ -105,8 +105,9 @@ def test_lora_switch_trains_every_stage(smoke_run, tmp_path):
 
 def test_opd_from_a_teacher_served_elsewhere(smoke_run, tmp_path):
     """--teacher_url: OPD (stage 4) distils from the teacher behind our server (its top-k
-    log-probs), and the scoring stage decodes the served teacher's row through the server: the same
-    answers as decoding its folder here."""
+    log-probs), and the scoring stage decodes the served teacher's row through the server: the
+    answers of decoding its folder here. (The server batches requests as they arrive, so its
+    padding differs from the local batch's; a greedy near-tie may turn one answer, not more.)"""
     import shutil
 
     from conftest import teacher_server
@@ -128,6 +129,10 @@ def test_opd_from_a_teacher_served_elsewhere(smoke_run, tmp_path):
     assert losses and all(math.isfinite(x) and x > 0 for x in losses)
     res = json.loads((exp / "results.json").read_text())
     local = json.loads((exp0 / "results.json").read_text())["teacher_grpo"]
-    assert res["teacher_served"]["acc"] == pytest.approx(local["acc"]) and res["teacher_served"]["n"] == local["n"]
+    assert res["teacher_served"]["n"] == local["n"]
+    served = {h["key"]: h["text"] for h in map(json.loads, (exp / "decode/teacher_served/hyp.jsonl").read_text().splitlines())}
+    here = {h["key"]: h["text"] for h in map(json.loads, (exp0 / "decode/teacher_grpo/hyp.jsonl").read_text().splitlines())}
+    assert served.keys() == here.keys() and sum(served[k] != here[k] for k in here) <= 1
+    assert abs(res["teacher_served"]["acc"] - local["acc"]) <= 1 / local["n"] + 1e-9
     assert res["settings"]["teacher_url"] == url and res["settings"]["generation_length"]["max_new_tokens"] == 32
     assert "teacher_grpo" not in res or res["teacher_grpo"] is None

@@ -8,6 +8,10 @@ results table and writes it to ``<exp>/RESULTS.md``; with ``--readme`` (``run.sh
 true``) also into that README between the ``results`` markers.
 Systems: ``teacher``, ``student_before`` (the student after its SFT), ``student_after`` (after
 OPD) and the baselines that were trained (``sft_more``, ``seqkd``, ``td_opd``).
+Each system's WER has a 95% bootstrap interval over utterances (``wer_ci95``); the differences
+the README claims (OPD against the student before it and against each baseline) have paired
+bootstrap intervals in ``differences`` (``tools/bootstrap.py``), marked not significant when the
+interval includes 0.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from tools.bootstrap import describe_diff, differences, fmt_ci, ratio_ci
 from tools.report import refresh_stage_seconds, write_results
 
 PROMPT = "Transcribe the audio."   # the training configs' data.prompt
@@ -58,9 +63,43 @@ def decode_and_score(name: str, model_dir: Path | str, data: Path, exp: Path, la
          "max_new_tokens": max_new_tokens}
     if cer:
         r["cer"] = res["error_rate"]
+    r["wer_ci95"] = ratio_ci([u["errors"] for u in res["utterances"]], [u["ref_len"] for u in res["utterances"]])["ci95"]
     worst = [u for u in res["utterances"] if u["errors"]][:5]
     r["worst"] = [{k: u[k] for k in ("key", "ref", "hyp", "errors")} for u in worst]
     return r
+
+
+def utterance_errors(exp: Path, name: str) -> dict[str, tuple[int, int]]:
+    """``{utterance key: (errors, reference words)}`` of a system's decode report."""
+    rep = json.loads((exp / "decode" / name / "report.json").read_text())
+    return {u["key"]: (u["errors"], u["ref_len"]) for u in rep["utterances"]}
+
+
+def system_differences(exp: Path, others: list[str]) -> dict:
+    """WER of student_after minus each of ``others`` (negative: OPD has fewer errors), with a
+    paired bootstrap interval over the utterances."""
+    return differences([("student_after", o) for o in others], lambda name: utterance_errors(exp, name))
+
+
+def compute_settings(budget: str, conf: str, training: dict) -> dict:
+    """How the compared methods were made equal: fixed step counts (with the seconds per step they
+    were derived from, ``tools/step_budget.py``) or seconds of wall-clock (``--budget``)."""
+    if budget:
+        return {"mode": "wall_clock", "budget_seconds": float(budget)}
+    from tools.step_budget import load
+    b = load(conf)
+    return {"mode": "steps", "conf": str(conf), **b,
+            "steps_run": {k: (training.get(k) or {}).get("steps") for k in b["steps"]}}
+
+
+def compute_line(c: dict) -> str:
+    if c["mode"] == "wall_clock":
+        return f"{c['budget_seconds']:g} s of wall-clock per stage-2 method"
+    ref = c.get("reference", {})
+    ran = c.get("steps_run") or c["steps"]
+    return (f"fixed steps per method ({', '.join(f'{k} {v}' for k, v in ran.items() if v)}); {c['conf']}'s "
+            f"counts give each {c.get('target_seconds')} s at the seconds per step measured on "
+            f"{ref.get('date', '?')} ({ref.get('machine', '?')})")
 
 
 def fmt_table(results: dict, unit: str) -> str:
@@ -69,7 +108,7 @@ def fmt_table(results: dict, unit: str) -> str:
             ("student_after", results["student_after"], "OPD on unlabelled audio")]
     rows += [(k, v, BASELINES.get(k, "")) for k, v in results.get("baselines", {}).items()]
     tr = results.get("training", {})
-    lines = [f"| system | {unit} (%) | errors / ref | train s | steps | what |", "|---|---|---|---|---|---|"]
+    lines = [f"| system | {unit} (%) | 95% CI | errors / ref | train s | steps | what |", "|---|---|---|---|---|---|---|"]
     key_of = {"student_before": "student_sft", "student_after": "opd"}
     for name, r, what in rows:
         t = tr.get(key_of.get(name, name), {})
@@ -77,7 +116,8 @@ def fmt_table(results: dict, unit: str) -> str:
         if name == "td_opd" and "td_kd" in tr and t:  # two runs: KD then OPD
             secs = round(tr["td_kd"]["train_seconds"] + t["train_seconds"], 2)
             steps = f"{tr['td_kd']['steps']} + {t['steps']}"
-        lines.append(f"| {name} | {100 * r['wer']:.2f} | {r['errors']} / {r['ref_tokens']} | "
+        ci = fmt_ci(r["wer_ci95"], digits=2) if r.get("wer_ci95") else ""
+        lines.append(f"| {name} | {100 * r['wer']:.2f} | {ci} | {r['errors']} / {r['ref_tokens']} | "
                      f"{secs} | {steps} | {what} |")
     return "\n".join(lines)
 
@@ -108,7 +148,9 @@ def main(argv=None) -> int:
     ap.add_argument("--readme", default="", help="also write the table into this README's results section "
                     "(run.sh --update_readme true; never for a smoke run); it always goes to <exp>/RESULTS.md")
     ap.add_argument("--corpus", default="synthetic")
-    ap.add_argument("--budget", default="")
+    ap.add_argument("--budget", default="", help="run.sh --budget: seconds of wall-clock per compared method; "
+                    "empty: the fixed step counts of --budget_conf")
+    ap.add_argument("--budget_conf", default="conf/budget.yaml", help="the step counts and how they were measured")
     ap.add_argument("--smoke", default="false")
     ap.add_argument("--only_times", action="store_true", help="only refresh stage_seconds in results.json")
     ap.add_argument("--max_new_tokens", type=int, default=32, help="decoding length (run.sh: tools/gen_length.py)")
@@ -145,6 +187,7 @@ def main(argv=None) -> int:
         m = exp / name / "final"
         if (m / "config.json").is_file():
             results["baselines"][name] = decode_and_score(name, m, data, exp, args.lang, **dec)
+    results["differences"] = system_differences(exp, ["student_before"] + list(results["baselines"]))
     b, a = results["student_before"]["wer"], results["student_after"]["wer"]
     results["relative_improvement"] = round((b - a) / b, 4) if b > 0 else None
     results["calibrate"] = {k: load_json(exp / f"calibrate_{k}" / "calibrate.json") for k in ("before", "after")}
@@ -154,7 +197,8 @@ def main(argv=None) -> int:
     best = min([("student_after", a)] + [(k, v["wer"]) for k, v in results["baselines"].items()], key=lambda x: x[1])
     results["best_student"] = best[0]
     results["settings"] = {"corpus": args.corpus, "lang": args.lang, "metric": "cer" if args.lang == "zh" else "wer",
-                           "budget_seconds": args.budget, "smoke": args.smoke == "true",
+                           "compute": compute_settings(args.budget, args.budget_conf, results["training"]),
+                           "smoke": args.smoke == "true",
                            "models": load_json(exp / "models.json"), "data": load_json(data / "stats.json"),
                            "opd_config": str(exp / "opd" / "config.yaml"),
                            "generation_length": load_json(exp / "gen_length.json") or {"max_new_tokens": args.max_new_tokens}}
@@ -172,9 +216,12 @@ def main(argv=None) -> int:
     rel = results["relative_improvement"]
     summary = (f"{table}\n\nOPD relative {unit} change vs student_before: "
                f"{-100 * rel:+.1f}%. Best student: {best[0]}.{cal_line}" if rel is not None else table)
+    if results["differences"]:
+        summary += (f"\n\n{unit} differences, paired bootstrap 95% intervals over the test utterances:\n\n"
+                    + "\n".join(f"- {describe_diff(k, d, digits=2)}" for k, d in results["differences"].items()))
     print(summary)
     write_results(exp, summary + f"\n\n(measured by `run.sh` on {time.strftime('%Y-%m-%d')}, "
-                                 f"corpus {args.corpus}, budget {args.budget} s per stage-2 run)",
+                                 f"corpus {args.corpus}; {compute_line(results['settings']['compute'])})",
                   readme=args.readme, smoke=args.smoke == "true")
     try:
         from tools.plot_metrics import plot

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from tools.bootstrap import describe_diff, fmt_ci, keyed_diff
+from tools.bootstrap import describe_diff, differences, fmt_ci, score_items
 from tools.local_module import load_sibling
 from tools.report import refresh_stage_seconds, write_results
 
@@ -100,13 +100,10 @@ def fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else ""
 
 
-def differences(exp: Path, pairs: list[tuple[str, str]], metric: str = "CIDEr") -> dict:
+def system_differences(exp: Path, pairs: list[tuple[str, str]], metric: str = "CIDEr") -> dict:
     """``metric`` of system a minus system b for each ``(a, b)``, with a paired bootstrap interval
     over the test clips (the per-clip scores in each system's ``scores.json``)."""
-    def clips(name):
-        per = json.loads((exp / "decode" / name / "scores.json").read_text())["per_clip"][metric]
-        return {k: (float(v), 1.0) for k, v in per.items()}
-    return {f"{a} - {b}": keyed_diff(clips(a), clips(b)) for a, b in pairs}
+    return differences(pairs, lambda name: score_items(exp / "decode" / name / "scores.json", "per_clip", metric))
 
 
 def fmt_table(results: dict) -> str:
@@ -205,7 +202,7 @@ def main(argv=None) -> int:
     b, a = results["student_before"], results["student_after"]
     keys = [k for k in b if k in a]
     results["improved_metrics"] = [k for k in keys if a[k] > b[k]]
-    results["differences"] = differences(exp, [("student_after", o) for o in ["student_before", *results["baselines"]]])
+    results["differences"] = system_differences(exp, [("student_after", o) for o in ["student_before", *results["baselines"]]])
     results["training"] = {d: load_json(exp / d / "train_summary.json") for d in
                            ("teacher", "student_sft", "opd", "sft_more", "seqkd", "cascade")
                            if (exp / d / "train_summary.json").is_file()}

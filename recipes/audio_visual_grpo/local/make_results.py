@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from tools.bootstrap import describe_diff, fmt_ci, keyed_diff
+from tools.bootstrap import describe_diff, differences, fmt_ci, score_items
 from tools.local_module import load_sibling
 from tools.report import refresh_stage_seconds, write_results
 
@@ -78,13 +78,10 @@ def training_reward(metrics: Path) -> dict | None:
             "steps": len(r)}
 
 
-def differences(exp: Path, pairs: list[tuple[str, str]]) -> dict:
+def system_differences(exp: Path, pairs: list[tuple[str, str]]) -> dict:
     """Accuracy of system a minus system b for each ``(a, b)``, with a paired bootstrap interval
     over the test questions (each system's ``score.json``)."""
-    def items(name):
-        per = json.loads((exp / "decode" / name / "score.json").read_text())["per_item"]
-        return {k: (float(v), 1.0) for k, v in per.items()}
-    return {f"{a} - {b}": keyed_diff(items(a), items(b)) for a, b in pairs}
+    return differences(pairs, lambda name: score_items(exp / "decode" / name / "score.json", "per_item"))
 
 
 def fmt_table(results: dict) -> str:
@@ -160,7 +157,7 @@ def main(argv=None) -> int:
         if (m / "config.json").is_file():
             results["baselines"][name] = evaluate(name, m, data, exp, args)
     results["gain"] = round(results["after"]["acc"] - results["before"]["acc"], 4)
-    results["differences"] = differences(exp, [("after", "before")] + [("after", b) for b in results["baselines"]])
+    results["differences"] = system_differences(exp, [("after", "before")] + [("after", b) for b in results["baselines"]])
     results["training_reward"] = training_reward(exp / "grpo" / "metrics.jsonl")
     results["training"] = {d: load_json(exp / d / "train_summary.json") for d in (*WARMUP, "grpo", "sft_answers")
                            if (exp / d / "train_summary.json").is_file()}
