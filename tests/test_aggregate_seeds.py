@@ -66,3 +66,55 @@ def test_step_budget_from_measured_runs(tmp_path):
     r = subprocess.run([sys.executable, "-m", "tools.step_budget", "steps", "--conf", str(tmp_path / "x.yaml"), "opd"],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "no step budget file" in r.stderr
+
+
+# a recipe in miniature: stage 1 is the shared warm-up, stage 2 "trains" with the seed, stage 3 scores
+_MINI_RUN_SH = """#!/usr/bin/env bash
+set -euo pipefail
+readonly caller_pwd=$PWD
+orig_args=("$@")
+cd "$(dirname "${{BASH_SOURCE[0]}}")"
+stage=1
+stop_stage=3
+seeds=1
+seed=0
+smoke=false
+data=data
+exp=exp
+. {root}/tools/parse_options.sh
+recipe=mini
+. {root}/tools/recipe_common.sh
+mkdir -p "${{exp}}"
+if [ ${{stage}} -le 1 ] && [ ${{stop_stage}} -ge 1 ]; then echo warm > "${{exp}}/warm.txt"; fi
+rc=0; run_seeds 2 wer warm.txt || rc=$?
+case ${{rc}} in 0) exit 0 ;; 1) ;; *) exit ${{rc}} ;; esac
+if [ ${{stage}} -le 2 ] && [ ${{stop_stage}} -ge 2 ]; then
+  [ -f "${{exp}}/warm.txt" ] || {{ echo "no warm-up in ${{exp}}" >&2; exit 1; }}
+  echo "${{seed}}" > "${{exp}}/trained.txt"
+fi
+if [ ${{stage}} -le 3 ] && [ ${{stop_stage}} -ge 3 ]; then
+  s=$(cat "${{exp}}/trained.txt")
+  echo "{{\\"after\\": {{\\"wer\\": 0.1$s}}, \\"settings\\": {{\\"seed\\": $s}}}}" > "${{exp}}/results.json"
+fi
+"""
+
+
+def test_run_seeds_repeats_the_stages_after_the_warm_up(tmp_path):
+    """``--seeds 3``: the warm-up once, stages 2-3 per seed in exp/seed<s>/ (linked to the
+    warm-up), their results combined with mean / std / per seed, a table in exp/RESULTS.md."""
+    recipe = tmp_path / "recipe"
+    recipe.mkdir()
+    (recipe / "run.sh").write_text(_MINI_RUN_SH.format(root=ROOT))
+    r = subprocess.run(["bash", str(recipe / "run.sh"), "--seeds", "3", "--seed", "4", "--exp", str(tmp_path / "exp")],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    exp = tmp_path / "exp"
+    for s in (4, 5, 6):
+        assert (exp / f"seed{s}" / "warm.txt").is_symlink() and (exp / f"seed{s}" / "trained.txt").read_text() == f"{s}\n"
+    agg = json.loads((exp / "results.json").read_text())
+    assert agg["seeds"] == [4, 5, 6] and agg["after"]["wer"]["per_seed"] == [0.14, 0.15, 0.16]
+    assert agg["after"]["wer"]["mean"] == pytest.approx(0.15)
+    assert "| after | 15.00 | 1.00 | 14.00, 15.00, 16.00 |" in (exp / "RESULTS.md").read_text()
+    assert "seed 6 (3 of 3)" in r.stdout
+    bad = subprocess.run(["bash", str(recipe / "run.sh"), "--seeds", "x"], cwd=tmp_path, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--seeds must be a positive integer" in bad.stderr

@@ -184,9 +184,9 @@ run_seeds() {  # FIRST_STAGE METRIC SHARED...
     for d in "$@"; do
       if [ -e "${exp_abs}/${d}" ]; then ln -sfn "$(readlink -f "${exp_abs}/${d}")" "${sub}/${d}"; fi
     done
-    log "seed ${s} (${k} of ${n}): stages ${from}-${stop_stage} in ${sub}"
+    log "seed ${s} ($(( k + 1 )) of ${n}): stages ${from}-${stop_stage} in ${sub}"
     (cd "${caller_pwd:-.}" && bash "${script}" "${orig_args[@]}" --stage "${from}" --stop_stage "${stop_stage}" \
-       --seeds 1 --seed "${s}" --exp "${sub}" --data "${data_abs}" --update_readme false) || return 2
+       --seeds 1 --seed "${s}" --exp "${sub}" --data "${data_abs}" ${update_readme+--update_readme false}) || return 2
     files+=("${sub}/results.json"); seed_list+=("${s}")
   done
   [ -f "${files[0]}" ] || return 0   # stop_stage before scoring: nothing to combine
