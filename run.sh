@@ -66,14 +66,16 @@ case "${cmd}" in
     setup
     shift || true
     # test files run in TEST_WORKERS processes (pytest-xdist; a file's tests stay in one process, so
-    # its module fixtures run once); TEST_WORKERS=0 runs them all in this one
+    # its module fixtures run once), in the order tests/conftest.py collects them (the files that run
+    # whole recipes first; xdist would otherwise start the files with most tests first and leave
+    # the longest for last); TEST_WORKERS=0 runs them all in this one
     workers=${TEST_WORKERS:-2}
     log "running the test suite (${workers} workers)"
     set +e
     if [ "${workers}" = 0 ]; then
       "${VENV}/bin/python" -m pytest "$@"
     else
-      "${VENV}/bin/python" -m pytest -n "${workers}" --dist loadfile "$@"
+      "${VENV}/bin/python" -m pytest -n "${workers}" --dist loadfile --no-loadscope-reorder "$@"
     fi
     rc=$?
     set -e

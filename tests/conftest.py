@@ -46,6 +46,19 @@ SR = 16000
 MAX_CLIP_SECONDS = 3.0
 
 
+# the files that run whole recipes take minutes each: they are collected first, so that with the
+# test command's workers (pytest-xdist, one file per worker at a time) they start at once and the
+# short files fill the other workers meanwhile, instead of the longest file starting last
+LONG_FIRST = ("tests/recipes/test_asr_recipe.py", "tests/recipes/test_audio_visual_recipe.py",
+              "tests/recipes/test_audio_caption_recipe.py", "tests/recipes/test_audio_qa_recipe.py",
+              "tests/recipes/test_recipe_copy.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {f: i for i, f in enumerate(LONG_FIRST)}
+    items.sort(key=lambda it: rank.get(it.nodeid.split("::")[0], len(rank)))  # stable: files keep their order
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     if shutil.which("espeak-ng") is None:
