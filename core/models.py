@@ -268,6 +268,32 @@ def mrope_section(head_dim: int) -> list[int]:
     return [half - 2 * hw, hw, hw]
 
 
+def _omni_special_ids(tokenizer) -> dict[str, int]:
+    """The ids of the Omni thinkers' named specials (``OMNI_EXTRA_SPECIALS``); ValueError naming
+    the ones the tokenizer lacks."""
+    ids = {name: tokenizer.convert_tokens_to_ids(t) for name, t in OMNI_EXTRA_SPECIALS.items()}
+    missing = [OMNI_EXTRA_SPECIALS[n] for n, i in ids.items() if not isinstance(i, int) or i < 0
+               or i == tokenizer.unk_token_id]
+    if missing:
+        raise ValueError(f"the tokenizer lacks the Omni specials {missing}; "
+                         "build it with train_tokenizer(..., omni=True)")
+    return ids
+
+
+def _omni_processor(cls, tokenizer, *, num_mel_bins: int, chunk_seconds: int, patch: int, min_pixels: int,
+                    video_max_pixels: int):
+    """An Omni thinker's processor ``cls``: a Whisper feature extractor (``chunk_seconds``), image
+    and video processors of ``patch``-pixel patches (2 x 2 merge, 2 frames per temporal patch)
+    whose frames hold ``min_pixels`` to ``video_max_pixels`` pixels, our template."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor, WhisperFeatureExtractor
+    fe = WhisperFeatureExtractor(feature_size=num_mel_bins, sampling_rate=16000, hop_length=160,
+                                 chunk_length=chunk_seconds, n_fft=400)
+    size = {"shortest_edge": min_pixels, "longest_edge": int(video_max_pixels)}
+    kw = dict(size=size, patch_size=patch, temporal_patch_size=2, merge_size=2)
+    return cls(image_processor=Qwen2VLImageProcessor(**kw), video_processor=Qwen2VLVideoProcessor(**kw),
+               feature_extractor=fe, tokenizer=tokenizer, chat_template=OMNI_CHAT_TEMPLATE)
+
+
 def build_tiny_omni_thinker(tokenizer, *, hidden: int = 64, layers: int = 2, heads: int = 4,
                             kv_heads: int | None = None, intermediate: int | None = None,
                             audio_hidden: int = 64, audio_layers: int = 2, audio_heads: int | None = None,
@@ -290,18 +316,12 @@ def build_tiny_omni_thinker(tokenizer, *, hidden: int = 64, layers: int = 2, hea
     upscale small frames. Returns ``(model, processor)``; saves both when ``out_dir`` is given.
     """
     from transformers import (Qwen2_5OmniProcessor, Qwen2_5OmniThinkerConfig,
-                              Qwen2_5OmniThinkerForConditionalGeneration, Qwen2VLImageProcessor,
-                              Qwen2VLVideoProcessor, WhisperFeatureExtractor)
+                              Qwen2_5OmniThinkerForConditionalGeneration)
 
     if int(chunk_seconds) != chunk_seconds or chunk_seconds < 1:
         raise ValueError(f"chunk_seconds must be a whole number of seconds, got {chunk_seconds}")
     chunk_seconds = int(chunk_seconds)
-    ids = {name: tokenizer.convert_tokens_to_ids(t) for name, t in OMNI_EXTRA_SPECIALS.items()}
-    missing = [OMNI_EXTRA_SPECIALS[n] for n, i in ids.items() if not isinstance(i, int) or i < 0
-               or i == tokenizer.unk_token_id]
-    if missing:
-        raise ValueError(f"the tokenizer lacks the Omni specials {missing}; "
-                         "build it with train_tokenizer(..., omni=True)")
+    ids = _omni_special_ids(tokenizer)
     head_dim = hidden // heads
     max_source = chunk_seconds * 100 // 2
     if max_source < n_window:
@@ -340,13 +360,9 @@ def build_tiny_omni_thinker(tokenizer, *, hidden: int = 64, layers: int = 2, hea
     if model.lm_head.weight is model.get_input_embeddings().weight:
         raise RuntimeError("build_tiny_omni_thinker: the LM head came out tied to the input embeddings")
     _set_generation_ids(model, tokenizer)
-    fe = WhisperFeatureExtractor(feature_size=num_mel_bins, sampling_rate=16000, hop_length=160,
-                                 chunk_length=chunk_seconds, n_fft=400)
-    size = {"shortest_edge": 56 * 56, "longest_edge": int(video_max_pixels)}
-    processor = Qwen2_5OmniProcessor(
-        image_processor=Qwen2VLImageProcessor(size=size, patch_size=14, temporal_patch_size=2, merge_size=2),
-        video_processor=Qwen2VLVideoProcessor(size=size, patch_size=14, temporal_patch_size=2, merge_size=2),
-        feature_extractor=fe, tokenizer=tokenizer, chat_template=OMNI_CHAT_TEMPLATE)
+    processor = _omni_processor(Qwen2_5OmniProcessor, tokenizer, num_mel_bins=num_mel_bins,
+                                chunk_seconds=chunk_seconds, patch=14, min_pixels=56 * 56,
+                                video_max_pixels=video_max_pixels)
     if out_dir is not None:
         save_model(model, processor, out_dir)
     return model, processor
@@ -761,16 +777,10 @@ def build_tiny_qwen3_omni_thinker(tokenizer, *, hidden: int = 64, layers: int = 
     clip (the released processor's ``padding: longest``). Returns ``(model, processor)``; saves
     both when ``out_dir`` is given.
     """
-    from transformers import (Qwen2VLImageProcessor, Qwen2VLVideoProcessor, Qwen3OmniMoeProcessor,
-                              Qwen3OmniMoeThinkerConfig, Qwen3OmniMoeThinkerForConditionalGeneration,
-                              WhisperFeatureExtractor)
+    from transformers import (Qwen3OmniMoeProcessor, Qwen3OmniMoeThinkerConfig,
+                              Qwen3OmniMoeThinkerForConditionalGeneration)
 
-    ids = {name: tokenizer.convert_tokens_to_ids(t) for name, t in OMNI_EXTRA_SPECIALS.items()}
-    missing = [OMNI_EXTRA_SPECIALS[n] for n, i in ids.items() if not isinstance(i, int) or i < 0
-               or i == tokenizer.unk_token_id]
-    if missing:
-        raise ValueError(f"the tokenizer lacks the Omni specials {missing}; "
-                         "build it with train_tokenizer(..., omni=True)")
+    ids = _omni_special_ids(tokenizer)
     if experts_per_tok > experts:
         raise ValueError(f"experts_per_tok {experts_per_tok} is more than the {experts} experts")
     head_dim = head_dim or hidden // heads
@@ -811,13 +821,8 @@ def build_tiny_qwen3_omni_thinker(tokenizer, *, hidden: int = 64, layers: int = 
     if model.lm_head.weight is model.get_input_embeddings().weight:
         raise RuntimeError("build_tiny_qwen3_omni_thinker: the LM head came out tied to the input embeddings")
     _set_generation_ids(model, tokenizer)
-    fe = WhisperFeatureExtractor(feature_size=num_mel_bins, sampling_rate=16000, hop_length=160, chunk_length=30,
-                                 n_fft=400)
-    size = {"shortest_edge": 32 * 32, "longest_edge": int(video_max_pixels)}
-    processor = Qwen3OmniMoeProcessor(
-        image_processor=Qwen2VLImageProcessor(size=size, patch_size=16, temporal_patch_size=2, merge_size=2),
-        video_processor=Qwen2VLVideoProcessor(size=size, patch_size=16, temporal_patch_size=2, merge_size=2),
-        feature_extractor=fe, tokenizer=tokenizer, chat_template=OMNI_CHAT_TEMPLATE)
+    processor = _omni_processor(Qwen3OmniMoeProcessor, tokenizer, num_mel_bins=num_mel_bins, chunk_seconds=30,
+                                patch=16, min_pixels=32 * 32, video_max_pixels=video_max_pixels)
     if out_dir is not None:
         save_model(model, processor, out_dir)
     return model, processor
