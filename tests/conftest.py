@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -44,6 +45,13 @@ TEXTS = [
 ]
 SR = 16000
 MAX_CLIP_SECONDS = 3.0
+
+
+def smoke_scale(recipe: str) -> float:
+    """The factor a recipe's smoke run applies to its conf/budget.yaml step counts (run.sh's budget_scale)."""
+    m = re.search(r"^\s*budget_scale=([0-9.]+)", (REPO / "recipes" / recipe / "run.sh").read_text(), re.M)
+    assert m, f"recipes/{recipe}/run.sh sets no budget_scale"
+    return float(m.group(1))
 
 
 # the files that run whole recipes take minutes each: they are collected first, so that with the

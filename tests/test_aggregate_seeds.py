@@ -68,6 +68,48 @@ def test_step_budget_from_measured_runs(tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "no step budget file" in r.stderr
 
 
+
+def test_rest_budget_is_the_rounds_that_fit(tmp_path):
+    """A ReST run is measured in rounds: those whose sampling + SFT seconds fit in the target,
+    with their learning rates; ``args`` prints the overrides run.sh passes (steps for the others)."""
+    from tools.step_budget import BudgetError, compute_line, compute_settings, load, measure, train_args
+    (tmp_path / "grpo").mkdir()
+    (tmp_path / "grpo" / "train_summary.json").write_text(json.dumps({"steps": 300, "train_seconds": 150.0}))
+    (tmp_path / "rest").mkdir()
+    rounds = [{"round": i, "lr": lr, "budget_seconds": sec, "sft_steps": 40}
+              for i, (lr, sec) in enumerate(((1e-3, 40.0), (1e-3, 50.0), (5e-4, 55.0), (5e-4, 30.0)))]
+    (tmp_path / "rest" / "rest_summary.json").write_text(json.dumps({"rounds": rounds}))
+    conf = tmp_path / "budget.yaml"
+    out = measure(conf, {"grpo": tmp_path / "grpo", "rest": tmp_path / "rest"}, 150, "2-core CPU")
+    # 40 + 50 + 55 = 145 <= 150; the fourth round would pass it
+    assert out["rounds"]["rest"] == {"rounds": 3, "lrs": [1e-3, 1e-3, 5e-4]} and out["steps"] == {"grpo": 300}
+    assert out["measured"]["rest"]["seconds_per_round"] == [40.0, 50.0, 55.0, 30.0]
+    assert train_args(conf, "rest") == ["train.max_seconds=0", "rest.rounds=3", "rest.lrs=[0.001,0.001,0.0005]"]
+    assert train_args(conf, "rest", 0.04) == ["train.max_seconds=0", "rest.rounds=1", "rest.lrs=[0.001]"]
+    assert train_args(conf, "grpo", 0.04) == ["train.max_seconds=0", "train.max_steps=12"]
+    r = subprocess.run([sys.executable, "-m", "tools.step_budget", "args", "--conf", str(conf), "rest"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "train.max_seconds=0 rest.rounds=3 rest.lrs=[0.001,0.001,0.0005]"
+    c = compute_settings("", conf, {"grpo": {"steps": 300}, "rest": {"steps": 120}})
+    assert c["mode"] == "steps" and c["steps_run"] == {"grpo": 300} and c["rounds"]["rest"]["rounds"] == 3
+    line = compute_line(c)
+    assert "grpo 300" in line and "rest 3 round(s)" in line and "150" in line
+    assert compute_line(compute_settings("150", conf, {}), "method") == "150 s of wall-clock per method"
+    conf.write_text("rounds: {rest: {rounds: 2, lrs: [0.001]}}\n")
+    with pytest.raises(BudgetError, match="rounds.rest needs"):
+        load(conf)
+
+
+def test_a_metric_table_keeps_a_metric_that_is_not_a_rate(tmp_path):
+    from tools.aggregate_seeds import aggregate, metric_table
+    files = []
+    for i, c in enumerate((2.5, 3.0)):
+        f = tmp_path / f"s{i}.json"
+        f.write_text(json.dumps({"student_after": {"CIDEr": c}, "student_before": {"CIDEr": 2.0}}))
+        files.append(f)
+    t = metric_table(aggregate(files), "CIDEr:1")
+    assert "| system | CIDEr mean |" in t and "| student_after | 2.75 | 0.35 | 2.50, 3.00 |" in t
+
 # a recipe in miniature: stage 1 is the shared warm-up, stage 2 "trains" with the seed, stage 3 scores
 _MINI_RUN_SH = """#!/usr/bin/env bash
 set -euo pipefail

@@ -57,16 +57,21 @@ def aggregate(files: list[Path], seeds: list[int] | None = None) -> dict:
 
 
 def metric_table(agg: dict, metric: str) -> str:
+    """``metric``: a key of each system (``wer``, ``acc``: shown x 100, in percent), or ``KEY:SCALE``
+    (``CIDEr:1``: shown as it is)."""
+    metric, _, sc = metric.partition(":")
+    scale = float(sc) if sc else 100.0
+    unit = " (%)" if scale == 100.0 else ""
     rows = [(k, v) for k, v in agg.items() if isinstance(v, dict) and isinstance(v.get(metric), dict)
             and "mean" in v[metric]]
     rows += [(k, v) for k, v in (agg.get("baselines") or {}).items()
              if isinstance(v, dict) and isinstance(v.get(metric), dict) and "mean" in v[metric]]
     n = len(agg.get("seeds", []))
-    lines = [f"| system | {metric} (%) mean | std | per seed ({n}) |", "|---|---|---|---|"]
+    lines = [f"| system | {metric}{unit} mean | std | per seed ({n}) |", "|---|---|---|---|"]
     for k, v in rows:
         m = v[metric]
-        lines.append(f"| {k} | {100 * m['mean']:.2f} | {100 * m['std']:.2f} | "
-                     + ", ".join(f"{100 * x:.2f}" for x in m["per_seed"]) + " |")
+        lines.append(f"| {k} | {scale * m['mean']:.2f} | {scale * m['std']:.2f} | "
+                     + ", ".join(f"{scale * x:.2f}" for x in m["per_seed"]) + " |")
     return "\n".join(lines)
 
 
@@ -76,7 +81,8 @@ def main(argv=None) -> int:
     ap.add_argument("files", nargs="+", type=Path, help="the per-seed results.json")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--seeds", default="", help="comma-separated seeds of the files (default 0, 1, ...)")
-    ap.add_argument("--metric", default="", help="print a table of this metric (e.g. wer, acc)")
+    ap.add_argument("--metric", default="", help="print a table of this metric (e.g. wer, acc: "
+                    "in percent; CIDEr:1: as it is)")
     ap.add_argument("--table", type=Path, help="also write that table here (Markdown)")
     ap.add_argument("--report_exp", type=Path, help="write the table to this folder's RESULTS.md (tools/report.py)")
     ap.add_argument("--readme", default="", help="with --report_exp: also into this README's results section")

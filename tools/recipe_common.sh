@@ -22,8 +22,9 @@
 #   prep_args                     (--skip_bad) when skip_bad=true, else empty: for the prep scripts
 #   fresh DIR...                  removes DIRs (non-training outputs a stage rewrites)
 #   budget_args NAME SECONDS      the train overrides that bound compared method NAME: with an empty
-#                                 ${budget}, its fixed step count from conf/budget.yaml (x ${budget_scale},
-#                                 smoke runs; tools/step_budget.py), else SECONDS of wall-clock
+#                                 ${budget}, its fixed step count (ReST: rounds) from conf/budget.yaml
+#                                 (x ${budget_scale}, smoke runs; tools/step_budget.py), else SECONDS
+#                                 of wall-clock
 #   set_gen_len MODEL FIELD MANIFEST...
 #                                 once per run (later calls do nothing): gen_len=$(gen_length ...),
 #                                 logged, and rollout.max_new_tokens=${gen_len} added to the recipe's
@@ -158,9 +159,7 @@ budget_args() {  # NAME SECONDS
     [[ "${budget}" =~ ^[0-9]+([.][0-9]+)?$ ]] || { echo "--budget must be a number of seconds, got '${budget}'" >&2; return 2; }
     echo "train.max_seconds=$2"
   else
-    local n
-    n=$("${PY}" -m tools.step_budget steps --conf conf/budget.yaml "$1" --scale "${budget_scale:-1}") || return
-    echo "train.max_seconds=0 train.max_steps=${n}"
+    "${PY}" -m tools.step_budget args --conf conf/budget.yaml "$1" --scale "${budget_scale:-1}"
   fi
 }
 gen_len=""

@@ -18,6 +18,13 @@ that method's share is S seconds, e.g. each half of a two-part method). Then::
     python -m tools.step_budget steps --conf conf/budget.yaml opd     # -> 406 (run.sh reads this)
     python -m tools.step_budget steps --conf conf/budget.yaml opd --scale 0.05   # -> 20 (smoke runs)
     python -m tools.step_budget show --conf conf/budget.yaml          # the file as JSON (results.json)
+    python -m tools.step_budget args --conf conf/budget.yaml opd      # -> train.max_seconds=0 train.max_steps=380
+
+ReST (``core/rest.py``) samples and trains in rounds, so its budget is a number of rounds, not of
+steps: ``NAME=DIR`` of a ReST run (its ``rest_summary.json``) gives ``rounds.NAME``, the rounds
+whose summed seconds (sampling and SFT steps) fit in the target (at least one), with their learning
+rates; ``args`` then prints ``train.max_seconds=0 rest.rounds=R rest.lrs=[...]``. Every round runs
+whole (one pass over its kept samples).
 """
 from __future__ import annotations
 
@@ -47,9 +54,13 @@ def load(conf: str | Path) -> dict:
         b = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise BudgetError(f"{p}: not valid YAML: {e}") from None
-    steps = b.get("steps")
-    if not isinstance(steps, dict) or not steps:
+    steps, rounds = b.get("steps") or {}, b.get("rounds") or {}
+    if not isinstance(steps, dict) or not isinstance(rounds, dict) or not (steps or rounds):
         raise BudgetError(f"{p}: key 'steps' must map each method to its step count")
+    for k, v in rounds.items():
+        ok = isinstance(v, dict) and isinstance(v.get("rounds"), int) and v["rounds"] >= 1
+        if not ok or len(v.get("lrs") or []) != v["rounds"]:
+            raise BudgetError(f"{p}: rounds.{k} needs 'rounds' (a positive integer) and one of 'lrs' per round")
     bad = [k for k, v in steps.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1]
     if bad:
         raise BudgetError(f"{p}: steps.{bad[0]} must be a positive integer, got {steps[bad[0]]!r}")
@@ -59,11 +70,42 @@ def load(conf: str | Path) -> dict:
 def steps_of(conf: str | Path, name: str, scale: float = 1.0) -> int:
     """Method ``name``'s step count, times ``scale`` (rounded, at least 1)."""
     b = load(conf)
-    if name not in b["steps"]:
-        raise BudgetError(f"{conf}: no steps.{name} (has: {', '.join(b['steps'])})")
+    steps = b.get("steps") or {}
+    if name not in steps:
+        raise BudgetError(f"{conf}: no steps.{name} (has: {', '.join(steps) or 'none'})")
     if scale <= 0:
         raise BudgetError(f"--scale must be positive, got {scale}")
-    return max(1, round(b["steps"][name] * scale))
+    return max(1, round(steps[name] * scale))
+
+
+def train_args(conf: str | Path, name: str, scale: float = 1.0) -> list[str]:
+    """The ``core.bin.train`` overrides that bound method ``name``: its step count, or for a
+    ReST entry its rounds (times ``scale``, at least 1) with their learning rates."""
+    b = load(conf)
+    r = (b.get("rounds") or {}).get(name)
+    if r is None:
+        return ["train.max_seconds=0", f"train.max_steps={steps_of(conf, name, scale)}"]
+    if scale <= 0:
+        raise BudgetError(f"--scale must be positive, got {scale}")
+    n = max(1, round(r["rounds"] * scale))
+    return ["train.max_seconds=0", f"rest.rounds={n}", "rest.lrs=[" + ",".join(f"{x:g}" for x in r["lrs"][:n]) + "]"]
+
+
+def _measure_rest(name: str, d: Path, target: float) -> tuple[dict, dict]:
+    """A ReST run's rounds that fit in ``target`` seconds (their sampling + SFT seconds summed)."""
+    s = d / "rest_summary.json"
+    t = json.loads(s.read_text())
+    rounds = [r for r in t.get("rounds", []) if "budget_seconds" in r]
+    if not rounds:
+        raise BudgetError(f"{s}: no finished round to measure")
+    n, total = 0, 0.0
+    for r in rounds:
+        if n and total + r["budget_seconds"] > target * 1.0001:
+            break
+        n, total = n + 1, total + r["budget_seconds"]
+    entry = {"rounds": n, "lrs": [float(r["lr"]) for r in rounds[:n]]}
+    return entry, {"rounds_done": len(rounds), "seconds_per_round": [round(r["budget_seconds"], 2) for r in rounds],
+                   "sft_steps": [r.get("sft_steps", 0) for r in rounds]}
 
 
 def measure(conf: str | Path, runs: dict[str, Path], target_seconds: float, machine: str,
@@ -74,8 +116,11 @@ def measure(conf: str | Path, runs: dict[str, Path], target_seconds: float, mach
     shares = shares or {}
     if target_seconds <= 0:
         raise BudgetError("--target_seconds must be positive")
-    sps, measured = {}, {}
+    sps, measured, rounds = {}, {}, {}
     for name, d in runs.items():
+        if (Path(d) / "rest_summary.json").is_file():
+            rounds[name], measured[name] = _measure_rest(name, Path(d), shares.get(name, target_seconds))
+            continue
         s = Path(d) / "train_summary.json"
         if not s.is_file():
             raise BudgetError(f"{name}={d}: no train_summary.json (a finished run's folder is needed)")
@@ -94,9 +139,36 @@ def measure(conf: str | Path, runs: dict[str, Path], target_seconds: float, mach
         "measured": measured,
         **({"shares": shares} if shares else {}),
         "steps": {name: max(1, round(shares.get(name, target_seconds) / v)) for name, v in sps.items()},
+        **({"rounds": rounds} if rounds else {}),
     })
+    if not rounds:
+        out.pop("rounds", None)
     Path(conf).write_text(HEADER + yaml.safe_dump(out, sort_keys=False))
     return out
+
+
+def compute_settings(budget: str, conf: str | Path, training: dict) -> dict:
+    """How a recipe's compared methods were made equal, for its ``results.json``: fixed step
+    counts (with the seconds per step they were derived from) or seconds of wall-clock
+    (``run.sh --budget``). ``training``: each run's summary (``steps``), by name."""
+    if budget:
+        return {"mode": "wall_clock", "budget_seconds": float(budget)}
+    b = load(conf)
+    return {"mode": "steps", "conf": str(conf), **b,
+            "steps_run": {k: (training.get(k) or {}).get("steps") for k in b.get("steps") or {}}}
+
+
+def compute_line(c: dict, what: str = "compared method") -> str:
+    """One sentence for a results table: how the compute was made equal."""
+    if c["mode"] == "wall_clock":
+        return f"{c['budget_seconds']:g} s of wall-clock per {what}"
+    ref = c.get("reference", {})
+    ran = {k: v for k, v in (c.get("steps_run") or c["steps"]).items() if v}
+    parts = [f"{k} {v}" for k, v in ran.items()]
+    parts += [f"{k} {r['rounds']} round(s)" for k, r in (c.get("rounds") or {}).items()]
+    return (f"fixed steps per {what} ({', '.join(parts)}); {c['conf']}'s counts give each "
+            f"{c.get('target_seconds')} s at the seconds per step measured on "
+            f"{ref.get('date', '?')} ({ref.get('machine', '?')})")
 
 
 def main(argv=None) -> int:
@@ -114,6 +186,10 @@ def main(argv=None) -> int:
     s.add_argument("--conf", required=True)
     s.add_argument("name")
     s.add_argument("--scale", type=float, default=1.0, help="multiply the count (smoke runs), at least 1")
+    a = sub.add_parser("args", help="print one method's train overrides (steps, or ReST's rounds)")
+    a.add_argument("--conf", required=True)
+    a.add_argument("name")
+    a.add_argument("--scale", type=float, default=1.0, help="multiply the count (smoke runs), at least 1")
     sh = sub.add_parser("show", help="print the file as JSON")
     sh.add_argument("--conf", required=True)
     args = ap.parse_args(argv)
@@ -135,6 +211,8 @@ def main(argv=None) -> int:
             print(json.dumps(out["steps"]))
         elif args.cmd == "steps":
             print(steps_of(args.conf, args.name, args.scale))
+        elif args.cmd == "args":
+            print(" ".join(train_args(args.conf, args.name, args.scale)))
         else:
             print(json.dumps(load(args.conf)))
     except BudgetError as e:

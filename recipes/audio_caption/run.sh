@@ -22,6 +22,7 @@
 # results.json, exp/RESULTS.md (the table; the README's with --update_readme true).
 set -euo pipefail
 readonly caller_pwd=$PWD
+orig_args=("$@")
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 stage=0
@@ -35,7 +36,11 @@ teacher=remote        # remote: OPD talks to a teacher server over HTTP | local:
 teacher_url=""        # an already running teacher server (ours or vLLM); empty: run.sh starts ours
 teacher_model=""      # model name the remote server expects (vLLM: its served model name)
 port=0                # port of the server run.sh starts (0: a free one)
-budget=150            # seconds of training for OPD and for each baseline (equal wall-clock)
+server_batch=1        # requests one forward of that server takes: 1 scores each alone, so the teacher's
+                      # log-probs (and the run's numbers) do not depend on how requests met; 16: faster
+budget=""             # empty: the step counts of conf/budget.yaml (equal compute, the same numbers on every
+                      # run); S: S seconds of wall-clock for OPD, OPD's seconds for each baseline
+seeds=1               # N > 1: stages 2-3 once per seed (seed, seed+1 ...) from the shared warm-up, combined
 baselines=true        # also train the fair baselines (sft_more, seqkd)
 qa_model=""           # cascade: a local HF text LLM directory; empty: train the tiny one
 backend=torch         # torch | deepspeed (conf/ds_zero2.json; --zero 3 for conf/ds_zero3.json)
@@ -48,7 +53,7 @@ max_new_tokens=24     # caption length of every stage (OPD rollouts, the KD capt
 seed=0
 help_message="Usage: bash run.sh [--stage N] [--stop_stage N] [--corpus synthetic|audiocaps|clotho] [--corpus_dir DIR] [--audio_dir DIR]
        bash run.sh --eval_only true --model DIR --corpus audiocaps|clotho --corpus_dir DIR [--audio_dir DIR] [--prompt TEXT]
-       [--teacher remote|local] [--teacher_url URL] [--teacher_model NAME] [--budget SECONDS] [--baselines true|false]
+       [--teacher remote|local] [--teacher_url URL] [--teacher_model NAME] [--budget SECONDS] [--seeds N] [--baselines true|false]
        [--qa_model DIR] [--backend torch|deepspeed] [--data DIR] [--exp DIR] [--smoke true] [--update_readme true] [--max_new_tokens auto|N]
        [--ngpu N] [--num_nodes N --node_rank R --master_addr HOST] [--hostfile F] [--dtype bfloat16] [--zero 2|3]
        [--resume auto|never] [--skip_bad true]   (launch options: tools/launch_options.sh)"
@@ -88,12 +93,10 @@ if [ "${smoke}" = "true" ]; then
   teacher_over=(train.max_steps=40 train.save_every=0)
   student_over=(train.max_steps=10 train.save_every=0)
   quick=(train.eval_every=0 data.dev_max_samples=4 train.batch_size=8)
-  budget=6
+  budget_scale=0.04   # conf/budget.yaml's step counts x 0.04
+  [ -n "${budget}" ] && budget=6
   cascade_over=(train.max_steps=30 train.save_every=0 train.eval_every=0)
 fi
-# smoke: OPD takes a fixed number of steps, so a loaded machine cannot starve it; the baselines
-# then get the wall-clock those steps took
-opd_steps=(); [ "${smoke}" = "true" ] && opd_steps=(train.max_seconds=0 train.max_steps=12)
 
 if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
   t0=$(date +%s)
@@ -159,7 +162,7 @@ start_server() {  # model_dir: starts our teacher server on 127.0.0.1, waits for
   log "starting the teacher server on 127.0.0.1:${port} (log: ${exp}/teacher_server.log)"
   # one thread for the server, so that the student's training keeps the other core
   OMP_NUM_THREADS=1 "${PY}" -m core.bin.serve_teacher --model "$1" --host 127.0.0.1 --port "${port}" \
-    --max-batch 16 --log-level warning > "${exp}/teacher_server.log" 2>&1 &
+    --max-batch "${server_batch}" --log-level warning > "${exp}/teacher_server.log" 2>&1 &
   server_pid=$!
   "${PY}" - "http://127.0.0.1:${port}/health" "${server_pid}" <<'PY' || { cat "${exp}/teacher_server.log" >&2; exit 1; }
 import os, sys, time, httpx
@@ -192,6 +195,10 @@ kd_paths=(model.path=${exp}/student_sft/final data.train=${exp}/seqkd_data/unlab
 # the caption length of stages 2-3 (set by the first of them that runs; after stage 1 the student's tokenizer exists)
 gen_args=("${exp}/student_sft/final" text "${data}/student_labelled.jsonl" "${data}/teacher_train.jsonl")
 
+# --seeds N: stages 2-3 again per seed from the warm-up above, combined into exp/results.json
+rc=0; run_seeds 2 CIDEr:1 teacher teacher_init student_init student_sft models.json || rc=$?
+case ${rc} in 0) exit 0 ;; 1) ;; *) exit ${rc} ;; esac
+
 if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
   t0=$(date +%s)
   set_gen_len "${gen_args[@]}"
@@ -203,18 +210,19 @@ if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
   else
     teacher_args=(teacher.kind=local teacher.path=${exp}/teacher/final)
   fi
-  log "stage 2: on-policy distillation from the ${teacher} teacher, ${budget} s"
-  train conf/opd.yaml "${opd_paths[@]}" "${teacher_args[@]}" train.max_seconds=${budget} \
-    "${quick[@]}" "${opd_steps[@]}"
+  b=$(budget_args opd "${budget}")
+  log "stage 2: on-policy distillation from the ${teacher} teacher (${b})"
+  train conf/opd.yaml "${opd_paths[@]}" "${teacher_args[@]}" ${b} "${quick[@]}"
   stop_server
   record_time opd $(( $(date +%s) - t0 ))
-  # the baselines get the wall-clock OPD actually trained for
+  # with --budget S the baselines get the wall-clock OPD actually trained for
   spent=$(summary_seconds "${exp}/opd/train_summary.json")
   if [ "${baselines}" = "true" ]; then
     t1=$(date +%s)
-    log "baseline sft_more: more SFT on the student's captioned set, ${spent} s"
+    b=$(budget_args sft_more "${spent}")
+    log "baseline sft_more: more SFT on the student's captioned set (${b})"
     train conf/sft_more.yaml model.path=${exp}/student_sft/final output_dir=${exp}/sft_more \
-      data.train=${data}/student_labelled.jsonl data.dev=${data}/dev.jsonl train.max_seconds=${spent} "${quick[@]}"
+      data.train=${data}/student_labelled.jsonl data.dev=${data}/dev.jsonl ${b} "${quick[@]}"
     record_time sft_more $(( $(date +%s) - t1 ))
     t1=$(date +%s)
     log "baseline seqkd: the teacher captions the unlabelled clips"
@@ -222,8 +230,9 @@ if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
       --out ${exp}/seqkd_data/unlabelled_teacher.jsonl --as_manifest --prompt "Describe the audio." --max_new_tokens ${gen_len}
     record_time teacher_caption $(( $(date +%s) - t1 ))
     t1=$(date +%s)
-    log "baseline seqkd: SFT on the teacher's captions, ${spent} s"
-    train conf/seqkd.yaml "${kd_paths[@]}" output_dir=${exp}/seqkd train.max_seconds=${spent} "${quick[@]}"
+    b=$(budget_args seqkd "${spent}")
+    log "baseline seqkd: SFT on the teacher's captions (${b})"
+    train conf/seqkd.yaml "${kd_paths[@]}" output_dir=${exp}/seqkd ${b} "${quick[@]}"
     record_time seqkd $(( $(date +%s) - t1 ))
   fi
 fi
@@ -244,7 +253,7 @@ if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
   fi
   [ "${has_questions}" = "True" ] || log "stage 3: the test clips carry no questions: no cascaded evaluation"
   "${PY}" local/make_results.py --data "${data}" --exp "${exp}" "${readme_args[@]}" --corpus ${corpus} \
-    --teacher ${teacher} --smoke ${smoke} --seed ${seed} --max_new_tokens ${gen_len} "${qa_args[@]}" "${teacher_score[@]}"
+    --teacher ${teacher} --smoke ${smoke} --seed ${seed} --budget "${budget}" --max_new_tokens ${gen_len} "${qa_args[@]}" "${teacher_score[@]}"
   record_time eval $(( $(date +%s) - t0 ))
   "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --only_times
 fi

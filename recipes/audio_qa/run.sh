@@ -22,6 +22,7 @@
 # the README's with --update_readme true), plots.
 set -euo pipefail
 readonly caller_pwd=$PWD
+orig_args=("$@")
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 stage=0
@@ -40,15 +41,17 @@ teacher_model=""      # --teacher_url: the model name the server expects (empty:
 teacher_top_k=20      # --teacher_url: top-k log-probs OPD distils on (the server's --max-logprobs)
 data=data             # manifests
 exp=exp               # models, logs, results
-budget=150            # seconds of training for GRPO, ReST, OPD and the SFT baseline (equal wall-clock)
-teacher_budget=200    # seconds of GRPO for the teacher
+budget=""             # empty: the step counts of conf/budget.yaml (GRPO, OPD, SFT baseline: steps; ReST: rounds;
+                      # equal compute, the same numbers on every run); S: S seconds of wall-clock for each
+teacher_budget=200    # with --budget: seconds of GRPO for the teacher (else conf/budget.yaml's teacher_grpo)
+seeds=1               # N > 1: stages 2-6 once per seed (seed, seed+1 ...) from the shared warm-up, combined
 baselines=true        # also train the fair baseline (sft_answers)
 lora=false            # true: LoRA (peft) adapters for every training stage, merged at export
 backend=torch         # torch | deepspeed (conf/ds_zero2.json; --zero 3 for conf/ds_zero3.json)
 smoke=false           # tiny corpus and few steps, for tests
 update_readme=false   # true: also write the results table into README.md (maintainers; always in ${exp}/RESULTS.md)
 seed=0
-help_message="Usage: bash run.sh [--stage N] [--stop_stage N] [--corpus synthetic|mmau|mmsu] [--train_json F] [--test_json F] [--mmsu_dir D] [--budget S] [--lora true] [--backend torch|deepspeed] [--smoke true] [--update_readme true]
+help_message="Usage: bash run.sh [--stage N] [--stop_stage N] [--corpus synthetic|mmau|mmsu] [--train_json F] [--test_json F] [--mmsu_dir D] [--budget S] [--seeds N] [--lora true] [--backend torch|deepspeed] [--smoke true] [--update_readme true]
        [--teacher_url URL [--teacher_model NAME] [--teacher_top_k K]] [--max_new_tokens auto|N]
        bash run.sh --eval_only true --model DIR --corpus mmau --test_json F [--audio_dir D]   (or --corpus mmsu --mmsu_dir D)
        [--ngpu N] [--num_nodes N --node_rank R --master_addr HOST] [--hostfile F] [--dtype bfloat16] [--zero 2|3]
@@ -67,7 +70,8 @@ synth_args=(); base_over=(); teacher_over=()
 if [ "${smoke}" = "true" ]; then
   synth_args=(--smoke)
   base_over=(train.max_steps=15); teacher_over=(train.max_steps=15)
-  budget=5; teacher_budget=5
+  budget_scale=0.04   # conf/budget.yaml's counts x 0.04 (ReST: 1 round)
+  [ -n "${budget}" ] && { budget=5; teacher_budget=5; }
 fi
 quick=(); [ "${smoke}" = "true" ] && quick=(train.eval_every=0 data.dev_max_samples=8)
 rule=mmau; letters=(); [ "${corpus}" = "mmsu" ] && { rule=mmsu; letters=(--letters); }   # MMSU's scorer reads a letter
@@ -168,50 +172,57 @@ if [ -n "${teacher_url}" ]; then
   teacher_score=(--teacher_url "${teacher_url}"); [ -n "${teacher_model}" ] && teacher_score+=(--teacher_model "${teacher_model}")
 fi
 
+# --seeds N: stages 2-6 again per seed from the warm-up above, combined into exp/results.json
+rc=0; run_seeds 2 acc base_sft teacher_sft student_init teacher_init models.json || rc=$?
+case ${rc} in 0) exit 0 ;; 1) ;; *) exit ${rc} ;; esac
+
 if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
   set_gen_len "${gen_args[@]}"
   t0=$(date +%s)
-  log "stage 2: GRPO of the base policy, ${budget} s"
-  train conf/grpo.yaml model.path=${exp}/base_sft/final output_dir=${exp}/grpo "${paths[@]}" \
-    train.max_seconds=${budget} "${quick[@]}"
+  b=$(budget_args grpo "${budget}")
+  log "stage 2: GRPO of the base policy (${b})"
+  train conf/grpo.yaml model.path=${exp}/base_sft/final output_dir=${exp}/grpo "${paths[@]}" ${b} "${quick[@]}"
   record_time grpo $(( $(date +%s) - t0 ))
   if [ -z "${teacher_url}" ]; then
     t0=$(date +%s)
-    log "stage 2: GRPO of the teacher, ${teacher_budget} s"
+    b=$(budget_args teacher_grpo "${teacher_budget}")
+    log "stage 2: GRPO of the teacher (${b})"
     train conf/grpo.yaml model.path=${exp}/teacher_sft/final output_dir=${exp}/teacher_grpo "${paths[@]}" \
-      train.max_seconds=${teacher_budget} "${quick[@]}"
+      ${b} "${quick[@]}"
     record_time teacher_grpo $(( $(date +%s) - t0 ))
   fi
 fi
 
-# the other methods get the wall-clock GRPO actually trained for
+# with --budget S the other methods get the wall-clock GRPO actually trained for
 spent=${budget}
-[ -f "${exp}/grpo/train_summary.json" ] && spent=$(summary_seconds "${exp}/grpo/train_summary.json")
+[ -n "${budget}" ] && [ -f "${exp}/grpo/train_summary.json" ] && spent=$(summary_seconds "${exp}/grpo/train_summary.json")
 
 if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
   set_gen_len "${gen_args[@]}"
   t0=$(date +%s)
-  log "stage 3: ReST from the base, ${spent} s of sampling and training"
-  train conf/rest.yaml model.path=${exp}/base_sft/final output_dir=${exp}/rest "${paths[@]}" \
-    train.max_seconds=${spent} "${quick[@]}"
+  b=$(budget_args rest "${spent}")
+  log "stage 3: ReST from the base (${b}; sampling and training)"
+  train conf/rest.yaml model.path=${exp}/base_sft/final output_dir=${exp}/rest "${paths[@]}" ${b} "${quick[@]}"
   record_time rest $(( $(date +%s) - t0 ))
 fi
 
 if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
   set_gen_len "${gen_args[@]}"
   t0=$(date +%s)
-  log "stage 4: OPD of the base from ${teacher_url:-the GRPO-trained teacher}, ${spent} s"
+  b=$(budget_args opd "${spent}")
+  log "stage 4: OPD of the base from ${teacher_url:-the GRPO-trained teacher} (${b})"
   train conf/opd.yaml model.path=${exp}/base_sft/final "${opd_teacher[@]}" \
-    output_dir=${exp}/opd "${paths[@]}" train.max_seconds=${spent} "${quick[@]}"
+    output_dir=${exp}/opd "${paths[@]}" ${b} "${quick[@]}"
   record_time opd $(( $(date +%s) - t0 ))
 fi
 
 if [ ${stage} -le 5 ] && [ ${stop_stage} -ge 5 ] && [ "${baselines}" = "true" ]; then
   set_gen_len "${gen_args[@]}"
   t0=$(date +%s)
-  log "stage 5: baseline, plain SFT on the answers, ${spent} s"
+  b=$(budget_args sft_answers "${spent}")
+  log "stage 5: baseline, plain SFT on the answers (${b})"
   train conf/sft_answers.yaml model.path=${exp}/base_sft/final output_dir=${exp}/sft_answers "${paths[@]}" \
-    train.max_seconds=${spent} "${quick[@]}"
+    ${b} "${quick[@]}"
   record_time sft_answers $(( $(date +%s) - t0 ))
 fi
 
@@ -220,6 +231,6 @@ if [ ${stage} -le 6 ] && [ ${stop_stage} -ge 6 ]; then
   t0=$(date +%s)
   log "stage 6: decode the test set and score (${rule} rule)"
   "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --rule ${rule} "${readme_args[@]}" \
-    --corpus ${corpus} --budget ${spent} --smoke ${smoke} --max_new_tokens ${gen_len} "${teacher_score[@]}"
+    --corpus ${corpus} --budget "${spent}" --smoke ${smoke} --max_new_tokens ${gen_len} "${teacher_score[@]}"
   record_time decode_score $(( $(date +%s) - t0 ))
 fi

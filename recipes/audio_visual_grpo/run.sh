@@ -19,6 +19,7 @@
 # results.json, exp/RESULTS.md (the table; the README's with --update_readme true), reward curves.
 set -euo pipefail
 readonly caller_pwd=$PWD
+orig_args=("$@")
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 stage=0
@@ -35,7 +36,9 @@ prompt_style=""           # ours (think/answer tags) | plain (Daily-Omni: the le
 max_new_tokens=40         # decoding and rollout length of stages 2-4; auto: longest training target in tokens x 1.25 + 8
 data=data                 # manifests
 exp=exp                   # models, logs, results
-budget=200                # seconds of GRPO, and of the SFT baseline (equal wall-clock)
+budget=""                 # empty: the step counts of conf/budget.yaml (equal compute, the same numbers on
+                          # every run); S: S seconds of wall-clock for GRPO, GRPO's seconds for the baseline
+seeds=1                   # N > 1: stages 2-4 once per seed (seed, seed+1 ...) from the shared warm-up, combined
 baselines=true            # also train the fair baseline (sft_answers)
 num_frames=8              # frames per video (uniformly sampled)
 missing_audio=error       # error | silence: a video without a sound track
@@ -44,7 +47,7 @@ smoke=false               # tiny corpus and few steps, for tests
 update_readme=false       # true: also write the results table into README.md (maintainers; always in ${exp}/RESULTS.md)
 seed=0
 help_message="Usage: bash run.sh [--stage N] [--stop_stage N] [--corpus synthetic|real] [--train_json F --train_video_root D]
-       [--dailyomni_dir D] [--intentbench_json F --intentbench_video_root D] [--budget S] [--num_frames N]
+       [--dailyomni_dir D] [--intentbench_json F --intentbench_video_root D] [--budget S] [--seeds N] [--num_frames N]
        [--missing_audio error|silence] [--backend torch|deepspeed] [--data DIR] [--exp DIR] [--smoke true] [--update_readme true]
        [--max_new_tokens auto|N] [--ngpu N] [--num_nodes N --node_rank R --master_addr HOST] [--hostfile F] [--dtype bfloat16] [--zero 2|3]
        [--resume auto|never] [--skip_bad true]   (launch options: tools/launch_options.sh)
@@ -99,9 +102,12 @@ if [ "${smoke}" = "true" ]; then
   qa_over=(train.max_steps=40 train.batch_size=8)
   quick=(train.eval_every=0 data.dev_max_samples=4)
 fi
-# smoke: GRPO takes a fixed number of steps (a loaded machine cannot starve it); the baseline then
-# gets the wall-clock those steps took
-grpo_steps=(); [ "${smoke}" = "true" ] && grpo_steps=(train.max_seconds=0 train.max_steps=15 train.batch_size=4 rollout.n=4)
+grpo_smoke=()
+if [ "${smoke}" = "true" ]; then
+  grpo_smoke=(train.batch_size=4 rollout.n=4)
+  budget_scale=0.05   # conf/budget.yaml's step counts x 0.05
+  [ -n "${budget}" ] && budget=5
+fi
 
 if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
   t0=$(date +%s)
@@ -165,25 +171,31 @@ paths=(data.train=${data}/train.jsonl data.dev=${data}/dev.jsonl)
 # or auto from the training targets in the warmed-up model's tokens
 gen_args=("${exp}/sft_qa/final" target "${data}/train.jsonl")
 
+# --seeds N: stages 2-4 again per seed from the warm-up above, combined into exp/results.json
+rc=0; run_seeds 2 acc init sft sft_qa model.json || rc=$?
+case ${rc} in 0) exit 0 ;; 1) ;; *) exit ${rc} ;; esac
+
 if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
   set_gen_len "${gen_args[@]}"
   t0=$(date +%s)
-  log "stage 2: GRPO, ${budget} s"
+  b=$(budget_args grpo "${budget}")
+  log "stage 2: GRPO (${b})"
   train conf/grpo.yaml model.path=${exp}/sft_qa/final output_dir=${exp}/grpo "${paths[@]}" \
-    train.max_seconds=${budget} "${quick[@]}" "${grpo_steps[@]}"
+    ${b} "${quick[@]}" "${grpo_smoke[@]}"
   record_time grpo $(( $(date +%s) - t0 ))
 fi
 
-# the baseline gets the wall-clock GRPO actually trained for
+# with --budget S the baseline gets the wall-clock GRPO actually trained for
 spent=${budget}
-[ -f "${exp}/grpo/train_summary.json" ] && spent=$(summary_seconds "${exp}/grpo/train_summary.json")
+[ -n "${budget}" ] && [ -f "${exp}/grpo/train_summary.json" ] && spent=$(summary_seconds "${exp}/grpo/train_summary.json")
 
 if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ] && [ "${baselines}" = "true" ]; then
   set_gen_len "${gen_args[@]}"
   t0=$(date +%s)
-  log "stage 3: baseline sft_answers, SFT on the answers for ${spent} s"
+  b=$(budget_args sft_answers "${spent}")
+  log "stage 3: baseline sft_answers, SFT on the answers (${b})"
   train conf/sft_answers.yaml model.path=${exp}/sft_qa/final output_dir=${exp}/sft_answers "${paths[@]}" \
-    train.max_seconds=${spent} "${quick[@]}"
+    ${b} "${quick[@]}"
   record_time sft_answers $(( $(date +%s) - t0 ))
 fi
 
@@ -192,7 +204,7 @@ if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
   t0=$(date +%s)
   log "stage 4: decode the test set and score"
   "${PY}" local/make_results.py --data "${data}" --exp "${exp}" "${readme_args[@]}" --corpus ${corpus} \
-    --num_frames ${num_frames} --missing_audio ${missing_audio} --smoke ${smoke} --max_new_tokens ${gen_len}
+    --num_frames ${num_frames} --missing_audio ${missing_audio} --smoke ${smoke} --max_new_tokens ${gen_len} --budget "${budget}"
   record_time decode_score $(( $(date +%s) - t0 ))
   "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --only_times
 fi

@@ -9,8 +9,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import smoke_scale
 
 ROOT = Path(__file__).resolve().parents[2]
+SMOKE_SCALE = smoke_scale("audio_caption")
 RUN = ROOT / "recipes/audio_caption/run.sh"
 
 
@@ -58,10 +60,12 @@ def test_audio_caption_recipe_smoke(smoke_run):
     assert d["diff"] == pytest.approx(res["student_after"]["CIDEr"] - res["student_before"]["CIDEr"], abs=1e-5)
     for v in ("data", "models", "opd", "sft_more", "seqkd", "eval"):
         assert v in res["stage_seconds"], v
-    # the baselines got the wall-clock OPD took
+    # OPD and the baselines trained conf/budget.yaml's step counts (x the smoke scale)
+    from tools.step_budget import steps_of
     tr = res["training"]
-    assert tr["sft_more"]["train_seconds"] >= 0.8 * tr["opd"]["train_seconds"]
-    assert tr["opd"]["steps"] == 12
+    for name in ("opd", "sft_more", "seqkd"):
+        assert tr[name]["steps"] == steps_of(ROOT / "recipes/audio_caption/conf/budget.yaml", name, SMOKE_SCALE), name
+    assert res["settings"]["compute"]["mode"] == "steps"
     # OPD went through the HTTP server that run.sh started, and the server is gone
     cfg = (exp / "opd" / "config.yaml").read_text()
     assert "kind: remote" in cfg and "http://127.0.0.1:" in cfg

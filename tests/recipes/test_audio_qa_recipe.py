@@ -7,8 +7,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import smoke_scale
 
 ROOT = Path(__file__).resolve().parents[2]
+SMOKE_SCALE = smoke_scale("audio_qa")
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +49,14 @@ def test_results_json_has_every_system(smoke_run):
         assert k in res["delta_vs_base"]
     for stage in ("data", "models", "grpo", "teacher_grpo", "rest", "opd", "sft_answers"):
         assert stage in res["stage_seconds"], stage
+    # every method trained conf/budget.yaml's steps (ReST: its rounds), x the smoke scale
+    from tools.step_budget import steps_of, train_args
+    conf = ROOT / "recipes/audio_qa/conf/budget.yaml"
+    for name in ("grpo", "teacher_grpo", "opd", "sft_answers"):
+        assert res["training"][name]["steps"] == steps_of(conf, name, SMOKE_SCALE), name
+    rounds = int(train_args(conf, "rest", SMOKE_SCALE)[1].split("=")[1])
+    assert len(res["training"]["rest"]["rounds"]) == rounds
+    assert res["settings"]["compute"]["mode"] == "steps"
 
 
 def test_methods_trained_from_the_base_and_wrote_their_models(smoke_run):

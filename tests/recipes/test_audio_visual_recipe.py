@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import smoke_scale
 
 ROOT = Path(__file__).resolve().parents[2]
+SMOKE_SCALE = smoke_scale("audio_visual_grpo")
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,10 @@ def test_audio_visual_recipe_smoke(smoke_run):
     assert d["diff"] == pytest.approx(res["gain"], abs=1e-4) and d["ci95"][0] <= d["diff"] <= d["ci95"][1]
     tr = res["training"]
     assert {"sft", "sft_qa", "grpo", "sft_answers"} <= set(tr)   # the warm-up's two passes, GRPO, baseline
-    assert tr["sft_answers"]["train_seconds"] >= 0.8 * tr["grpo"]["train_seconds"]
+    from tools.step_budget import steps_of
+    for name in ("grpo", "sft_answers"):   # conf/budget.yaml's step counts x the smoke scale
+        assert tr[name]["steps"] == steps_of(ROOT / "recipes/audio_visual_grpo/conf/budget.yaml", name, SMOKE_SCALE)
+    assert res["settings"]["compute"]["mode"] == "steps"
     # every reward component is logged per step, and the training reward rises
     rows = [json.loads(line) for line in (exp / "grpo" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "reward" in r]

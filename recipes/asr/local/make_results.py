@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tools.bootstrap import describe_diff, differences, fmt_ci, ratio_ci
 from tools.report import refresh_stage_seconds, write_results
+from tools.step_budget import compute_line, compute_settings
 
 PROMPT = "Transcribe the audio."   # the training configs' data.prompt
 SYSTEMS = {"teacher": "teacher", "student_before": "student_sft", "student_after": "opd"}
@@ -79,27 +80,6 @@ def system_differences(exp: Path, others: list[str]) -> dict:
     """WER of student_after minus each of ``others`` (negative: OPD has fewer errors), with a
     paired bootstrap interval over the utterances."""
     return differences([("student_after", o) for o in others], lambda name: utterance_errors(exp, name))
-
-
-def compute_settings(budget: str, conf: str, training: dict) -> dict:
-    """How the compared methods were made equal: fixed step counts (with the seconds per step they
-    were derived from, ``tools/step_budget.py``) or seconds of wall-clock (``--budget``)."""
-    if budget:
-        return {"mode": "wall_clock", "budget_seconds": float(budget)}
-    from tools.step_budget import load
-    b = load(conf)
-    return {"mode": "steps", "conf": str(conf), **b,
-            "steps_run": {k: (training.get(k) or {}).get("steps") for k in b["steps"]}}
-
-
-def compute_line(c: dict) -> str:
-    if c["mode"] == "wall_clock":
-        return f"{c['budget_seconds']:g} s of wall-clock per stage-2 method"
-    ref = c.get("reference", {})
-    ran = c.get("steps_run") or c["steps"]
-    return (f"fixed steps per method ({', '.join(f'{k} {v}' for k, v in ran.items() if v)}); {c['conf']}'s "
-            f"counts give each {c.get('target_seconds')} s at the seconds per step measured on "
-            f"{ref.get('date', '?')} ({ref.get('machine', '?')})")
 
 
 def fmt_table(results: dict, unit: str) -> str:
@@ -221,7 +201,7 @@ def main(argv=None) -> int:
                     + "\n".join(f"- {describe_diff(k, d, digits=2)}" for k, d in results["differences"].items()))
     print(summary)
     write_results(exp, summary + f"\n\n(measured by `run.sh` on {time.strftime('%Y-%m-%d')}, "
-                                 f"corpus {args.corpus}; {compute_line(results['settings']['compute'])})",
+                                 f"corpus {args.corpus}; {compute_line(results['settings']['compute'], 'stage-2 method')})",
                   readme=args.readme, smoke=args.smoke == "true")
     try:
         from tools.plot_metrics import plot

@@ -28,6 +28,7 @@ from pathlib import Path
 from tools.bootstrap import describe_diff, differences, fmt_ci, score_items
 from tools.local_module import load_sibling
 from tools.report import refresh_stage_seconds, write_results
+from tools.step_budget import compute_line, compute_settings
 
 PROMPT = "Describe the audio."
 MAX_NEW_TOKENS = 24
@@ -133,6 +134,9 @@ def main(argv=None) -> int:
     ap.add_argument("--qa_model", default="", help="cascade text model (default: <exp>/cascade/final when trained)")
     ap.add_argument("--smoke", default="false")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--budget", default="", help="run.sh --budget: seconds of wall-clock per compared method; "
+                    "empty: the fixed step counts of --budget_conf")
+    ap.add_argument("--budget_conf", default="conf/budget.yaml", help="the step counts and how they were measured")
     ap.add_argument("--only_times", action="store_true", help="only refresh stage_seconds in results.json")
     ap.add_argument("--prompt", default=PROMPT, help="the user turn after the audio")
     ap.add_argument("--max_new_tokens", type=int, default=MAX_NEW_TOKENS, help="caption length limit")
@@ -207,6 +211,7 @@ def main(argv=None) -> int:
                            ("teacher", "student_sft", "opd", "sft_more", "seqkd", "cascade")
                            if (exp / d / "train_summary.json").is_file()}
     results["settings"] = {"corpus": args.corpus, "teacher": args.teacher, "smoke": args.smoke == "true",
+                           "compute": compute_settings(args.budget, args.budget_conf, results["training"]),
                            "prompt": PROMPT, "max_new_tokens": args.max_new_tokens,
                            "generation_length": load_json(exp / "gen_length.json") or {"max_new_tokens": args.max_new_tokens},
                            "cascade_model": str(qa_model or ""),
@@ -227,9 +232,8 @@ def main(argv=None) -> int:
     lines += [f"- {describe_diff(k, d, scale=1.0, digits=3, unit='CIDEr')}" for k, d in results["differences"].items()]
     summary = "\n".join(lines)
     print(summary)
-    spent = (results["training"].get("opd") or {}).get("train_seconds", "")
     write_results(exp, summary + f"\n\n(measured by `run.sh` on {time.strftime('%Y-%m-%d')}, corpus {args.corpus}, "
-                                 f"{args.teacher} teacher, OPD trained {spent} s; each baseline the same)",
+                                 f"{args.teacher} teacher; {compute_line(results['settings']['compute'])})",
                   readme=args.readme, smoke=args.smoke == "true")
     try:
         from tools.plot_metrics import plot

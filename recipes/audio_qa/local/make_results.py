@@ -25,6 +25,7 @@ from pathlib import Path
 from tools.bootstrap import describe_diff, differences, fmt_ci, score_items
 from tools.local_module import load_sibling
 from tools.report import write_results
+from tools.step_budget import compute_line, compute_settings
 
 SYSTEMS = {"base": ("base_sft", "SFT warm-up: describe every clip + labelled questions"),
            "grpo": ("grpo", "GRPO from base (format + MMAU-rule accuracy rewards)"),
@@ -136,7 +137,9 @@ def main(argv=None) -> int:
     ap.add_argument("--readme", default="", help="also write the table into this README's results section "
                     "(run.sh --update_readme true; never for a smoke run); it always goes to <exp>/RESULTS.md")
     ap.add_argument("--corpus", default="synthetic")
-    ap.add_argument("--budget", default="")
+    ap.add_argument("--budget", default="", help="run.sh --budget: seconds of wall-clock per compared method; "
+                    "empty: the fixed step counts (ReST: rounds) of --budget_conf")
+    ap.add_argument("--budget_conf", default="conf/budget.yaml", help="the step counts and how they were measured")
     ap.add_argument("--max_new_tokens", type=int, default=32, help="decoding length (run.sh --max_new_tokens)")
     ap.add_argument("--smoke", default="false")
     ap.add_argument("--teacher_url", default="", help="the teacher is served there: its row is decoded through it")
@@ -190,7 +193,8 @@ def main(argv=None) -> int:
         training["rest"] = {"train_seconds": rest.get("budget_seconds", rest.get("seconds")),
                             "steps": sum(r.get("sft_steps", 0) for r in rest["rounds"]), "rounds": rest["rounds"]}
     results["training"] = training
-    results["settings"] = {"corpus": args.corpus, "rule": args.rule, "budget_seconds": args.budget,
+    results["settings"] = {"corpus": args.corpus, "rule": args.rule,
+                           "compute": compute_settings(args.budget, args.budget_conf, training),
                            "smoke": args.smoke == "true", "decoding": "greedy",
                            "generation_length": load_json(exp / "gen_length.json") or
                            {"max_new_tokens": args.max_new_tokens}, "teacher_url": args.teacher_url or None,
@@ -205,7 +209,7 @@ def main(argv=None) -> int:
                 + "\n".join(f"- {describe_diff(k, d)}" for k, d in results["differences"].items()))
     print(summary)
     write_results(exp, summary + f"\n\n(measured by `run.sh` on {time.strftime('%Y-%m-%d')}, corpus {args.corpus}, "
-                                 f"{args.budget} s of training per method, greedy decoding)",
+                                 f"{compute_line(results['settings']['compute'])}, greedy decoding)",
                   readme=args.readme, smoke=args.smoke == "true")
     try:
         from tools.plot_metrics import plot

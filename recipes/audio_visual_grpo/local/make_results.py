@@ -26,6 +26,7 @@ from pathlib import Path
 from tools.bootstrap import describe_diff, differences, fmt_ci, score_items
 from tools.local_module import load_sibling
 from tools.report import refresh_stage_seconds, write_results
+from tools.step_budget import compute_line, compute_settings
 
 SYSTEMS = {"before": ("sft_qa", "SFT warm-up: describe + questions, then the questions alone (the GRPO start)"),
            "after": ("grpo", "GRPO (format 0.1 + exact_alnum 0.9)")}
@@ -129,6 +130,9 @@ def main(argv=None) -> int:
     ap.add_argument("--num_frames", type=int, default=8)
     ap.add_argument("--missing_audio", default="error")
     ap.add_argument("--smoke", default="false")
+    ap.add_argument("--budget", default="", help="run.sh --budget: seconds of wall-clock for GRPO and the "
+                    "baseline; empty: the fixed step counts of --budget_conf")
+    ap.add_argument("--budget_conf", default="conf/budget.yaml", help="the step counts and how they were measured")
     ap.add_argument("--only_times", action="store_true", help="only refresh stage_seconds in results.json")
     ap.add_argument("--max_new_tokens", type=int, default=MAX_NEW_TOKENS)
     ap.add_argument("--eval_model", default="", help="evaluation only: score this model folder (no training "
@@ -162,6 +166,7 @@ def main(argv=None) -> int:
     results["training"] = {d: load_json(exp / d / "train_summary.json") for d in (*WARMUP, "grpo", "sft_answers")
                            if (exp / d / "train_summary.json").is_file()}
     results["settings"] = {"corpus": args.corpus, "smoke": args.smoke == "true", "num_frames": args.num_frames,
+                           "compute": compute_settings(args.budget, args.budget_conf, results["training"]),
                            "missing_audio": args.missing_audio, "model": load_json(exp / "model.json"),
                            "data": load_json(data / "stats.json"), "grpo_config": str(exp / "grpo" / "config.yaml"),
                            "decoding": f"greedy, at most {args.max_new_tokens} new tokens",
@@ -183,7 +188,8 @@ def main(argv=None) -> int:
     summary = "\n".join(lines)
     print(summary)
     write_results(exp, summary + f"\n\n(measured by `run.sh` on {time.strftime('%Y-%m-%d')}, "
-                                 f"corpus {args.corpus}, {args.num_frames} frames)",
+                                 f"corpus {args.corpus}, {args.num_frames} frames; "
+                                 f"{compute_line(results['settings']['compute'])})",
                   readme=args.readme, smoke=args.smoke == "true")
     try:
         from tools.plot_metrics import plot
