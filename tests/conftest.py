@@ -54,6 +54,13 @@ def smoke_scale(recipe: str) -> float:
     return float(m.group(1))
 
 
+def recipe_env(**extra) -> dict:
+    """Environment of a recipe's run.sh in a test: one intra-op thread. The test command runs two
+    files at a time on a 2-core machine, so two threads per recipe would put four on two cores
+    (they spin against each other); a bitwise comparison also needs a fixed count."""
+    return dict(os.environ, OMP_NUM_THREADS="1", **extra)
+
+
 # the files that run whole recipes take minutes each: they are collected first, so that with the
 # test command's workers (pytest-xdist, one file per worker at a time) they start at once and the
 # short files fill the other workers meanwhile, instead of the longest file starting last

@@ -81,20 +81,29 @@ def test_rest_budget_is_the_rounds_that_fit(tmp_path):
     (tmp_path / "rest" / "rest_summary.json").write_text(json.dumps({"rounds": rounds}))
     conf = tmp_path / "budget.yaml"
     out = measure(conf, {"grpo": tmp_path / "grpo", "rest": tmp_path / "rest"}, 150, "2-core CPU")
-    # 40 + 50 + 55 = 145 <= 150; the fourth round would pass it
+    # 40 + 50 + 55 = 145; the fourth round's first half would pass 150
     assert out["rounds"]["rest"] == {"rounds": 3, "lrs": [1e-3, 1e-3, 5e-4]} and out["steps"] == {"grpo": 300}
     assert out["measured"]["rest"]["seconds_per_round"] == [40.0, 50.0, 55.0, 30.0]
     assert train_args(conf, "rest") == ["train.max_seconds=0", "rest.rounds=3", "rest.lrs=[0.001,0.001,0.0005]"]
+    # a later measurement of one method keeps the others' entries
+    measure(conf, {"grpo": tmp_path / "grpo"}, 75, "2-core CPU")
+    assert load(conf)["steps"] == {"grpo": 150} and load(conf)["rounds"]["rest"]["rounds"] == 3
+    measure(conf, {"rest": tmp_path / "rest"}, 100, "2-core CPU")   # 40 + 50; 55 / 2 would pass 100
+    assert load(conf)["rounds"]["rest"]["rounds"] == 2 and load(conf)["steps"] == {"grpo": 150}
+    measure(conf, {"rest": tmp_path / "rest", "grpo": tmp_path / "grpo"}, 150, "2-core CPU")
     assert train_args(conf, "rest", 0.04) == ["train.max_seconds=0", "rest.rounds=1", "rest.lrs=[0.001]"]
     assert train_args(conf, "grpo", 0.04) == ["train.max_seconds=0", "train.max_steps=12"]
     r = subprocess.run([sys.executable, "-m", "tools.step_budget", "args", "--conf", str(conf), "rest"],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "train.max_seconds=0 rest.rounds=3 rest.lrs=[0.001,0.001,0.0005]"
-    c = compute_settings("", conf, {"grpo": {"steps": 300}, "rest": {"steps": 120}})
+    c = compute_settings("", conf, {"grpo": {"steps": 300}, "rest": {"steps": 120, "rounds": rounds[:2]}})
     assert c["mode"] == "steps" and c["steps_run"] == {"grpo": 300} and c["rounds"]["rest"]["rounds"] == 3
-    line = compute_line(c)
-    assert "grpo 300" in line and "rest 3 round(s)" in line and "150" in line
+    line = compute_line(c)   # what ran: 2 rounds (a smoke scale), not the file's 3
+    assert "grpo 300" in line and "rest 2 round(s)" in line and "150" in line
     assert compute_line(compute_settings("150", conf, {}), "method") == "150 s of wall-clock per method"
+    from tools.step_budget import markdown
+    t = markdown(conf)
+    assert "| grpo | 0.500 | 300 | 150 |" in t and "| rest | rounds of 40, 50, 55 s | 3 round(s) | 150 |" in t
     conf.write_text("rounds: {rest: {rounds: 2, lrs: [0.001]}}\n")
     with pytest.raises(BudgetError, match="rounds.rest needs"):
         load(conf)

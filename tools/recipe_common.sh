@@ -157,6 +157,7 @@ eval_model_ok() {  # [TAG]: --eval_only's checks; data/ and exp/ default to data
 budget_args() {  # NAME SECONDS
   if [ -n "${budget:-}" ]; then
     [[ "${budget}" =~ ^[0-9]+([.][0-9]+)?$ ]] || { echo "--budget must be a number of seconds, got '${budget}'" >&2; return 2; }
+    [[ "$2" =~ ^[0-9]+([.][0-9]+)?$ ]] || { echo "${1}'s budget must be a number of seconds, got '$2'" >&2; return 2; }
     echo "train.max_seconds=$2"
   else
     "${PY}" -m tools.step_budget args --conf conf/budget.yaml "$1" --scale "${budget_scale:-1}"
@@ -220,3 +221,8 @@ if [ -n "${ngpu+x}" ]; then
 fi
 prep_args=()
 if [ "${skip_bad:-false}" = "true" ]; then prep_args=(--skip_bad); fi
+# a recipe with step budgets (an empty --budget): its conf/budget.yaml must be readable before any stage runs
+if [ -n "${budget+x}" ] && [ -z "${budget}" ] && [ "${eval_only:-false}" != "true" ]; then
+  "${PY}" -m tools.step_budget show --conf conf/budget.yaml > /dev/null || {
+    echo "(the compared methods' step counts; or run with --budget SECONDS for a wall-clock budget)" >&2; exit 2; }
+fi

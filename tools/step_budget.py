@@ -19,6 +19,7 @@ that method's share is S seconds, e.g. each half of a two-part method). Then::
     python -m tools.step_budget steps --conf conf/budget.yaml opd --scale 0.05   # -> 20 (smoke runs)
     python -m tools.step_budget show --conf conf/budget.yaml          # the file as JSON (results.json)
     python -m tools.step_budget args --conf conf/budget.yaml opd      # -> train.max_seconds=0 train.max_steps=380
+    python -m tools.step_budget table --conf conf/budget.yaml         # the README's table
 
 ReST (``core/rest.py``) samples and trains in rounds, so its budget is a number of rounds, not of
 steps: ``NAME=DIR`` of a ReST run (its ``rest_summary.json``) gives ``rounds.NAME``, the rounds
@@ -88,11 +89,12 @@ def train_args(conf: str | Path, name: str, scale: float = 1.0) -> list[str]:
     if scale <= 0:
         raise BudgetError(f"--scale must be positive, got {scale}")
     n = max(1, round(r["rounds"] * scale))
-    return ["train.max_seconds=0", f"rest.rounds={n}", "rest.lrs=[" + ",".join(f"{x:g}" for x in r["lrs"][:n]) + "]"]
+    return ["train.max_seconds=0", f"rest.rounds={n}", "rest.lrs=[" + ",".join(repr(float(x)) for x in r["lrs"][:n]) + "]"]
 
 
 def _measure_rest(name: str, d: Path, target: float) -> tuple[dict, dict]:
-    """A ReST run's rounds that fit in ``target`` seconds (their sampling + SFT seconds summed)."""
+    """A ReST run's rounds that fit in ``target`` seconds (their sampling + SFT seconds summed; a
+    round counts when at least half of it fits, so the total is the nearest to ``target``)."""
     s = d / "rest_summary.json"
     t = json.loads(s.read_text())
     rounds = [r for r in t.get("rounds", []) if "budget_seconds" in r]
@@ -100,7 +102,7 @@ def _measure_rest(name: str, d: Path, target: float) -> tuple[dict, dict]:
         raise BudgetError(f"{s}: no finished round to measure")
     n, total = 0, 0.0
     for r in rounds:
-        if n and total + r["budget_seconds"] > target * 1.0001:
+        if n and total + r["budget_seconds"] / 2 > target:
             break
         n, total = n + 1, total + r["budget_seconds"]
     entry = {"rounds": n, "lrs": [float(r["lr"]) for r in rounds[:n]]}
@@ -138,13 +140,35 @@ def measure(conf: str | Path, runs: dict[str, Path], target_seconds: float, mach
         "seconds_per_step": {k: round(v, 5) for k, v in sps.items()},
         "measured": measured,
         **({"shares": shares} if shares else {}),
-        "steps": {name: max(1, round(shares.get(name, target_seconds) / v)) for name, v in sps.items()},
-        **({"rounds": rounds} if rounds else {}),
+        # measured names replace their entries; the others' stay
+        "steps": {**(out.get("steps") or {}),
+                  **{name: max(1, round(shares.get(name, target_seconds) / v)) for name, v in sps.items()}},
+        "rounds": {**(out.get("rounds") or {}), **rounds},
     })
-    if not rounds:
-        out.pop("rounds", None)
+    for k in ("steps", "rounds"):
+        for name in runs:  # a method measured now in the other form loses its old entry
+            if name not in (sps if k == "steps" else rounds):
+                out[k].pop(name, None)
+        if not out[k]:
+            out.pop(k)
     Path(conf).write_text(HEADER + yaml.safe_dump(out, sort_keys=False))
     return out
+
+
+def markdown(conf: str | Path) -> str:
+    """The budget file as a Markdown table: each method's measured seconds per step (ReST: per
+    round) and its count."""
+    b = load(conf)
+    sps, meas = b.get("seconds_per_step") or {}, b.get("measured") or {}
+    share = b.get("shares") or {}
+    lines = ["| method | seconds / step | steps | of seconds |", "|---|---|---|---|"]
+    for k, n in (b.get("steps") or {}).items():
+        lines.append(f"| {k} | {sps.get(k, float('nan')):.3f} | {n} | {share.get(k, b.get('target_seconds'))} |")
+    for k, r in (b.get("rounds") or {}).items():
+        per = (meas.get(k) or {}).get("seconds_per_round") or []
+        lines.append(f"| {k} | rounds of {', '.join(f'{x:.0f}' for x in per[:r['rounds']])} s | "
+                     f"{r['rounds']} round(s) | {share.get(k, b.get('target_seconds'))} |")
+    return "\n".join(lines)
 
 
 def compute_settings(budget: str, conf: str | Path, training: dict) -> dict:
@@ -155,7 +179,8 @@ def compute_settings(budget: str, conf: str | Path, training: dict) -> dict:
         return {"mode": "wall_clock", "budget_seconds": float(budget)}
     b = load(conf)
     return {"mode": "steps", "conf": str(conf), **b,
-            "steps_run": {k: (training.get(k) or {}).get("steps") for k in b.get("steps") or {}}}
+            "steps_run": {k: (training.get(k) or {}).get("steps") for k in b.get("steps") or {}},
+            "rounds_run": {k: len((training.get(k) or {}).get("rounds") or []) for k in b.get("rounds") or {}}}
 
 
 def compute_line(c: dict, what: str = "compared method") -> str:
@@ -163,9 +188,10 @@ def compute_line(c: dict, what: str = "compared method") -> str:
     if c["mode"] == "wall_clock":
         return f"{c['budget_seconds']:g} s of wall-clock per {what}"
     ref = c.get("reference", {})
-    ran = {k: v for k, v in (c.get("steps_run") or c["steps"]).items() if v}
+    ran = {k: v for k, v in (c.get("steps_run") or c.get("steps") or {}).items() if v}
     parts = [f"{k} {v}" for k, v in ran.items()]
-    parts += [f"{k} {r['rounds']} round(s)" for k, r in (c.get("rounds") or {}).items()]
+    rounds = c.get("rounds_run") or {k: r["rounds"] for k, r in (c.get("rounds") or {}).items()}
+    parts += [f"{k} {v} round(s)" for k, v in rounds.items() if v]
     return (f"fixed steps per {what} ({', '.join(parts)}); {c['conf']}'s counts give each "
             f"{c.get('target_seconds')} s at the seconds per step measured on "
             f"{ref.get('date', '?')} ({ref.get('machine', '?')})")
@@ -190,6 +216,8 @@ def main(argv=None) -> int:
     a.add_argument("--conf", required=True)
     a.add_argument("name")
     a.add_argument("--scale", type=float, default=1.0, help="multiply the count (smoke runs), at least 1")
+    t = sub.add_parser("table", help="print the file as a Markdown table (for a README)")
+    t.add_argument("--conf", required=True)
     sh = sub.add_parser("show", help="print the file as JSON")
     sh.add_argument("--conf", required=True)
     args = ap.parse_args(argv)
@@ -211,6 +239,8 @@ def main(argv=None) -> int:
             print(json.dumps(out["steps"]))
         elif args.cmd == "steps":
             print(steps_of(args.conf, args.name, args.scale))
+        elif args.cmd == "table":
+            print(markdown(args.conf))
         elif args.cmd == "args":
             print(" ".join(train_args(args.conf, args.name, args.scale)))
         else:

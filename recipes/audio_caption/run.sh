@@ -14,9 +14,10 @@
 #   bash run.sh --update_readme true             # maintainers: also refresh README.md's results table
 #
 # Stage 0: data. Stage 1: tokenizer + teacher/student captioners; teacher SFT on its own captioned
-# clips, student SFT on its small captioned set. Stage 2: the teacher server is started (and
-# always stopped), the student distils on clips without captions; the fair baselines get the
-# same wall-clock (more SFT on the student's captions; SFT on the teacher's greedy captions).
+# clips, student SFT on its small captioned set; the cascade's text model (stage 3's reader).
+# Stage 2: the teacher server is started (and always stopped), the student distils on clips
+# without captions; the fair baselines at equal compute, conf/budget.yaml's step counts (more SFT
+# on the student's captions; SFT on the teacher's greedy captions).
 # Stage 3: greedy captions of the test clips, BLEU / ROUGE-L / CIDEr, the cascaded evaluation
 # (a text model answers multiple-choice questions about each clip from its caption),
 # results.json, exp/RESULTS.md (the table; the README's with --update_readme true).
@@ -53,7 +54,7 @@ max_new_tokens=24     # caption length of every stage (OPD rollouts, the KD capt
 seed=0
 help_message="Usage: bash run.sh [--stage N] [--stop_stage N] [--corpus synthetic|audiocaps|clotho] [--corpus_dir DIR] [--audio_dir DIR]
        bash run.sh --eval_only true --model DIR --corpus audiocaps|clotho --corpus_dir DIR [--audio_dir DIR] [--prompt TEXT]
-       [--teacher remote|local] [--teacher_url URL] [--teacher_model NAME] [--budget SECONDS] [--seeds N] [--baselines true|false]
+       [--teacher remote|local] [--teacher_url URL] [--teacher_model NAME] [--server_batch N] [--budget SECONDS] [--seeds N] [--baselines true|false]
        [--qa_model DIR] [--backend torch|deepspeed] [--data DIR] [--exp DIR] [--smoke true] [--update_readme true] [--max_new_tokens auto|N]
        [--ngpu N] [--num_nodes N --node_rank R --master_addr HOST] [--hostfile F] [--dtype bfloat16] [--zero 2|3]
        [--resume auto|never] [--skip_bad true]   (launch options: tools/launch_options.sh)"
@@ -120,6 +121,20 @@ if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
   record_time data $(( $(date +%s) - t0 ))
 fi
 
+has_questions() {  # True when the test clips carry multiple-choice questions (the cascaded evaluation)
+  "${PY}" -c "import json,sys;print(any(json.loads(l).get('questions') for l in open(sys.argv[1]) if l.strip()))" "${data}/test.jsonl"
+}
+train_cascade() {  # the cascade's text model (unless --qa_model), once per warm-up: every seed reads with the same one
+  if [ -z "${qa_model}" ] && [ "$(has_questions)" = "True" ] && [ ! -f "${exp}/cascade/final/config.json" ]; then
+    log "the cascade's text model, trained on reference captions and their questions"
+    "${PY}" local/cascade.py make-train --manifest "${data}/teacher_train.jsonl" --manifest "${data}/student_labelled.jsonl" \
+      --out "${exp}/cascade_data/qa_train.jsonl"
+    "${PY}" local/cascade.py build --tokenizer "${exp}/student_init" --out "${exp}/cascade_init"
+    train conf/cascade_sft.yaml model.path=${exp}/cascade_init data.train=${exp}/cascade_data/qa_train.jsonl \
+      output_dir=${exp}/cascade "${cascade_over[@]}"
+  fi
+}
+
 if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
   t0=$(date +%s)
   log "stage 1: tokenizer and models"
@@ -142,8 +157,11 @@ if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
   else
     rm -rf "${exp}/student_sft"; mkdir -p "${exp}/student_sft"; ln -sfn "$(readlink -f ${exp}/student_init)" "${exp}/student_sft/final"
   fi
-  rm -rf "${exp}/cascade"   # a new tokenizer: the cascade's text model is trained again in stage 3
+  rm -rf "${exp}/cascade"   # a new tokenizer: the cascade's text model is trained again
   record_time models $(( $(date +%s) - t0 ))
+  t0=$(date +%s)
+  train_cascade
+  record_time cascade $(( $(date +%s) - t0 ))
 fi
 
 server_pid=""
@@ -196,7 +214,7 @@ kd_paths=(model.path=${exp}/student_sft/final data.train=${exp}/seqkd_data/unlab
 gen_args=("${exp}/student_sft/final" text "${data}/student_labelled.jsonl" "${data}/teacher_train.jsonl")
 
 # --seeds N: stages 2-3 again per seed from the warm-up above, combined into exp/results.json
-rc=0; run_seeds 2 CIDEr:1 teacher teacher_init student_init student_sft models.json || rc=$?
+rc=0; run_seeds 2 CIDEr:1 teacher teacher_init student_init student_sft models.json cascade cascade_init cascade_data || rc=$?
 case ${rc} in 0) exit 0 ;; 1) ;; *) exit ${rc} ;; esac
 
 if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
@@ -210,19 +228,19 @@ if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
   else
     teacher_args=(teacher.kind=local teacher.path=${exp}/teacher/final)
   fi
-  b=$(budget_args opd "${budget}")
+  b=$(budget_args opd "${budget}"); read -ra bo <<< "${b}"
   log "stage 2: on-policy distillation from the ${teacher} teacher (${b})"
-  train conf/opd.yaml "${opd_paths[@]}" "${teacher_args[@]}" ${b} "${quick[@]}"
+  train conf/opd.yaml "${opd_paths[@]}" "${teacher_args[@]}" "${bo[@]}" "${quick[@]}"
   stop_server
   record_time opd $(( $(date +%s) - t0 ))
   # with --budget S the baselines get the wall-clock OPD actually trained for
   spent=$(summary_seconds "${exp}/opd/train_summary.json")
   if [ "${baselines}" = "true" ]; then
     t1=$(date +%s)
-    b=$(budget_args sft_more "${spent}")
+    b=$(budget_args sft_more "${spent}"); read -ra bo <<< "${b}"
     log "baseline sft_more: more SFT on the student's captioned set (${b})"
     train conf/sft_more.yaml model.path=${exp}/student_sft/final output_dir=${exp}/sft_more \
-      data.train=${data}/student_labelled.jsonl data.dev=${data}/dev.jsonl ${b} "${quick[@]}"
+      data.train=${data}/student_labelled.jsonl data.dev=${data}/dev.jsonl "${bo[@]}" "${quick[@]}"
     record_time sft_more $(( $(date +%s) - t1 ))
     t1=$(date +%s)
     log "baseline seqkd: the teacher captions the unlabelled clips"
@@ -230,9 +248,9 @@ if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
       --out ${exp}/seqkd_data/unlabelled_teacher.jsonl --as_manifest --prompt "Describe the audio." --max_new_tokens ${gen_len}
     record_time teacher_caption $(( $(date +%s) - t1 ))
     t1=$(date +%s)
-    b=$(budget_args seqkd "${spent}")
+    b=$(budget_args seqkd "${spent}"); read -ra bo <<< "${b}"
     log "baseline seqkd: SFT on the teacher's captions (${b})"
-    train conf/seqkd.yaml "${kd_paths[@]}" output_dir=${exp}/seqkd ${b} "${quick[@]}"
+    train conf/seqkd.yaml "${kd_paths[@]}" output_dir=${exp}/seqkd "${bo[@]}" "${quick[@]}"
     record_time seqkd $(( $(date +%s) - t1 ))
   fi
 fi
@@ -242,16 +260,8 @@ if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
   set_gen_len "${gen_args[@]}"
   log "stage 3: caption the test clips, caption metrics, cascaded question answering"
   qa_args=(); [ -n "${qa_model}" ] && qa_args=(--qa_model "${qa_model}")
-  has_questions=$("${PY}" -c "import json,sys;print(any(json.loads(l).get('questions') for l in open(sys.argv[1]) if l.strip()))" "${data}/test.jsonl")
-  if [ -z "${qa_model}" ] && [ "${has_questions}" = "True" ] && [ ! -f "${exp}/cascade/final/config.json" ]; then
-    log "stage 3: the cascade's text model, trained on reference captions and their questions"
-    "${PY}" local/cascade.py make-train --manifest "${data}/teacher_train.jsonl" --manifest "${data}/student_labelled.jsonl" \
-      --out "${exp}/cascade_data/qa_train.jsonl"
-    "${PY}" local/cascade.py build --tokenizer "${exp}/student_init" --out "${exp}/cascade_init"
-    train conf/cascade_sft.yaml model.path=${exp}/cascade_init data.train=${exp}/cascade_data/qa_train.jsonl \
-      output_dir=${exp}/cascade "${cascade_over[@]}"
-  fi
-  [ "${has_questions}" = "True" ] || log "stage 3: the test clips carry no questions: no cascaded evaluation"
+  train_cascade   # when stage 1 did not (an older exp/)
+  [ "$(has_questions)" = "True" ] || log "stage 3: the test clips carry no questions: no cascaded evaluation"
   "${PY}" local/make_results.py --data "${data}" --exp "${exp}" "${readme_args[@]}" --corpus ${corpus} \
     --teacher ${teacher} --smoke ${smoke} --seed ${seed} --budget "${budget}" --max_new_tokens ${gen_len} "${qa_args[@]}" "${teacher_score[@]}"
   record_time eval $(( $(date +%s) - t0 ))

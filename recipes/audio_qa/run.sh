@@ -17,7 +17,7 @@
 # Stage 0: data. Stage 1: tokenizer + models; SFT warm-up of the base policy and of the bigger
 # teacher. Stage 2: GRPO of the base policy and of the teacher. Stage 3: ReST from the base.
 # Stage 4: OPD of the base from the GRPO-trained teacher. Stage 5: the fair baseline, plain SFT
-# on the answers for GRPO's wall-clock. Stage 6: greedy decoding of the test set, accuracy by
+# on the answers; every method of stages 2-5 at equal compute (conf/budget.yaml). Stage 6: greedy decoding of the test set, accuracy by
 # category / task / difficulty, MMAU-format predictions, results.json, exp/RESULTS.md (the table;
 # the README's with --update_readme true), plots.
 set -euo pipefail
@@ -179,16 +179,16 @@ case ${rc} in 0) exit 0 ;; 1) ;; *) exit ${rc} ;; esac
 if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
   set_gen_len "${gen_args[@]}"
   t0=$(date +%s)
-  b=$(budget_args grpo "${budget}")
+  b=$(budget_args grpo "${budget}"); read -ra bo <<< "${b}"
   log "stage 2: GRPO of the base policy (${b})"
-  train conf/grpo.yaml model.path=${exp}/base_sft/final output_dir=${exp}/grpo "${paths[@]}" ${b} "${quick[@]}"
+  train conf/grpo.yaml model.path=${exp}/base_sft/final output_dir=${exp}/grpo "${paths[@]}" "${bo[@]}" "${quick[@]}"
   record_time grpo $(( $(date +%s) - t0 ))
   if [ -z "${teacher_url}" ]; then
     t0=$(date +%s)
-    b=$(budget_args teacher_grpo "${teacher_budget}")
+    b=$(budget_args teacher_grpo "${teacher_budget}"); read -ra bo <<< "${b}"
     log "stage 2: GRPO of the teacher (${b})"
     train conf/grpo.yaml model.path=${exp}/teacher_sft/final output_dir=${exp}/teacher_grpo "${paths[@]}" \
-      ${b} "${quick[@]}"
+      "${bo[@]}" "${quick[@]}"
     record_time teacher_grpo $(( $(date +%s) - t0 ))
   fi
 fi
@@ -200,29 +200,29 @@ spent=${budget}
 if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
   set_gen_len "${gen_args[@]}"
   t0=$(date +%s)
-  b=$(budget_args rest "${spent}")
+  b=$(budget_args rest "${spent}"); read -ra bo <<< "${b}"
   log "stage 3: ReST from the base (${b}; sampling and training)"
-  train conf/rest.yaml model.path=${exp}/base_sft/final output_dir=${exp}/rest "${paths[@]}" ${b} "${quick[@]}"
+  train conf/rest.yaml model.path=${exp}/base_sft/final output_dir=${exp}/rest "${paths[@]}" "${bo[@]}" "${quick[@]}"
   record_time rest $(( $(date +%s) - t0 ))
 fi
 
 if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
   set_gen_len "${gen_args[@]}"
   t0=$(date +%s)
-  b=$(budget_args opd "${spent}")
+  b=$(budget_args opd "${spent}"); read -ra bo <<< "${b}"
   log "stage 4: OPD of the base from ${teacher_url:-the GRPO-trained teacher} (${b})"
   train conf/opd.yaml model.path=${exp}/base_sft/final "${opd_teacher[@]}" \
-    output_dir=${exp}/opd "${paths[@]}" ${b} "${quick[@]}"
+    output_dir=${exp}/opd "${paths[@]}" "${bo[@]}" "${quick[@]}"
   record_time opd $(( $(date +%s) - t0 ))
 fi
 
 if [ ${stage} -le 5 ] && [ ${stop_stage} -ge 5 ] && [ "${baselines}" = "true" ]; then
   set_gen_len "${gen_args[@]}"
   t0=$(date +%s)
-  b=$(budget_args sft_answers "${spent}")
+  b=$(budget_args sft_answers "${spent}"); read -ra bo <<< "${b}"
   log "stage 5: baseline, plain SFT on the answers (${b})"
   train conf/sft_answers.yaml model.path=${exp}/base_sft/final output_dir=${exp}/sft_answers "${paths[@]}" \
-    ${b} "${quick[@]}"
+    "${bo[@]}" "${quick[@]}"
   record_time sft_answers $(( $(date +%s) - t0 ))
 fi
 

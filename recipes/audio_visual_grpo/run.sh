@@ -14,7 +14,7 @@
 # Stage 0: data. Stage 1: tokenizer + tiny Omni thinker (or a real one), SFT warm-up in two passes
 # (describe clips + labelled questions, then the questions alone). Stage 2: GRPO on clips the
 # warm-up never saw (rewards format 0.1 + exact_alnum 0.9). Stage 3: the fair baseline, plain SFT
-# on the answers for GRPO's wall-clock. Stage 4: greedy decoding of the test set, accuracy overall,
+# on the answers at GRPO's compute (conf/budget.yaml's step counts). Stage 4: greedy decoding of the test set, accuracy overall,
 # by question type and by duration (Daily-Omni rule; IntentBench rules by problem type),
 # results.json, exp/RESULTS.md (the table; the README's with --update_readme true), reward curves.
 set -euo pipefail
@@ -178,10 +178,10 @@ case ${rc} in 0) exit 0 ;; 1) ;; *) exit ${rc} ;; esac
 if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
   set_gen_len "${gen_args[@]}"
   t0=$(date +%s)
-  b=$(budget_args grpo "${budget}")
+  b=$(budget_args grpo "${budget}"); read -ra bo <<< "${b}"
   log "stage 2: GRPO (${b})"
   train conf/grpo.yaml model.path=${exp}/sft_qa/final output_dir=${exp}/grpo "${paths[@]}" \
-    ${b} "${quick[@]}" "${grpo_smoke[@]}"
+    "${bo[@]}" "${quick[@]}" "${grpo_smoke[@]}"
   record_time grpo $(( $(date +%s) - t0 ))
 fi
 
@@ -192,10 +192,10 @@ spent=${budget}
 if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ] && [ "${baselines}" = "true" ]; then
   set_gen_len "${gen_args[@]}"
   t0=$(date +%s)
-  b=$(budget_args sft_answers "${spent}")
+  b=$(budget_args sft_answers "${spent}"); read -ra bo <<< "${b}"
   log "stage 3: baseline sft_answers, SFT on the answers (${b})"
   train conf/sft_answers.yaml model.path=${exp}/sft_qa/final output_dir=${exp}/sft_answers "${paths[@]}" \
-    ${b} "${quick[@]}"
+    "${bo[@]}" "${quick[@]}"
   record_time sft_answers $(( $(date +%s) - t0 ))
 fi
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import teacher_server
+from conftest import recipe_env, smoke_scale, teacher_server
 
 ROOT = Path(__file__).resolve().parents[2]
-ENV = dict(os.environ, OMP_NUM_THREADS="2")
+ENV = recipe_env()
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,8 @@ def test_asr_recipe_smoke(smoke):
 
 def test_a_teacher_served_elsewhere(smoke, tmp_path):
     """--teacher_url: stages 2-3 again with the teacher behind our server (its top-k log-probs for
-    calibrate and OPD, its transcriptions for sequence-level KD and its own row of the table)."""
+    calibrate and OPD, its transcriptions for sequence-level KD and its own row of the table).
+    Only the wiring is checked here, so each method trains for 1 s of wall-clock (--budget 1)."""
     data, exp0 = smoke
     exp = tmp_path / "exp"
     shutil.copytree(exp0, exp, symlinks=True)
@@ -75,7 +76,7 @@ def test_a_teacher_served_elsewhere(smoke, tmp_path):
     gen_len = json.loads((exp0 / "gen_length.json").read_text())["max_new_tokens"]
     with teacher_server(exp / "teacher" / "final", max_new_tokens=gen_len) as url:
         proc = subprocess.run(["bash", str(ROOT / "recipes/asr/run.sh"), "--smoke", "true", "--stage", "2",
-                               "--data", str(data), "--exp", str(exp), "--teacher_url", url],
+                               "--data", str(data), "--exp", str(exp), "--teacher_url", url, "--budget", "1"],
                               capture_output=True, text=True, env=ENV, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((exp / "results.json").read_text())
@@ -101,7 +102,10 @@ def _without_timing(x):
 def test_stages_2_and_3_give_the_same_numbers_again(smoke, tmp_path):
     """The compared methods train fixed step counts (conf/budget.yaml x the smoke scale), so stages
     2-3 run again from the same stage-1 models give the same results.json, figure for figure,
-    whatever the machine was doing; the steps are the budget file's."""
+    whatever the machine was doing; the steps are the budget file's. (The rerun trains OPD alone,
+    --baselines false: what it has, the teacher, the student before and after, calibration, OPD's
+    training and its paired difference, is compared; the first run's baselines are checked for
+    their step counts.)"""
     from tools.step_budget import steps_of
     data, exp0 = smoke
     exp = tmp_path / "exp"
@@ -111,15 +115,24 @@ def test_stages_2_and_3_give_the_same_numbers_again(smoke, tmp_path):
         p = exp / d
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     proc = subprocess.run(["bash", str(ROOT / "recipes/asr/run.sh"), "--smoke", "true", "--stage", "2",
-                           "--data", str(data), "--exp", str(exp)],
+                           "--data", str(data), "--exp", str(exp), "--baselines", "false"],
                           capture_output=True, text=True, env=ENV, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # the two runs' folders are named alike (<exp>) so that only figures are compared
     def load(p):
         return json.loads(p.read_text().replace(str(exp0), "<exp>").replace(str(exp), "<exp>"))
     a, b = load(exp0 / "results.json"), load(exp / "results.json")
-    assert _without_timing(a) == _without_timing(b)
+    assert not b["baselines"] and set(b["differences"]) == {"student_after - student_before"}
+    for key in ("teacher", "student_before", "student_after", "calibrate", "relative_improvement"):
+        assert _without_timing(a[key]) == _without_timing(b[key]), key
+    d = "student_after - student_before"
+    assert _without_timing(a["differences"][d]) == _without_timing(b["differences"][d])
+    assert _without_timing(a["training"]["opd"]) == _without_timing(b["training"]["opd"])
+    ca, cb = a["settings"].pop("compute"), b["settings"].pop("compute")
+    assert _without_timing(a["settings"]) == _without_timing(b["settings"])
+    assert cb["steps_run"]["opd"] == ca["steps_run"]["opd"] and cb["steps"] == ca["steps"]
+    a["settings"]["compute"] = ca
     conf = ROOT / "recipes/asr/conf/budget.yaml"
     for name in ("opd", "sft_more", "seqkd", "td_kd", "td_opd"):
-        assert a["training"][name]["steps"] == steps_of(conf, name, 0.05), name
+        assert a["training"][name]["steps"] == steps_of(conf, name, smoke_scale("asr")), name
     assert a["settings"]["compute"]["mode"] == "steps"

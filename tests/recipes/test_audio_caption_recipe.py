@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import smoke_scale
+from conftest import recipe_env, smoke_scale
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE_SCALE = smoke_scale("audio_caption")
@@ -17,7 +17,7 @@ RUN = ROOT / "recipes/audio_caption/run.sh"
 
 
 def _run(*args, timeout=1200):
-    env = dict(os.environ, OMP_NUM_THREADS="2")
+    env = recipe_env()
     proc = subprocess.run(["bash", str(RUN), *map(str, args)], capture_output=True, text=True, env=env,
                           timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -104,7 +104,7 @@ def test_audio_caption_unreachable_teacher(smoke_run, tmp_path):
     exp2 = tmp_path / "exp"
     shutil.copytree(exp, exp2, symlinks=True)
     shutil.rmtree(exp2 / "opd")
-    env = dict(os.environ, OMP_NUM_THREADS="2")
+    env = recipe_env()
     proc = subprocess.run(["bash", str(RUN), "--smoke", "true", "--data", str(data), "--exp", str(exp2),
                            "--stage", "2", "--stop_stage", "2", "--baselines", "false",
                            "--teacher_url", "http://127.0.0.1:9"],
@@ -125,7 +125,7 @@ def test_audio_caption_teacher_row_from_a_served_teacher(smoke_run, tmp_path):
     with teacher_server(exp / "teacher" / "final", max_new_tokens=24) as url:
         proc = subprocess.run(["bash", str(RUN), "--smoke", "true", "--data", str(data), "--exp", str(exp2),
                                "--stage", "3", "--teacher_url", url],
-                              capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="2"), timeout=900)
+                              capture_output=True, text=True, env=recipe_env(), timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     a = json.loads((exp / "results.json").read_text())["teacher"]
     b = json.loads((exp2 / "results.json").read_text())["teacher"]

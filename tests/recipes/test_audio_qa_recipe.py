@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import smoke_scale
+from conftest import recipe_env, smoke_scale
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE_SCALE = smoke_scale("audio_qa")
@@ -17,7 +17,7 @@ SMOKE_SCALE = smoke_scale("audio_qa")
 def smoke_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("audio_qa")
     data, exp = tmp / "data", tmp / "exp"
-    env = dict(os.environ, OMP_NUM_THREADS="2")
+    env = recipe_env()
     proc = subprocess.run(["bash", str(ROOT / "recipes/audio_qa/run.sh"), "--smoke", "true",
                            "--data", str(data), "--exp", str(exp)],
                           capture_output=True, text=True, env=env, timeout=1200)
@@ -98,7 +98,7 @@ def test_lora_switch_trains_every_stage(smoke_run, tmp_path):
     exp2 = tmp_path / "exp_lora"
     for d in ("base_sft", "teacher_sft"):
         shutil.copytree(exp / d / "final", exp2 / d / "final")
-    env = dict(os.environ, OMP_NUM_THREADS="2")
+    env = recipe_env()
     proc = subprocess.run(["bash", str(ROOT / "recipes/audio_qa/run.sh"), "--smoke", "true", "--lora", "true",
                            "--stage", "2", "--stop_stage", "5", "--data", str(data), "--exp", str(exp2)],
                           capture_output=True, text=True, env=env, timeout=900)
@@ -127,7 +127,7 @@ def test_opd_from_a_teacher_served_elsewhere(smoke_run, tmp_path):
         shutil.copytree(exp0 / d / "final", exp / d / "final")
     gen_len = json.loads((exp0 / "gen_length.json").read_text())["max_new_tokens"]
     assert gen_len == 32  # the recipe's default --max_new_tokens
-    env = dict(os.environ, OMP_NUM_THREADS="2")
+    env = recipe_env()
     with teacher_server(exp0 / "teacher_grpo" / "final", max_new_tokens=gen_len) as url:
         proc = subprocess.run(["bash", str(ROOT / "recipes/audio_qa/run.sh"), "--smoke", "true", "--stage", "4",
                                "--baselines", "false", "--data", str(data), "--exp", str(exp), "--teacher_url", url],

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import smoke_scale
+from conftest import recipe_env, smoke_scale
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE_SCALE = smoke_scale("audio_visual_grpo")
@@ -18,7 +18,7 @@ SMOKE_SCALE = smoke_scale("audio_visual_grpo")
 def smoke_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("audio_visual_grpo")
     data, exp = tmp / "data", tmp / "exp"
-    env = dict(os.environ, OMP_NUM_THREADS="2")
+    env = recipe_env()
     proc = subprocess.run(["bash", str(ROOT / "recipes/audio_visual_grpo/run.sh"), "--smoke", "true",
                            "--data", str(data), "--exp", str(exp)],
                           capture_output=True, text=True, env=env, timeout=1200)
@@ -97,7 +97,7 @@ def test_grpo_raises_a_reward_it_can_learn(smoke_run, tmp_path):
     manifest = tmp_path / "always_a.jsonl"
     manifest.write_text("".join(json.dumps(dict(r, answer="A", video=str(data / r["video"]))) + "\n" for r in rows))
     out = tmp_path / "grpo"
-    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT))
+    env = recipe_env(PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-m", "core.bin.train", "--config", "conf/grpo.yaml", "train.seed=0",
                            f"model.path={exp / 'sft_qa' / 'final'}", f"output_dir={out}", f"data.train={manifest}",
                            f"data.dev={data / 'dev.jsonl'}", "data.dev_max_samples=4", "train.eval_every=0",

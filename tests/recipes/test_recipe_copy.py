@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import recipe_env
 
 ROOT = Path(__file__).resolve().parents[2]
 OLD_INSTRUCTION = 'INSTRUCTION = "Think first, then answer as <think>...</think><answer>...</answer>."'
@@ -74,7 +75,7 @@ def _edit(path: Path, old: str, new: str) -> None:
 
 
 def _run(repo: Path, *args, timeout=1200):
-    env = dict(os.environ, OMP_NUM_THREADS="2")
+    env = recipe_env()
     env.pop("PYTHONPATH", None)   # the recipe finds core and tools by itself
     proc = subprocess.run(["bash", str(repo / "recipes/my_task/run.sh"), "--smoke", "true", *map(str, args)],
                           cwd=repo, capture_output=True, text=True, env=env, timeout=timeout)

@@ -9,7 +9,7 @@ category, task and difficulty, format rate, most frequent answers) and ``mmau_pr
 (``run.sh --update_readme true``) also into that README between the ``results`` markers.
 
 Systems: ``base`` (the SFT-warmed policy), ``grpo``, ``rest``, ``opd`` (each trained from the
-base), the baseline ``sft_answers`` (plain SFT on the answers, same base, same wall-clock) and the
+base), the baseline ``sft_answers`` (plain SFT on the answers, same base, equal compute) and the
 teacher before and after its GRPO (with ``--teacher_url``, the served teacher instead, decoded
 through the server's ``/v1/audio/transcriptions``). A system whose model is missing is skipped
 with a note, except ``base``.
@@ -31,7 +31,7 @@ SYSTEMS = {"base": ("base_sft", "SFT warm-up: describe every clip + labelled que
            "grpo": ("grpo", "GRPO from base (format + MMAU-rule accuracy rewards)"),
            "rest": ("rest", "ReST from base (sample, keep the correct, SFT; rounds)"),
            "opd": ("opd", "OPD from base, teacher = teacher_grpo")}
-BASELINES = {"sft_answers": ("sft_answers", "plain SFT on the answers, from base, GRPO's wall-clock")}
+BASELINES = {"sft_answers": ("sft_answers", "plain SFT on the answers, from base, equal compute")}
 TEACHERS = {"teacher_sft": ("teacher_sft", "bigger teacher after its SFT warm-up"),
             "teacher_grpo": ("teacher_grpo", "the teacher after GRPO (OPD's teacher)"),
             "teacher_served": ("teacher_served", "the teacher at --teacher_url (OPD's teacher)")}

@@ -30,7 +30,7 @@ from tools.step_budget import compute_line, compute_settings
 
 SYSTEMS = {"before": ("sft_qa", "SFT warm-up: describe + questions, then the questions alone (the GRPO start)"),
            "after": ("grpo", "GRPO (format 0.1 + exact_alnum 0.9)")}
-BASELINES = {"sft_answers": ("sft_answers", "SFT on the answers of GRPO's questions, same wall-clock")}
+BASELINES = {"sft_answers": ("sft_answers", "SFT on the answers of GRPO's questions, equal compute")}
 MAX_NEW_TOKENS = 40
 WARMUP = ("sft", "sft_qa")   # the two passes of the warm-up: "before"'s train s and steps are their sums
 
