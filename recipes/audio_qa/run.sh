@@ -70,7 +70,7 @@ synth_args=(); base_over=(); teacher_over=()
 if [ "${smoke}" = "true" ]; then
   synth_args=(--smoke)
   base_over=(train.max_steps=15); teacher_over=(train.max_steps=15)
-  budget_scale=0.04   # conf/budget.yaml's counts x 0.04 (ReST: 1 round)
+  budget_scale=0.01   # conf/budget.yaml's counts x 0.01 (GRPO 4 steps; ReST: 1 round)
   [ -n "${budget}" ] && { budget=5; teacher_budget=5; }
 fi
 quick=(); [ "${smoke}" = "true" ] && quick=(train.eval_every=0 data.dev_max_samples=8)
