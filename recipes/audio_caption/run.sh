@@ -94,7 +94,7 @@ if [ "${smoke}" = "true" ]; then
   teacher_over=(train.max_steps=40 train.save_every=0)
   student_over=(train.max_steps=10 train.save_every=0)
   quick=(train.eval_every=0 data.dev_max_samples=4 train.batch_size=8)
-  budget_scale=0.04   # conf/budget.yaml's step counts x 0.04
+  budget_scale=0.05   # conf/budget.yaml's step counts x 0.05 (OPD: 7 steps)
   [ -n "${budget}" ] && budget=6
   cascade_over=(train.max_steps=30 train.save_every=0 train.eval_every=0)
 fi

@@ -73,7 +73,7 @@ def test_audio_caption_recipe_smoke(smoke_run):
     assert not _server_running(exp)
     rows = [json.loads(line) for line in (exp / "opd" / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
-    assert len(train_rows) == 12 and all(math.isfinite(r["loss"]) for r in train_rows)
+    assert len(train_rows) == tr["opd"]["steps"] and all(math.isfinite(r["loss"]) for r in train_rows)
     assert all(r.get("unscored_samples", 0) == 0 for r in train_rows)
     # hypotheses for every test clip, and the unlabelled manifest has no captions
     hyp = (exp / "decode/student_after/hyp.jsonl").read_text().splitlines()
@@ -95,7 +95,8 @@ def test_audio_caption_local_teacher(smoke_run, tmp_path):
     cfg = (exp2 / "opd" / "config.yaml").read_text()
     assert "kind: local" in cfg
     summary = json.loads((exp2 / "opd" / "train_summary.json").read_text())
-    assert summary["steps"] == 12
+    from tools.step_budget import steps_of
+    assert summary["steps"] == steps_of(ROOT / "recipes/audio_caption/conf/budget.yaml", "opd", SMOKE_SCALE)
 
 
 def test_audio_caption_unreachable_teacher(smoke_run, tmp_path):
