@@ -435,6 +435,7 @@ def build_tiny_qwen3_asr(tokenizer, *, hidden: int = 64, layers: int = 2, heads:
                             eos_token_id=eos, tie_word_embeddings=tie_word_embeddings)
     torch.manual_seed(seed)
     model = Qwen3ASRForConditionalGeneration(config)
+    _fill_uninitialised(model, seed)
     tied = model.lm_head.weight is model.get_input_embeddings().weight
     if tied != bool(tie_word_embeddings):
         raise RuntimeError(f"build_tiny_qwen3_asr: the LM head came out {'tied' if tied else 'untied'}, "
@@ -694,6 +695,21 @@ _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torc
                        "U8": torch.uint8, "BOOL": torch.bool}
 
 
+def _fill_uninitialised(model, seed: int) -> int:
+    """Parameters that the model's constructor left as raw memory (``torch.empty`` that no
+    ``_init_weights`` branch touches; seen in Qwen3-Omni-MoE's talker / code2wav) can hold NaN or
+    Inf, which depends on what the process allocated before. Any parameter with a non-finite value
+    is drawn again from N(0, 0.02) with ``seed``. Returns how many were redrawn."""
+    g = torch.Generator().manual_seed(seed)
+    n = 0
+    with torch.no_grad():
+        for _, prm in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            if not torch.isfinite(prm).all():
+                prm.copy_(torch.randn(prm.shape, generator=g, dtype=torch.float32).mul_(0.02).to(prm.dtype))
+                n += 1
+    return n
+
+
 def build_tiny_full_omni(thinker_dir: str | os.PathLike, out_dir: str | os.PathLike, *, seed: int = 0) -> Path:
     """A full ``Qwen2_5OmniForConditionalGeneration`` folder in the released layout (weights
     prefixed ``thinker.`` / ``talker.`` / ``token2wav.``, the config nesting all three) around the
@@ -723,6 +739,7 @@ def build_tiny_full_omni(thinker_dir: str | os.PathLike, out_dir: str | os.PathL
                                token2wav_config=token2wav)
     torch.manual_seed(seed)
     full = Qwen2_5OmniForConditionalGeneration(config)
+    _fill_uninitialised(full, seed)
     missing, unexpected = full.thinker.load_state_dict(thinker.state_dict(), strict=False)
     if missing or unexpected:
         raise RuntimeError(f"build_tiny_full_omni: thinker weights do not fit ({missing[:3]}, {unexpected[:3]})")
@@ -818,6 +835,7 @@ def build_tiny_qwen3_omni_thinker(tokenizer, *, hidden: int = 64, layers: int = 
     )
     torch.manual_seed(seed)
     model = Qwen3OmniMoeThinkerForConditionalGeneration(config)
+    _fill_uninitialised(model, seed)
     if model.lm_head.weight is model.get_input_embeddings().weight:
         raise RuntimeError("build_tiny_qwen3_omni_thinker: the LM head came out tied to the input embeddings")
     _set_generation_ids(model, tokenizer)
@@ -874,6 +892,7 @@ def build_tiny_full_qwen3_omni(thinker_dir: str | os.PathLike, out_dir: str | os
         system_token_id=one_id("system"), user_token_id=one_id("user"), assistant_token_id=one_id("assistant"))
     torch.manual_seed(seed)
     full = Qwen3OmniMoeForConditionalGeneration(config)
+    _fill_uninitialised(full, seed)
     missing, unexpected = full.thinker.load_state_dict(thinker.state_dict(), strict=False)
     if missing or unexpected:
         raise RuntimeError(f"build_tiny_full_qwen3_omni: thinker weights do not fit ({missing[:3]}, {unexpected[:3]})")

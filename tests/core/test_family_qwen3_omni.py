@@ -422,6 +422,8 @@ def test_a_full_folder_trains_and_exports_whole(q3, tmp_path):
     the whole model), or, with ``model.export: thinker``, the thinker alone."""
     from transformers import Qwen3OmniMoeForConditionalGeneration
     src = safetensors_of(q3.full)
+    # no raw memory in the built folder (NaN there made torch.equal fail by chance)
+    assert all(torch.isfinite(v.float()).all() for v in src.values())
     tr = Trainer(_cfg(q3, tmp_path / "full", "sft", model={"path": str(q3.full)}))
     final = Path(tr.train()["final_model"])
     assert json.loads((final / "config.json").read_text())["model_type"] == "qwen3_omni_moe"
@@ -465,3 +467,19 @@ def test_served_prompt_logprobs_and_remote_opd(q3, tmp_path):
         return Trainer(_cfg(q3, out, "opd", av=False, **({"teacher": teacher} if teacher else {}))).train()
     ids, _ = check_served_teacher(q3.teacher, q3.audio_rows[1]["audio"], AUDIO_PROMPT, opd, tmp_path)
     assert q3.tok.audio_token_id in ids
+
+
+def test_parameters_left_as_raw_memory_are_drawn_again():
+    """``core.models._fill_uninitialised``: a parameter holding NaN / Inf (raw memory a constructor
+    left) is redrawn from the seed; finite ones are kept."""
+    from core.models import _fill_uninitialised
+    m = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        m.weight[0, 0] = float("nan")
+    bias, n = m.bias.clone(), _fill_uninitialised(m, 0)
+    assert n == 1 and torch.isfinite(m.weight).all() and torch.equal(m.bias, bias)
+    again = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        again.weight.fill_(float("inf"))
+    _fill_uninitialised(again, 0)
+    assert torch.equal(again.weight, m.weight)   # the same seed, the same draw
