@@ -62,7 +62,7 @@ def test_audio_visual_recipe_smoke(smoke_run):
 
 
 @pytest.mark.xfail(reason="the smoke run's warm-up (a minute on 48 rows) leaves its base at chance, and its GRPO "
-                          "(15 steps of 4 prompts x 4) is noise at that size; side tries with 40 steps of 8 x 4 at "
+                          "(10 steps of 4 prompts x 4) is noise at that size; side tries with 40 steps of 8 x 4 at "
                           "lr 1e-3 rose once and fell once. The default run's training reward does rise (recipe "
                           "README); test_grpo_raises_a_reward_it_can_learn asserts a rise at smoke size", strict=False)
 def test_audio_visual_training_reward_rises(smoke_run):
