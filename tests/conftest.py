@@ -61,6 +61,16 @@ def recipe_env(**extra) -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", **extra)
 
 
+def without_timing(x):
+    """A ``results.json`` (or part of one) without what the clock decides: seconds, rates, dates."""
+    if isinstance(x, dict):
+        return {k: without_timing(v) for k, v in x.items()
+                if not any(t in k for t in ("seconds", "time", "per_sec", "date", "elapsed"))}
+    if isinstance(x, list):
+        return [without_timing(v) for v in x]
+    return x
+
+
 # the files that run whole recipes take minutes each: they are collected first, so that with the
 # test command's workers (pytest-xdist, one file per worker at a time) they start at once and the
 # short files fill the other workers meanwhile, instead of the longest file starting last

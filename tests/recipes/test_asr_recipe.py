@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import recipe_env, smoke_scale, teacher_server
+from conftest import recipe_env, smoke_scale, teacher_server, without_timing
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = recipe_env()
@@ -89,16 +89,6 @@ def test_a_teacher_served_elsewhere(smoke, tmp_path):
     assert (exp / "seqkd_data" / "unlabelled_teacher.jsonl").is_file() and "seqkd" in res["baselines"]
 
 
-def _without_timing(x):
-    """``results.json`` without what the clock decides (seconds, rates, dates)."""
-    if isinstance(x, dict):
-        return {k: _without_timing(v) for k, v in x.items()
-                if not any(t in k for t in ("seconds", "time", "per_sec", "date", "elapsed"))}
-    if isinstance(x, list):
-        return [_without_timing(v) for v in x]
-    return x
-
-
 def test_stages_2_and_3_give_the_same_numbers_again(smoke, tmp_path):
     """The compared methods train fixed step counts (conf/budget.yaml x the smoke scale), so stages
     2-3 run again from the same stage-1 models give the same results.json, figure for figure,
@@ -124,12 +114,12 @@ def test_stages_2_and_3_give_the_same_numbers_again(smoke, tmp_path):
     a, b = load(exp0 / "results.json"), load(exp / "results.json")
     assert not b["baselines"] and set(b["differences"]) == {"student_after - student_before"}
     for key in ("teacher", "student_before", "student_after", "calibrate", "relative_improvement"):
-        assert _without_timing(a[key]) == _without_timing(b[key]), key
+        assert without_timing(a[key]) == without_timing(b[key]), key
     d = "student_after - student_before"
-    assert _without_timing(a["differences"][d]) == _without_timing(b["differences"][d])
-    assert _without_timing(a["training"]["opd"]) == _without_timing(b["training"]["opd"])
+    assert without_timing(a["differences"][d]) == without_timing(b["differences"][d])
+    assert without_timing(a["training"]["opd"]) == without_timing(b["training"]["opd"])
     ca, cb = a["settings"].pop("compute"), b["settings"].pop("compute")
-    assert _without_timing(a["settings"]) == _without_timing(b["settings"])
+    assert without_timing(a["settings"]) == without_timing(b["settings"])
     assert cb["steps_run"]["opd"] == ca["steps_run"]["opd"] and cb["steps"] == ca["steps"]
     a["settings"]["compute"] = ca
     conf = ROOT / "recipes/asr/conf/budget.yaml"

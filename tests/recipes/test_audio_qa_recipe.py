@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import recipe_env, smoke_scale
+from conftest import recipe_env, smoke_scale, without_timing
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE_SCALE = smoke_scale("audio_qa")
@@ -72,6 +72,26 @@ def test_methods_trained_from_the_base_and_wrote_their_models(smoke_run):
     assert lines and all("reward/format" in x and "reward/mcq_accuracy" in x for x in lines)
     rest = json.loads((exp / "rest" / "rest_summary.json").read_text())
     assert rest
+
+
+def test_stages_2_to_6_give_the_same_numbers_again(smoke_run, tmp_path):
+    """GRPO, ReST, OPD and the SFT baseline train fixed step counts (ReST: rounds), so stages 2-6
+    run again from the same warm-up give the same results.json, figure for figure (timings aside)."""
+    data, exp0, _ = smoke_run
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    for d in ("base_sft", "teacher_sft", "student_init", "teacher_init", "models.json"):   # the warm-up, linked
+        (exp / d).symlink_to(exp0 / d)
+    proc = subprocess.run(["bash", str(ROOT / "recipes/audio_qa/run.sh"), "--smoke", "true", "--stage", "2",
+                           "--data", str(data), "--exp", str(exp)],
+                          capture_output=True, text=True, env=recipe_env(), timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    def load(p):
+        return json.loads(p.read_text().replace(str(exp0), "<exp>").replace(str(exp), "<exp>"))
+    a, b = load(exp0 / "results.json"), load(exp / "results.json")
+    a.pop("stage_seconds"), b.pop("stage_seconds")
+    assert without_timing(a) == without_timing(b)
 
 
 def test_mmau_predictions_are_in_the_official_input_format(smoke_run):
