@@ -25,6 +25,7 @@
 #                                 ${budget}, its fixed step count (ReST: rounds) from conf/budget.yaml
 #                                 (x ${budget_scale}, smoke runs; tools/step_budget.py), else SECONDS
 #                                 of wall-clock
+#   budget_over NAME SECONDS      budget_args into b (text, for the log) and bo (an array: "${bo[@]}")
 #   set_gen_len MODEL FIELD MANIFEST...
 #                                 once per run (later calls do nothing): gen_len=$(gen_length ...),
 #                                 logged, and rollout.max_new_tokens=${gen_len} added to the recipe's
@@ -162,6 +163,10 @@ budget_args() {  # NAME SECONDS
   else
     "${PY}" -m tools.step_budget args --conf conf/budget.yaml "$1" --scale "${budget_scale:-1}"
   fi
+}
+budget_over() {  # NAME SECONDS: b (the overrides, for the log) and bo (the same as an array, one word each, never globbed)
+  b=$(budget_args "$@") || return
+  read -ra bo <<< "${b}"
 }
 gen_len=""
 set_gen_len() {  # MODEL FIELD MANIFEST...

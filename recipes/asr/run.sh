@@ -160,7 +160,7 @@ if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
   opd_paths+=(rollout.max_new_tokens=${gen_len})
   log "stage 2: calibrate (student vs teacher KL on dev, before OPD)"
   train conf/opd.yaml "${opd_paths[@]}" method=calibrate output_dir=${exp}/calibrate_before
-  b=$(budget_args opd "${budget}"); read -ra bo <<< "${b}"
+  budget_over opd "${budget}"
   log "stage 2: on-policy distillation (${b})"
   train conf/opd.yaml "${opd_paths[@]}" "${bo[@]}" "${common[@]}"
   record_time opd $(( $(date +%s) - t0 ))
@@ -170,7 +170,7 @@ if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
   half=$("${PY}" -c "print(${spent} / 2)")
   if [ "${baselines}" = "true" ]; then
     t1=$(date +%s)
-    b=$(budget_args sft_more "${spent}"); read -ra bo <<< "${b}"
+    budget_over sft_more "${spent}"
     log "baseline sft_more: more SFT on the labelled set (${b})"
     train conf/sft_more.yaml model.path=${exp}/student_sft/final output_dir=${exp}/sft_more data.train=${data}/student_labelled.jsonl \
       data.dev=${data}/dev.jsonl "${bo[@]}" "${common[@]}"
@@ -181,16 +181,17 @@ if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
       --out ${exp}/seqkd_data/unlabelled_teacher.jsonl --as_manifest --prompt "${prompt}" --max_new_tokens ${gen_len}
     record_time teacher_transcribe $(( $(date +%s) - t1 ))
     t1=$(date +%s)
-    b=$(budget_args seqkd "${spent}"); read -ra bo <<< "${b}"
+    budget_over seqkd "${spent}"
     log "baseline seqkd: SFT on the teacher's transcripts (${b})"
     train conf/seqkd.yaml "${kd_paths[@]}" output_dir=${exp}/seqkd "${bo[@]}" "${common[@]}"
     record_time seqkd $(( $(date +%s) - t1 ))
     t1=$(date +%s)
-    b=$(budget_args td_kd "${half}"); read -ra bo <<< "${b}"
-    b2=$(budget_args td_opd "${half}"); read -ra bo2 <<< "${b2}"
-    log "td_opd: sequence-level KD (${b}), then OPD (${b2})"
+    budget_over td_kd "${half}"
+    log "td_opd: sequence-level KD (${b}), then OPD"
     train conf/seqkd.yaml "${kd_paths[@]}" "${bo[@]}" output_dir=${exp}/td_kd "${common[@]}"
-    train conf/opd.yaml "${opd_paths[@]}" model.path=${exp}/td_kd/final "${bo2[@]}" output_dir=${exp}/td_opd \
+    budget_over td_opd "${half}"
+    log "td_opd: OPD from the KD model (${b})"
+    train conf/opd.yaml "${opd_paths[@]}" model.path=${exp}/td_kd/final "${bo[@]}" output_dir=${exp}/td_opd \
       "${common[@]}"
     record_time td_opd $(( $(date +%s) - t1 ))
   fi

@@ -228,7 +228,7 @@ if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
   else
     teacher_args=(teacher.kind=local teacher.path=${exp}/teacher/final)
   fi
-  b=$(budget_args opd "${budget}"); read -ra bo <<< "${b}"
+  budget_over opd "${budget}"
   log "stage 2: on-policy distillation from the ${teacher} teacher (${b})"
   train conf/opd.yaml "${opd_paths[@]}" "${teacher_args[@]}" "${bo[@]}" "${quick[@]}"
   stop_server
@@ -237,7 +237,7 @@ if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
   spent=$(summary_seconds "${exp}/opd/train_summary.json")
   if [ "${baselines}" = "true" ]; then
     t1=$(date +%s)
-    b=$(budget_args sft_more "${spent}"); read -ra bo <<< "${b}"
+    budget_over sft_more "${spent}"
     log "baseline sft_more: more SFT on the student's captioned set (${b})"
     train conf/sft_more.yaml model.path=${exp}/student_sft/final output_dir=${exp}/sft_more \
       data.train=${data}/student_labelled.jsonl data.dev=${data}/dev.jsonl "${bo[@]}" "${quick[@]}"
@@ -248,7 +248,7 @@ if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
       --out ${exp}/seqkd_data/unlabelled_teacher.jsonl --as_manifest --prompt "Describe the audio." --max_new_tokens ${gen_len}
     record_time teacher_caption $(( $(date +%s) - t1 ))
     t1=$(date +%s)
-    b=$(budget_args seqkd "${spent}"); read -ra bo <<< "${b}"
+    budget_over seqkd "${spent}"
     log "baseline seqkd: SFT on the teacher's captions (${b})"
     train conf/seqkd.yaml "${kd_paths[@]}" output_dir=${exp}/seqkd "${bo[@]}" "${quick[@]}"
     record_time seqkd $(( $(date +%s) - t1 ))

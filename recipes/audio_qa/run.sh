@@ -179,13 +179,13 @@ case ${rc} in 0) exit 0 ;; 1) ;; *) exit ${rc} ;; esac
 if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
   set_gen_len "${gen_args[@]}"
   t0=$(date +%s)
-  b=$(budget_args grpo "${budget}"); read -ra bo <<< "${b}"
+  budget_over grpo "${budget}"
   log "stage 2: GRPO of the base policy (${b})"
   train conf/grpo.yaml model.path=${exp}/base_sft/final output_dir=${exp}/grpo "${paths[@]}" "${bo[@]}" "${quick[@]}"
   record_time grpo $(( $(date +%s) - t0 ))
   if [ -z "${teacher_url}" ]; then
     t0=$(date +%s)
-    b=$(budget_args teacher_grpo "${teacher_budget}"); read -ra bo <<< "${b}"
+    budget_over teacher_grpo "${teacher_budget}"
     log "stage 2: GRPO of the teacher (${b})"
     train conf/grpo.yaml model.path=${exp}/teacher_sft/final output_dir=${exp}/teacher_grpo "${paths[@]}" \
       "${bo[@]}" "${quick[@]}"
@@ -200,7 +200,7 @@ spent=${budget}
 if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
   set_gen_len "${gen_args[@]}"
   t0=$(date +%s)
-  b=$(budget_args rest "${spent}"); read -ra bo <<< "${b}"
+  budget_over rest "${spent}"
   log "stage 3: ReST from the base (${b}; sampling and training)"
   train conf/rest.yaml model.path=${exp}/base_sft/final output_dir=${exp}/rest "${paths[@]}" "${bo[@]}" "${quick[@]}"
   record_time rest $(( $(date +%s) - t0 ))
@@ -209,7 +209,7 @@ fi
 if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
   set_gen_len "${gen_args[@]}"
   t0=$(date +%s)
-  b=$(budget_args opd "${spent}"); read -ra bo <<< "${b}"
+  budget_over opd "${spent}"
   log "stage 4: OPD of the base from ${teacher_url:-the GRPO-trained teacher} (${b})"
   train conf/opd.yaml model.path=${exp}/base_sft/final "${opd_teacher[@]}" \
     output_dir=${exp}/opd "${paths[@]}" "${bo[@]}" "${quick[@]}"
@@ -219,7 +219,7 @@ fi
 if [ ${stage} -le 5 ] && [ ${stop_stage} -ge 5 ] && [ "${baselines}" = "true" ]; then
   set_gen_len "${gen_args[@]}"
   t0=$(date +%s)
-  b=$(budget_args sft_answers "${spent}"); read -ra bo <<< "${b}"
+  budget_over sft_answers "${spent}"
   log "stage 5: baseline, plain SFT on the answers (${b})"
   train conf/sft_answers.yaml model.path=${exp}/base_sft/final output_dir=${exp}/sft_answers "${paths[@]}" \
     "${bo[@]}" "${quick[@]}"

@@ -178,7 +178,7 @@ case ${rc} in 0) exit 0 ;; 1) ;; *) exit ${rc} ;; esac
 if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
   set_gen_len "${gen_args[@]}"
   t0=$(date +%s)
-  b=$(budget_args grpo "${budget}"); read -ra bo <<< "${b}"
+  budget_over grpo "${budget}"
   log "stage 2: GRPO (${b})"
   train conf/grpo.yaml model.path=${exp}/sft_qa/final output_dir=${exp}/grpo "${paths[@]}" \
     "${bo[@]}" "${quick[@]}" "${grpo_smoke[@]}"
@@ -192,7 +192,7 @@ spent=${budget}
 if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ] && [ "${baselines}" = "true" ]; then
   set_gen_len "${gen_args[@]}"
   t0=$(date +%s)
-  b=$(budget_args sft_answers "${spent}"); read -ra bo <<< "${b}"
+  budget_over sft_answers "${spent}"
   log "stage 3: baseline sft_answers, SFT on the answers (${b})"
   train conf/sft_answers.yaml model.path=${exp}/sft_qa/final output_dir=${exp}/sft_answers "${paths[@]}" \
     "${bo[@]}" "${quick[@]}"
