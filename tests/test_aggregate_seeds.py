@@ -58,6 +58,12 @@ def test_step_budget_from_measured_runs(tmp_path):
     assert out["steps"] == {"opd": 400, "sft_more": 750, "td_kd": 350}
     assert load(conf)["reference"]["machine"] == "2-core CPU" and conf.read_text().startswith("# Equal compute")
     assert steps_of(conf, "opd", 0.05) == 20 and steps_of(conf, "td_kd", 0.001) == 1
+    # measuring one method again keeps the others' seconds per step, measurements and shares
+    (tmp_path / "opd" / "train_summary.json").write_text(json.dumps({"steps": 300, "train_seconds": 150.0}))
+    again = measure(conf, {"opd": tmp_path / "opd"}, 150, "2-core CPU")
+    assert again["steps"] == {"opd": 300, "sft_more": 750, "td_kd": 350}
+    assert again["seconds_per_step"] == {"sft_more": 0.2, "td_kd": round(75 / 350, 5), "opd": 0.5}
+    assert again["measured"]["td_kd"] == {"steps": 350, "train_seconds": 75.0} and again["shares"] == {"td_kd": 75}
     with pytest.raises(BudgetError, match="no steps.grpo"):
         steps_of(conf, "grpo")
     conf.write_text("steps: {opd: 0}\n")
@@ -88,6 +94,7 @@ def test_rest_budget_is_the_rounds_that_fit(tmp_path):
     # a later measurement of one method keeps the others' entries
     measure(conf, {"grpo": tmp_path / "grpo"}, 75, "2-core CPU")
     assert load(conf)["steps"] == {"grpo": 150} and load(conf)["rounds"]["rest"]["rounds"] == 3
+    assert load(conf)["measured"]["rest"]["seconds_per_round"] == [40.0, 50.0, 55.0, 30.0]
     measure(conf, {"rest": tmp_path / "rest"}, 100, "2-core CPU")   # 40 + 50; 55 / 2 would pass 100
     assert load(conf)["rounds"]["rest"]["rounds"] == 2 and load(conf)["steps"] == {"grpo": 150}
     measure(conf, {"rest": tmp_path / "rest", "grpo": tmp_path / "grpo"}, 150, "2-core CPU")

@@ -110,6 +110,11 @@ def _measure_rest(name: str, d: Path, target: float) -> tuple[dict, dict]:
                    "sft_steps": [r.get("sft_steps", 0) for r in rounds]}
 
 
+def _others(old: dict, key: str, runs: dict) -> dict:
+    """``old[key]`` without the entries of the methods measured now."""
+    return {k: v for k, v in (old.get(key) or {}).items() if k not in runs}
+
+
 def measure(conf: str | Path, runs: dict[str, Path], target_seconds: float, machine: str,
             note: str = "", shares: dict[str, float] | None = None) -> dict:
     """Seconds per step of each ``runs`` (name -> a finished run's folder) and the step counts
@@ -137,14 +142,16 @@ def measure(conf: str | Path, runs: dict[str, Path], target_seconds: float, mach
         "target_seconds": target_seconds,
         "reference": {"machine": machine, "date": datetime.date.today().isoformat(),
                       **({"note": note} if note else {})},
-        "seconds_per_step": {k: round(v, 5) for k, v in sps.items()},
-        "measured": measured,
-        **({"shares": shares} if shares else {}),
-        # measured names replace their entries; the others' stay
+        # measured names replace their entries; the others' stay, with their own figures
+        "seconds_per_step": {**_others(out, "seconds_per_step", runs), **{k: round(v, 5) for k, v in sps.items()}},
+        "measured": {**_others(out, "measured", runs), **measured},
+        "shares": {**_others(out, "shares", runs), **shares},
         "steps": {**(out.get("steps") or {}),
                   **{name: max(1, round(shares.get(name, target_seconds) / v)) for name, v in sps.items()}},
         "rounds": {**(out.get("rounds") or {}), **rounds},
     })
+    if not out["shares"]:
+        out.pop("shares")
     for k in ("steps", "rounds"):
         for name in runs:  # a method measured now in the other form loses its old entry
             if name not in (sps if k == "steps" else rounds):

@@ -1,6 +1,7 @@
-"""The audio_caption recipe end to end on its smoke configuration, in a temporary folder: the
-teacher server is started and stopped by run.sh, OPD talks to it over HTTP, and stage 3 writes
-the caption metrics and the cascaded accuracy. Then stage 2 again with the in-process teacher."""
+"""The audio_caption recipe end to end on its smoke configuration, in a temporary folder: OPD
+from the in-process teacher (the default), the baselines, and stage 3's caption metrics and
+cascaded accuracy. Then stage 2 again against the teacher server that run.sh starts and stops
+(--teacher remote), and stages 2-3 again to check that they give the same numbers."""
 import json
 import math
 import os
@@ -9,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import recipe_env, smoke_scale
+from conftest import recipe_env, smoke_scale, without_timing
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE_SCALE = smoke_scale("audio_caption")
@@ -66,11 +67,9 @@ def test_audio_caption_recipe_smoke(smoke_run):
     for name in ("opd", "sft_more", "seqkd"):
         assert tr[name]["steps"] == steps_of(ROOT / "recipes/audio_caption/conf/budget.yaml", name, SMOKE_SCALE), name
     assert res["settings"]["compute"]["mode"] == "steps"
-    # OPD went through the HTTP server that run.sh started, and the server is gone
-    cfg = (exp / "opd" / "config.yaml").read_text()
-    assert "kind: remote" in cfg and "http://127.0.0.1:" in cfg
-    assert "starting the teacher server" in proc.stdout and "stopping the teacher server" in proc.stdout
-    assert not _server_running(exp)
+    # the default teacher is the in-process one: no server
+    assert "kind: local" in (exp / "opd" / "config.yaml").read_text()
+    assert "starting the teacher server" not in proc.stdout
     rows = [json.loads(line) for line in (exp / "opd" / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
     assert len(train_rows) == tr["opd"]["steps"] and all(math.isfinite(r["loss"]) for r in train_rows)
@@ -84,19 +83,45 @@ def test_audio_caption_recipe_smoke(smoke_run):
     assert (exp / "cascade/final/config.json").is_file()
 
 
-def test_audio_caption_local_teacher(smoke_run, tmp_path):
+def test_audio_caption_remote_teacher(smoke_run, tmp_path):
+    """--teacher remote: OPD goes through the HTTP server that run.sh starts, every sample is
+    scored, and the server is gone afterwards."""
     data, exp, _ = smoke_run
     exp2 = tmp_path / "exp"
     shutil.copytree(exp, exp2, symlinks=True)
     shutil.rmtree(exp2 / "opd")
     proc = _run("--smoke", "true", "--data", data, "--exp", exp2, "--stage", "2", "--stop_stage", "2",
-                "--teacher", "local", "--baselines", "false")
-    assert "starting the teacher server" not in proc.stdout
+                "--teacher", "remote", "--baselines", "false")
     cfg = (exp2 / "opd" / "config.yaml").read_text()
-    assert "kind: local" in cfg
+    assert "kind: remote" in cfg and "http://127.0.0.1:" in cfg
+    assert "starting the teacher server" in proc.stdout and "stopping the teacher server" in proc.stdout
+    assert not _server_running(exp2)
     summary = json.loads((exp2 / "opd" / "train_summary.json").read_text())
     from tools.step_budget import steps_of
     assert summary["steps"] == steps_of(ROOT / "recipes/audio_caption/conf/budget.yaml", "opd", SMOKE_SCALE)
+    rows = [json.loads(line) for line in (exp2 / "opd" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert len(train_rows) == summary["steps"] and all(math.isfinite(r["loss"]) for r in train_rows)
+    assert all(r.get("unscored_samples", 0) == 0 for r in train_rows)
+
+
+def test_stages_2_and_3_give_the_same_numbers_again(smoke_run, tmp_path):
+    """OPD and the baselines train fixed step counts, so stages 2-3 run again from the same
+    warm-up (teacher, student, cascade reader) give the same results.json, timings aside."""
+    data, exp0, _ = smoke_run
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    for d in ("tokenizer", "teacher", "teacher_init", "student_init", "student_sft", "models.json",
+              "cascade", "cascade_init", "cascade_data", "gen_length.json"):
+        if (exp0 / d).exists():
+            (exp / d).symlink_to(exp0 / d)
+    _run("--smoke", "true", "--stage", "2", "--data", data, "--exp", exp)
+
+    def load(p):
+        return json.loads(p.read_text().replace(str(exp0), "<exp>").replace(str(exp), "<exp>"))
+    a, b = load(exp0 / "results.json"), load(exp / "results.json")
+    a.pop("stage_seconds"), b.pop("stage_seconds")
+    assert without_timing(a) == without_timing(b)
 
 
 def test_audio_caption_unreachable_teacher(smoke_run, tmp_path):
