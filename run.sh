@@ -28,7 +28,7 @@ setup_system() {
 
 setup_python() {
   local want
-  want="$(cat pyproject.toml | sha256sum | cut -d' ' -f1)"
+  want="$(cat pyproject.toml tools/install_vllm.py | sha256sum | cut -d' ' -f1)"
   if [ -f "${STAMP}" ] && [ "$(cat "${STAMP}")" = "${want}" ] && "${VENV}/bin/python" -c "import core, torch, transformers" 2>/dev/null; then
     return 0
   fi
@@ -50,6 +50,10 @@ for m in (torch, torchvision):
 PY
   log "installing the project with all its extras (keeping $(tr '\n' ' ' < "${cons}"))"
   ${PIP} install -q -e ".[all]" -c "${cons}"
+  # vLLM (the rollout engine and teacher server the tests run): its wheel pins another torch and
+  # transformers, so it goes in without its dependencies and ours stay (tools/install_vllm.py)
+  log "installing vLLM beside the project's pins"
+  "${VENV}/bin/python" tools/install_vllm.py
   echo "${want}" > "${STAMP}"
 }
 

@@ -132,16 +132,34 @@ class DataConfig:
 
 
 @dataclass
+class VLLMConfig:
+    gpu_memory_utilization: float = _f(0.3, "GPU: share of the GPU's memory vLLM may take (weights + KV cache); the "
+                                             "trainer keeps the rest")
+    kv_cache_gb: float = _f(1.0, "CPU: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE)")
+    max_model_len: int = _f(0, "longest prompt + completion the engine holds (0: the model's max positions, at "
+                               "most 4096)")
+    enforce_eager: bool = _f(True, "no CUDA graphs / torch.compile: a start-up of seconds instead of a minute")
+    tis_cap: float = _f(2.0, "truncated importance sampling: each token's policy-loss term is weighted by "
+                             "min(p_trainer / p_engine, tis_cap) (0: off)")
+
+
+@dataclass
 class RolloutConfig:
     n: int = _f(1, "completions per prompt (group size for GRPO)")
     temperature: float = _f(1.0, "sampling temperature")
     top_p: float = _f(1.0, "nucleus sampling")
     top_k: int = _f(0, "top-k sampling (0 = off)")
     max_new_tokens: int = _f(32, "maximum completion length")
+    engine: Literal["hf", "vllm"] = _f("hf", "hf: our transformers sampling loop in the trainer's process | vllm: an "
+                                             "in-process vLLM engine, its weights synced from the trainer after every "
+                                             "optimizer step; the losses use the trainer's own log-probs of the samples")
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
     def check(self, path: str) -> None:
         if self.n < 1:
             _bad(f"{path}.n", "must be >= 1")
+        if self.vllm.tis_cap < 0:
+            _bad(f"{path}.vllm.tis_cap", "must be >= 0 (0: no importance weights)")
         if not self.temperature > 0:
             _bad(f"{path}.temperature", "must be > 0 (the rollout samples; greedy decoding is core.bin.decode's "
                                         "--temperature 0)")

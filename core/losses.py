@@ -158,6 +158,7 @@ def policy_loss(
     norm_len: Optional[float] = None,
     global_tokens: Optional[float] = None,
     global_seqs: Optional[float] = None,
+    is_weights: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Metrics]:
     """PPO clipped surrogate (GRPO's policy loss, with DAPO's decoupled clip range).
 
@@ -174,6 +175,9 @@ def policy_loss(
         clip_low, clip_high: clip range ``[1 - clip_low, 1 + clip_high]``.
         agg: aggregation mode, see ``agg_loss``.
         norm_len, global_tokens, global_seqs: passed to ``agg_loss``.
+        is_weights: optional ``[B, T]`` per-token weights (no grad) multiplied into ``loss_t``:
+            truncated importance sampling, ``min(p_trainer / p_engine, cap)``, when the samples
+            came from another engine than the trainer (``core.vllm_engine.tis_weights``).
 
     Returns:
         ``(loss, metrics)``; metrics (floats, means over masked tokens): ``pg_loss``,
@@ -198,6 +202,10 @@ def policy_loss(
     loss_unclipped = -advantages * ratio
     loss_clipped = -advantages * clipped
     per_token = torch.maximum(loss_unclipped, loss_clipped)
+    if is_weights is not None:
+        if is_weights.shape != per_token.shape:
+            raise ValueError(f"policy_loss: is_weights {tuple(is_weights.shape)} is not {tuple(per_token.shape)}")
+        per_token = per_token * is_weights.detach().to(per_token.dtype)
     loss = agg_loss(per_token, mask, agg, norm_len=norm_len, global_tokens=global_tokens, global_seqs=global_seqs)
 
     with torch.no_grad():

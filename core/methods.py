@@ -52,9 +52,9 @@ from core import advantages as A
 from core import losses as L
 from core.config import ConfigError, _bad
 from core.data.collate import PromptBatch
-from core.forward import completion_hidden, completion_logits, fusable_head, token_logp
+from core.forward import _unwrap, completion_hidden, completion_logits, fusable_head, token_logp
 from core.rewards import compute_rewards
-from core.sampling import Completions, generate_completions
+from core.sampling import Completions, generate_completions, sampling_logp
 from core.utils import dist
 
 log = logging.getLogger("core.trainer")
@@ -116,6 +116,7 @@ class Context:
     eos_ids: list = field(default_factory=list)
     synced_gpus: bool = False
     device: torch.device | None = None  # where the policy runs: batches and per-sample tensors go there
+    rollout_engine: object = None       # rollout.engine vllm: the VLLMEngine (None: our loop)
 
 
 def prompts(ctx: Context, rows) -> PromptBatch:
@@ -132,12 +133,48 @@ def targets(ctx: Context, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def _rollout(ctx: Context, rows, seed: int, n: int):
+    """``n`` samples of each row's prompt from the policy: our loop (``rollout.engine: hf``) or the
+    vLLM engine (``vllm``). With vLLM, ``comp.logp`` is the trainer's own log-prob of each sampled
+    token (one forward without gradient, the model in eval mode as for sampling), the same
+    quantity our loop returns, and ``comp.engine_log_ratio`` the trainer's sampling log-prob minus
+    the engine's (both after suppression, temperature, top-k and top-p: ``sampling_logp``), the
+    mismatch the truncated importance weights correct for (``is_weights``)."""
     r = ctx.cfg.rollout
     batch = prompts(ctx, rows)
-    return generate_completions(
-        ctx.model, batch, ctx.tokenizer, n=n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-        max_new_tokens=r.max_new_tokens, do_sample=True, suppress_ids=ctx.suppress_ids,
-        eos_ids=ctx.eos_ids, seed=seed, synced_gpus=ctx.synced_gpus)
+    if ctx.rollout_engine is None:
+        return generate_completions(
+            ctx.model, batch, ctx.tokenizer, n=n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+            max_new_tokens=r.max_new_tokens, do_sample=True, suppress_ids=ctx.suppress_ids,
+            eos_ids=ctx.eos_ids, seed=seed, synced_gpus=ctx.synced_gpus)
+    rep, comp = ctx.rollout_engine.generate(
+        batch, ctx.tokenizer, n=n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+        max_new_tokens=r.max_new_tokens, suppress_ids=ctx.suppress_ids, eos_ids=ctx.eos_ids, seed=seed)
+    m = _unwrap(ctx.model)
+    was_training = m.training
+    m.eval()
+    try:
+        with torch.no_grad():
+            logits = completion_logits(ctx.model, rep, comp.ids, comp.mask, temperature=r.temperature)
+            ours = sampling_logp(logits, comp.ids, top_k=r.top_k, top_p=r.top_p, suppress_ids=ctx.suppress_ids)
+            comp.engine_log_ratio = (ours - comp.logp) * comp.mask
+            comp.logp = token_logp(logits, comp.ids) * comp.mask
+            del logits
+    finally:
+        m.train(was_training)
+    return rep, comp
+
+
+def is_weights(ctx: Context, exp: "Experience", mask: torch.Tensor, metrics: dict):
+    """Truncated importance weights of the samples when they came from the vLLM engine
+    (``rollout.vllm.tis_cap`` > 0), their metrics added to ``metrics``; else None."""
+    ratio = exp.comp.engine_log_ratio
+    cap = ctx.cfg.rollout.vllm.tis_cap
+    if ratio is None or cap <= 0:
+        return None
+    from core.vllm_engine import tis_weights
+    w, m = tis_weights(ratio, mask, cap)
+    metrics.update(m)
+    return w
 
 
 def rollout_metrics(comp: Completions) -> dict:
@@ -194,6 +231,7 @@ class Method:
     uses_teacher = False   # loads ``teacher:`` (a local model or a remote server)
     needs_dev = False      # needs ``data.dev`` (and not ``data.train``)
     driver = "trainer"     # what runs it: the trainer's loop, or the method's own ``run`` (named here)
+    samples = False        # samples from the policy through ``_rollout`` (rollout.engine applies)
 
     def check(self, cfg) -> None:
         """Config checks of this method; raise ``ConfigError`` naming the key."""
@@ -295,6 +333,7 @@ def fused_head(ctx: Context, tensors: dict) -> bool:
 @register_method
 class OPD(Method):
     name = "opd"
+    samples = True
     uses_teacher = True
 
     def check(self, cfg) -> None:
@@ -357,15 +396,17 @@ class OPD(Method):
             if t.get("base_adv") is not None:  # hybrid: add the reward's policy-gradient term
                 logp = token_logp(logits / ctx.cfg.rollout.temperature, exp.comp.ids)
                 pl, _ = L.policy_loss(logp, t["old_logp"], t["base_adv"][:, None].expand_as(logp), mask,
-                                      **_kw(norm))
+                                      is_weights=is_weights(ctx, exp, mask, {}), **_kw(norm))
                 loss = loss + pl
         else:
             logits = completion_logits(ctx.forward_model, exp.batch, exp.comp.ids, exp.comp.mask,
                                        temperature=ctx.cfg.rollout.temperature)
             logp = token_logp(logits, exp.comp.ids)
             adv = A.opd_advantages(t["old_logp"], t["teacher_logp"], mask, coef=c.coef, base=t.get("base_adv"))
-            loss, m = L.policy_loss(logp, t["old_logp"], adv, mask, **_kw(norm))
-            m = dict(m)
+            extra: dict = {}
+            loss, m = L.policy_loss(logp, t["old_logp"], adv, mask, is_weights=is_weights(ctx, exp, mask, extra),
+                                    **_kw(norm))
+            m = {**m, **extra}
             m["advantage_mean"] = float((adv * mask).sum() / mask.sum().clamp(min=1))
         m = {k: float(v) for k, v in m.items()}
         m["loss"] = float(loss.detach())
@@ -375,6 +416,7 @@ class OPD(Method):
 @register_method
 class GRPO(Method):
     name = "grpo"
+    samples = True
 
     def check(self, cfg) -> None:
         if not cfg.grpo.rewards:
@@ -415,9 +457,10 @@ class GRPO(Method):
         logp = token_logp(logits, exp.comp.ids)
         mask = t["mask"]
         adv = t["adv"][:, None].expand_as(logp)
+        extra: dict = {}
         loss, m = L.policy_loss(logp, t["old_logp"], adv, mask, clip_low=g.clip_low, clip_high=g.clip_high,
-                                agg=g.agg, **_kw(norm))
-        m = {k: float(v) for k, v in m.items()}
+                                agg=g.agg, is_weights=is_weights(ctx, exp, mask, extra), **_kw(norm))
+        m = {k: float(v) for k, v in {**m, **extra}.items()}
         if t.get("ref_logp") is not None:
             kl = L.agg_loss(L.kl_penalty(logp, t["ref_logp"], kind=g.kl_kind), mask, mode=g.agg, **_kw(norm))
             loss = loss + g.kl_beta * kl
@@ -472,6 +515,7 @@ class Calibrate(Method):
 
     name = "calibrate"
     trains = False
+    samples = True
     uses_teacher = True
     needs_dev = True
 
@@ -491,12 +535,7 @@ class Calibrate(Method):
         remote = cfg.teacher.kind == "remote"
         top_k = min(cfg.opd.top_k or cfg.teacher.top_k_cap, cfg.teacher.top_k_cap)
         for i in tqdm(range(0, len(rows), bs), desc="calibrate", disable=not dist.is_main()):
-            batch = prompts(ctx, rows[i: i + bs])
-            r = cfg.rollout
-            rep, comp = generate_completions(
-                trainer.model, batch, trainer.tokenizer, n=r.n, temperature=r.temperature, top_p=r.top_p,
-                top_k=r.top_k, max_new_tokens=r.max_new_tokens, suppress_ids=ctx.suppress_ids,
-                eos_ids=ctx.eos_ids, seed=step_seed(cfg.train.seed, 0, i, trainer.rank))
+            rep, comp = _rollout(ctx, rows[i: i + bs], step_seed(cfg.train.seed, 0, i, trainer.rank), cfg.rollout.n)
             if remote:
                 s = trainer.teacher.score(rep, comp, top_k=top_k).to(comp.ids.device)
                 st_logits = completion_logits(trainer.model, rep, comp.ids, comp.mask)

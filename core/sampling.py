@@ -37,11 +37,15 @@ class Completions:
     mask: torch.Tensor           # [B, T] 1 for completion tokens up to and including EOS
     logp: torch.Tensor | None    # [B, T] sampled-token log-probs under the sampler (0 outside mask)
     texts: list[str]
+    # [B, T] log(p_trainer / p_engine) of each sampled token under the sampling rules, when another
+    # engine (vLLM) sampled it; what truncated importance sampling corrects (0 outside mask)
+    engine_log_ratio: torch.Tensor | None = None
 
     def select(self, idx: list[int]) -> "Completions":
         t = torch.as_tensor(idx, dtype=torch.long)
-        return Completions(self.ids[t], self.mask[t], None if self.logp is None else self.logp[t],
-                           [self.texts[i] for i in idx])
+        pick = lambda x: None if x is None else x[t]  # noqa: E731
+        return Completions(self.ids[t], self.mask[t], pick(self.logp), [self.texts[i] for i in idx],
+                           pick(self.engine_log_ratio))
 
 
 def eos_mask(ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
@@ -281,6 +285,22 @@ def sample_loop(model, batch: PromptBatch, n: int, *, max_new_tokens: int, do_sa
         cache = cache if new_cache is None else new_cache
     ids = torch.stack(toks, dim=1)
     return ids, (torch.stack(lps, dim=1) if return_logp else None)
+
+
+def sampling_logp(scaled_logits: torch.Tensor, ids: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0,
+                  suppress_ids: list[int] | None = None) -> torch.Tensor:
+    """``[B, T]`` log-probs of ``ids`` under the distribution the sampler draws from: the logits
+    (``[B, T, V]``, already divided by the temperature) with the suppressed tokens out, then top-k
+    and top-p, as ``sample_loop`` applies them. What another engine's sampling log-probs (vLLM's
+    ``processed_logprobs``) are compared with."""
+    V = scaled_logits.shape[-1]
+    sup = sorted(i for i in set(suppress_ids or []) if 0 <= i < V)
+    scores = scaled_logits.float()
+    if sup:
+        scores = scores.index_fill(-1, torch.as_tensor(sup, device=scores.device), float("-inf"))
+    scores = _filter_top_p(_filter_top_k(scores, top_k), top_p)
+    lp = scores.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(scores, dim=-1)
+    return torch.where(torch.isfinite(lp), lp, torch.zeros_like(lp))
 
 
 def _sampled_logp(step_logits, ids: torch.Tensor, temperature: float, chunk: int = 16) -> torch.Tensor:

@@ -353,6 +353,9 @@ class Trainer:
                            suppress_ids=suppress, eos_ids=[self.tokenizer.eos_token_id],
                            synced_gpus=bool(self.engine and self.engine.zero3 and self.world > 1),
                            device=self.device)
+        if cfg.rollout.engine == "vllm" and self.method.samples:
+            from core.vllm_engine import engine_from_config
+            self.ctx.rollout_engine = engine_from_config(cfg)
         if dist.is_main():
             self.out.mkdir(parents=True, exist_ok=True)
             C.dump_config(cfg, self.out / "config.yaml")
@@ -470,6 +473,7 @@ class Trainer:
             before = (order.state(), ckpt.rng_state(), dict(getattr(self.teacher, "stats", None) or {}))
             idx = order.next_global(global_k)
             self.ctx.forward_model.train()
+            sync_s = self._sync_rollout_engine(step)
             t_exp = time.time()
             try:
                 exps = [method.experience(self.ctx, self._micro_rows(idx, mi), step_seed(tc.seed, step, mi, self.rank))
@@ -525,6 +529,8 @@ class Trainer:
                 bad_in_a_row = 0
             ntok = sum(float(e.comp.mask.sum()) for e in exps)
             metrics.update(_teacher_deltas(before[2], getattr(self.teacher, "stats", None)))
+            if sync_s is not None:
+                metrics["rollout/sync_seconds"] = sync_s
             # the step's loss over every process (each logs its share x world; the mean across ranks sums them)
             metrics.update({"loss": loss_sum * self.world / n_loss if n_loss else float("nan"), "lr": self.engine.lr(),
                             "grad_norm": step_info.get("grad_norm", float("nan")), "skipped_steps": skipped_total,
@@ -560,7 +566,19 @@ class Trainer:
             (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
             log.info("done: %s", summary)
         self.logger.close()
+        if self.ctx.rollout_engine is not None:
+            self.ctx.rollout_engine.close()
+            self.ctx.rollout_engine = None
         return summary
+
+    def _sync_rollout_engine(self, step: int) -> float | None:
+        """The vLLM engine gets the trainer's weights when it holds older ones (every step after
+        an update, and at the first step: a resumed or LoRA model is not the folder it started
+        from); the seconds it took, or None."""
+        eng = self.ctx.rollout_engine
+        if eng is None or eng.version == step:
+            return None
+        return eng.sync(self.model, version=step)
 
     def _save(self, ckdir, step, data_state, train_seconds, skipped_total, rng=None):
         """Checkpoint ``step`` (skipped when this step's checkpoint is already there); refuses weights

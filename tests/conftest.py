@@ -20,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -225,6 +226,44 @@ def teacher_server(model_dir, max_new_tokens: int = 32):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def vllm_server(model_dir, served_model_name: str = "teacher", max_model_len: int = 512):
+    """A real vLLM OpenAI-compatible server on ``model_dir`` at a free port of 127.0.0.1, started
+    with ``core.vllm_engine.server_command`` (the README's command), one thread; yields its URL once
+    /health answers (vLLM's start-up takes about a minute on 2 cores), and stops it after."""
+    import httpx
+    from core.vllm_engine import server_command, server_env
+    port = free_port()
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+    proc = subprocess.Popen(server_command(model_dir, port=port, served_model_name=served_model_name,
+                                           max_model_len=max_model_len),
+                            cwd=REPO, env=server_env(threads=1), stdout=log, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 600
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise AssertionError(f"the vLLM server exited: {log.read()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise AssertionError(f"no answer from {url}/health after 600 s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        os.unlink(log.name)
 
 
 # ----------------------------------------------------------------------------- model families

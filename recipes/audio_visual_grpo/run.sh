@@ -105,7 +105,7 @@ fi
 grpo_smoke=()
 if [ "${smoke}" = "true" ]; then
   grpo_smoke=(train.batch_size=4 rollout.n=4)
-  budget_scale=0.05   # conf/budget.yaml's step counts x 0.05
+  budget_scale=0.025  # conf/budget.yaml's step counts x 0.025
   [ -n "${budget}" ] && budget=5
 fi
 
