@@ -39,6 +39,7 @@ MODULES = {
     "benchmarks.divergence_memory": ["divergence_memory"],
     "benchmarks.rollout_speed": ["rollout"],
     "benchmarks.audio_opd_profile": ["audio_opd_profile", "lm_head_slice", "encoder_once"],
+    "benchmarks.vllm_rollout": ["rollout_vllm", "rollout_vllm_0.5b"],
 }
 THREADS = 2
 SEED = 0

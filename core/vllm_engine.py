@@ -96,9 +96,15 @@ class VLLMEngine:
         from vllm import LLM
         t0 = time.time()
         self.max_model_len = _model_len(model_dir, max_model_len)
+        extra = {}
+        import torch.distributed as tdist
+        if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
+            # several trainer processes: each holds its own engine inside the process group the
+            # launcher made (vLLM's external_launcher mode, as TRL's colocated vLLM does)
+            extra["distributed_executor_backend"] = "external_launcher"
         self.llm = LLM(model=str(model_dir), dtype=dtype, seed=seed, enforce_eager=enforce_eager,
                        max_model_len=self.max_model_len, gpu_memory_utilization=gpu_memory_utilization,
-                       logprobs_mode="processed_logprobs", trust_remote_code=trust_remote_code)
+                       logprobs_mode="processed_logprobs", trust_remote_code=trust_remote_code, **extra)
         self.start_seconds = time.time() - t0
         self.version = -1          # the trainer's update count the weights are from (-1: the folder's)
         self.sync_seconds = 0.0    # the last sync's time

@@ -31,6 +31,9 @@ EXPECTED = {
                                              "ours_multinomial_tokens_per_s"]),
     "audio_opd_profile": ("benchmarks.audio_opd_profile", ["step_s", "seconds", "shares"]),
     "lm_head_slice": ("benchmarks.audio_opd_profile", ["ours_s", "reference_s", "ratio", "same_loss"]),
+    "rollout_vllm": ("benchmarks.vllm_rollout", ["ours_tokens_per_s", "reference_tokens_per_s", "ratio",
+                                                 "vllm_start_s", "vllm_sync_s", "generated_tokens"]),
+    "rollout_vllm_0.5b": ("benchmarks.vllm_rollout", ["skipped"]),   # not built in a smoke run
 }
 PROFILE_PARTS = ["prompts", "rollout", "teacher", "experience_other", "student_forward_backward", "optimizer"]
 
@@ -77,6 +80,8 @@ def test_smoke_run_writes_every_result(tmp_path):
         assert benches["overhead"]["same_tokens"] is True, "ours and the reference should sample the same tokens"
     if "lm_head_slice" in present:
         assert benches["lm_head_slice"]["same_loss"] is True
+    if "rollout_vllm" in present:
+        assert all(v > 0 for v in benches["rollout_vllm"]["generated_tokens"].values())
     if "rollout" in present:
         assert benches["rollout"]["same_tokens_with_multinomial_draw"] is True
         assert benches["rollout"]["generated_tokens"] > 0

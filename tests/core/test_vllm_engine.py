@@ -172,3 +172,20 @@ def test_a_broken_vllm_is_one_error_line(tiny, tmp_path):
     err = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
     assert len(err) == 1 and "rollout.engine" in err[0] and "undefined symbol" in err[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_two_processes_each_sample_with_their_own_engine(tiny, tmp_path, run_train_cli):
+    """torchrun with 2 processes (gloo): each rank starts its engine inside the launcher's process
+    group and GRPO trains; the ranks' rewards are averaged into one log."""
+    import yaml
+    cfg = {"method": "grpo", "output_dir": str(tmp_path / "o"), "model": {"path": str(tiny.student)},
+           "data": {"train": str(tiny.manifest)}, "grpo": {"rewards": {"test_o_share": 1.0}},
+           "rewards": {"modules": [str(ROOT / "tests/resources/rewards_o.py")]},
+           "rollout": {"n": 4, "max_new_tokens": 8, "engine": "vllm", "vllm": {"max_model_len": 128}},
+           "optim": {"lr": 1e-2, "scheduler": "constant"},
+           "train": {"batch_size": 4, "max_steps": 2, "resume": "never", "save_every": 0}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    run_train_cli(tmp_path / "c.yaml", nproc=2, timeout=900)
+    rows = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    assert len(rows) == 2 and all("rollout/sync_seconds" in r for r in rows[1:])
+    assert all(abs(r["train/rollout/tis_weight_mean"] - 1) < 0.1 for r in rows)
