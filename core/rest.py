@@ -97,6 +97,21 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
+_ENGINE = {}
+
+
+def _vllm_engine(cfg: C.TrainConfig, model_path: str, model):
+    """``rollout.engine: vllm``: this process's engine, started from the first round's model and
+    given each later round's weights (``sync``) rather than started again."""
+    from core.vllm_engine import engine_from_config
+    eng = _ENGINE.get("engine")
+    if eng is None:
+        eng = _ENGINE["engine"] = engine_from_config(cfg, model_path)
+    else:
+        eng.sync(model)
+    return eng
+
+
 def grow(cfg: C.TrainConfig, model_path: str, round_i: int, time_left) -> tuple[list, list, dict, list, bool]:
     """Sample K completions per training prompt with ``model_path`` and score them.
 
@@ -113,16 +128,20 @@ def grow(cfg: C.TrainConfig, model_path: str, round_i: int, time_left) -> tuple[
     collator = make_collator(modality, processor, cfg.data)
     suppress = special_token_ids(processor)
     mine = rows[dist.rank()::dist.world_size()]
+    engine = _vllm_engine(cfg, model_path, model) if cfg.rollout.engine == "vllm" else None
     samples, totals, parts, complete = [], [], defaultdict(list), True
     for b, i in enumerate(range(0, len(mine), tc.batch_size)):
         if time_left() <= 0:
             complete = False
             break
-        rep, comp = generate_completions(
-            model, collator.prompts(mine[i: i + tc.batch_size]).to(device), tok, n=r.samples, temperature=r.temperature,
-            top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens,
-            suppress_ids=suppress, eos_ids=[tok.eos_token_id], seed=step_seed(tc.seed, round_i, b, dist.rank()),
-            return_logp=False)
+        kw = dict(n=r.samples, temperature=r.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+                  max_new_tokens=cfg.rollout.max_new_tokens, suppress_ids=suppress, eos_ids=[tok.eos_token_id],
+                  seed=step_seed(tc.seed, round_i, b, dist.rank()))
+        batch = collator.prompts(mine[i: i + tc.batch_size]).to(device)
+        if engine is not None:
+            rep, comp = engine.generate(batch, tok, **kw)
+        else:
+            rep, comp = generate_completions(model, batch, tok, return_logp=False, **kw)
         tot, part = compute_rewards(r.rewards, comp.texts, **reward_fields(rep.rows))
         samples += [{"key": row["key"], "completion": text} for row, text in zip(rep.rows, comp.texts)]
         totals += tot

@@ -189,3 +189,27 @@ def test_two_processes_each_sample_with_their_own_engine(tiny, tmp_path, run_tra
     rows = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines() if x.strip()]
     assert len(rows) == 2 and all("rollout/sync_seconds" in r for r in rows[1:])
     assert all(abs(r["train/rollout/tis_weight_mean"] - 1) < 0.1 for r in rows)
+
+
+def test_rest_samples_with_vllm(tiny, tmp_path):
+    """ReST with rollout.engine vllm: the engine samples each round (started once, given the
+    second round's weights), and both rounds keep samples and train."""
+    rest = {"rest": {"rounds": 2, "samples": 4, "lrs": [1e-2, 1e-2], "rewards": {"test_o_share": 1.0},
+                     "keep_min_reward": 0.05, "steps_per_round": 2},
+            "grpo": {"rewards": {"test_o_share": 1.0}},
+            "rewards": {"modules": [str(ROOT / "tests/resources/rewards_o.py")]}}
+    _train(tiny, tmp_path / "rest", "rest", "vllm", 2, **rest)
+    summary = json.loads((tmp_path / "rest" / "rest_summary.json").read_text())
+    assert summary["rounds_done"] == 2
+    for st in summary["rounds"]:
+        assert st["samples"] == 4 * len(tiny.rows) and st["kept"] > 0 and st["trained"]
+
+
+def test_lora_weights_reach_the_engine_merged(tiny, tmp_path):
+    """GRPO with LoRA: the adapters are merged into the weights the engine gets, so after each
+    update the engine's sampling log-probs still equal the trainer's."""
+    grpo = {"grpo": {"rewards": {"test_o_share": 1.0}}, "rewards": {"modules": [str(ROOT / "tests/resources/rewards_o.py")]},
+            "model": {"path": str(tiny.student), "lora": {"r": 4, "lora_alpha": 8}}}
+    rows = _train(tiny, tmp_path / "lora", "grpo", "vllm", 3, **grpo)
+    assert len(rows) == 3 and max(r["train/rollout/logp_abs_diff"] for r in rows) < 1e-3
+    assert abs(rows[-1]["train/rollout/tis_weight_mean"] - 1) < 0.01
