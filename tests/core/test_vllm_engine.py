@@ -213,3 +213,16 @@ def test_lora_weights_reach_the_engine_merged(tiny, tmp_path):
     rows = _train(tiny, tmp_path / "lora", "grpo", "vllm", 3, **grpo)
     assert len(rows) == 3 and max(r["train/rollout/logp_abs_diff"] for r in rows) < 1e-3
     assert abs(rows[-1]["train/rollout/tis_weight_mean"] - 1) < 0.01
+
+
+def test_zero3_partitions_are_gathered_for_the_engine(tiny, tmp_path):
+    """DeepSpeed ZeRO-3 (one process, gloo): the partitioned weights are gathered for each sync,
+    so after every update the engine's sampling log-probs still equal the trainer's."""
+    ds = tmp_path / "ds_zero3.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                              "gradient_clipping": "auto", "zero_optimization": {
+                                  "stage": 3, "stage3_param_persistence_threshold": 0}}))
+    grpo = {"grpo": {"rewards": {"test_o_share": 1.0}}, "rewards": {"modules": [str(ROOT / "tests/resources/rewards_o.py")]},
+            "backend": {"name": "deepspeed", "ds_config": str(ds)}}
+    rows = _train(tiny, tmp_path / "z3", "grpo", "vllm", 3, **grpo)
+    assert len(rows) == 3 and max(r["train/rollout/logp_abs_diff"] for r in rows) < 1e-3
