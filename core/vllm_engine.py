@@ -109,6 +109,7 @@ class VLLMEngine:
         self.version = -1          # the trainer's update count the weights are from (-1: the folder's)
         self.sync_seconds = 0.0    # the last sync's time
         self._vocab = self.llm.llm_engine.model_config.get_vocab_size()
+        self._placeholders = _placeholder_ids(model_dir)
         log.info("vLLM engine started in %.1f s (%s, max_model_len %d)", self.start_seconds, model_dir,
                  self.max_model_len)
 
@@ -127,12 +128,18 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ sampling
     def _prompts(self, batch: PromptBatch, idx: list[int]) -> list[dict]:
+        """Each prompt's token ids; with media, each run of a placeholder token (``<|AUDIO|>`` x N,
+        as our processor expands it) collapsed to one, which vLLM's processor expands again from
+        the clip it is given (``generate`` checks that both counts agree)."""
         ids, am = batch.inputs["input_ids"], batch.inputs["attention_mask"]
         out = []
         for i in idx:
-            p = {"prompt_token_ids": ids[i][am[i].bool()].tolist()}
+            toks = ids[i][am[i].bool()].tolist()
+            p = {"prompt_token_ids": toks}
             mm = _multi_modal_data(batch, i)
             if mm:
+                p["prompt_token_ids"] = [t for j, t in enumerate(toks)
+                                         if not (t in self._placeholders and j and toks[j - 1] == t)]
                 p["multi_modal_data"] = mm
             out.append(p)
         return out
@@ -156,8 +163,15 @@ class VLLMEngine:
                                  seed=None if seed is None else seed + i * n)
                   for i in range(B)]
         outs = self.llm.generate(self._prompts(batch, list(range(B))), params, use_tqdm=False)
+        am = batch.inputs["attention_mask"]
         seqs, lps = [], []
-        for o in outs:
+        for i, o in enumerate(outs):
+            if o.prompt_token_ids is not None and len(o.prompt_token_ids) != int(am[i].sum()):
+                raise RuntimeError(
+                    f"vLLM's prompt for row {i} ({batch.rows[i].get('key', i) if batch.rows else i}) has "
+                    f"{len(o.prompt_token_ids)} tokens, ours {int(am[i].sum())}: its processor expanded the media "
+                    "placeholders to another count than the model's own processor; the engine cannot sample "
+                    "for this model (use rollout.engine: hf)")
             for c in sorted(o.outputs, key=lambda c: c.index):
                 seqs.append(list(c.token_ids))
                 lps.append([d[tok].logprob for tok, d in zip(c.token_ids, c.logprobs or [])])
@@ -200,6 +214,23 @@ class VLLMEngine:
                 pass
             del llm
         gc.collect()
+
+
+def _placeholder_ids(model_dir: str) -> set[int]:
+    """The media placeholder token ids a model's config names (audio, video, image)."""
+    import json
+    from pathlib import Path
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return set()
+    found = set()
+    for c in (cfg, cfg.get("thinker_config") or {}):
+        for k in ("audio_token_index", "audio_token_id", "video_token_index", "video_token_id",
+                  "image_token_index", "image_token_id"):
+            if isinstance(c.get(k), int):
+                found.add(c[k])
+    return found
 
 
 def _multi_modal_data(batch: PromptBatch, i: int) -> dict:
