@@ -153,8 +153,10 @@ class VLLMEngine:
         from vllm import SamplingParams
         eos_ids = list(eos_ids or [tokenizer.eos_token_id])
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-        sup = set(suppress_ids or [])
-        allowed = [t for t in range(self._vocab) if t not in sup]
+        sup = frozenset(suppress_ids or [])
+        if getattr(self, "_allowed", (None,))[0] != sup:  # a real vocabulary: 150k ids, built once
+            self._allowed = (sup, [t for t in range(self._vocab) if t not in sup])
+        allowed = self._allowed[1]
         B = batch.inputs["input_ids"].shape[0]
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else 0,
                                  max_tokens=max_new_tokens, stop_token_ids=eos_ids, logprobs=0, detokenize=False,
