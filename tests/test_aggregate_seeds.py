@@ -35,6 +35,8 @@ def test_three_seeds_become_means_the_checker_reads(tmp_path):
     assert agg["teacher"]["model"] == "exp/teacher/final"                        # equal: kept
     assert agg["student_after"]["model"] == {"per_seed": ["seed0", "seed1", "seed2"]}
     assert agg["settings"] == {"corpus": "synthetic"} and agg["seeds"] == [0, 1, 2]
+    # named from the folder above the combined file, as a README beside it would (exp/seed0/...)
+    assert agg["per_seed_files"] == [f"{tmp_path.name}/seed{i}/results.json" for i in range(3)]
     assert "| student_after | 12.00 | 2.00 | 10.00, 12.00, 14.00 |" in r.stdout
     # the shared checker reads the means
     from tools.aggregate_seeds import combine

@@ -44,7 +44,18 @@ def combine(values: list):
     return {"per_seed": have}
 
 
-def aggregate(files: list[Path], seeds: list[int] | None = None) -> dict:
+def _shown(f: Path, base: Path) -> str:
+    """``f`` as ``base``'s name plus the path below it (``exp/seed0/results.json``), so that a table
+    written into a README names it from the recipe's folder; ``f`` itself when it is elsewhere."""
+    try:
+        return str(Path(base.resolve().name) / f.resolve().relative_to(base.resolve()))
+    except ValueError:
+        return str(f)
+
+
+def aggregate(files: list[Path], seeds: list[int] | None = None, base: Path | None = None) -> dict:
+    """``base``: the folder of the combined results.json; the per-seed files are named from its
+    parent (``exp/seed0/results.json``) where they lie below it."""
     runs = []
     for f in files:
         if not f.is_file():
@@ -52,7 +63,7 @@ def aggregate(files: list[Path], seeds: list[int] | None = None) -> dict:
         runs.append(json.loads(f.read_text()))
     out = combine(runs)
     out["seeds"] = seeds if seeds is not None else list(range(len(files)))
-    out["per_seed_files"] = [str(f) for f in files]
+    out["per_seed_files"] = [_shown(f, base) if base is not None else str(f) for f in files]
     return out
 
 
@@ -92,7 +103,7 @@ def main(argv=None) -> int:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
         if seeds is not None and len(seeds) != len(args.files):
             raise ValueError(f"--seeds names {len(seeds)} seeds for {len(args.files)} files")
-        agg = aggregate(args.files, seeds)
+        agg = aggregate(args.files, seeds, base=args.out.parent)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
