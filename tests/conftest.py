@@ -50,7 +50,7 @@ MAX_CLIP_SECONDS = 3.0
 
 def smoke_scale(recipe: str) -> float:
     """The factor a recipe's smoke run applies to its conf/budget.yaml step counts (run.sh's budget_scale)."""
-    m = re.search(r"^\s*budget_scale=([0-9.]+)", (REPO / "recipes" / recipe / "run.sh").read_text(), re.M)
+    m = re.search(r"^\s+budget_scale=([0-9.]+)", (REPO / "recipes" / recipe / "run.sh").read_text(), re.M)
     assert m, f"recipes/{recipe}/run.sh sets no budget_scale"
     return float(m.group(1))
 

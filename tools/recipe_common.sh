@@ -161,7 +161,7 @@ budget_args() {  # NAME SECONDS
     [[ "$2" =~ ^[0-9]+([.][0-9]+)?$ ]] || { echo "${1}'s budget must be a number of seconds, got '$2'" >&2; return 2; }
     echo "train.max_seconds=$2"
   else
-    "${PY}" -m tools.step_budget args --conf conf/budget.yaml "$1" --scale "${budget_scale:-1}"
+    "${PY}" -m tools.step_budget args --conf "${budget_conf:-conf/budget.yaml}" "$1" --scale "${budget_scale:-1}"
   fi
 }
 budget_over() {  # NAME SECONDS: b (the overrides, for the log) and bo (the same as an array, one word each, never globbed)
@@ -226,8 +226,9 @@ if [ -n "${ngpu+x}" ]; then
 fi
 prep_args=()
 if [ "${skip_bad:-false}" = "true" ]; then prep_args=(--skip_bad); fi
-# a recipe with step budgets (an empty --budget): its conf/budget.yaml must be readable before any stage runs
+# a recipe with step budgets (an empty --budget): its conf/budget.yaml (or --budget_conf) must be readable before any stage runs
 if [ -n "${budget+x}" ] && [ -z "${budget}" ] && [ "${eval_only:-false}" != "true" ]; then
-  "${PY}" -m tools.step_budget show --conf conf/budget.yaml > /dev/null || {
+  bc=${budget_conf:-conf/budget.yaml}; [ "${bc}" = conf/budget.yaml ] || bc=$(abspath "${bc}")
+  "${PY}" -m tools.step_budget show --conf "${bc}" > /dev/null || {
     echo "(the compared methods' step counts; or run with --budget SECONDS for a wall-clock budget)" >&2; exit 2; }
 fi

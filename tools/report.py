@@ -19,16 +19,18 @@ from pathlib import Path
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
-def update_readme(readme: str | Path, text: str) -> None:
+def update_readme(readme: str | Path, text: str, tag: str = "results") -> None:
+    """``tag``: the section's markers, ``<!-- TAG:start -->`` and ``<!-- TAG:end -->``."""
     readme = Path(readme)
     if not readme.is_file():
         return
     s = readme.read_text()
-    if START in s and END in s:
-        a, b = s.index(START) + len(START), s.index(END)
+    start, end = f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
+    if start in s and end in s:
+        a, b = s.index(start) + len(start), s.index(end)
         s = s[:a] + "\n" + text + "\n" + s[b:]
     else:
-        s += f"\n{START}\n{text}\n{END}\n"
+        s += f"\n{start}\n{text}\n{end}\n"
     readme.write_text(s)
 
 

@@ -178,13 +178,16 @@ def markdown(conf: str | Path) -> str:
     return "\n".join(lines)
 
 
-def compute_settings(budget: str, conf: str | Path, training: dict) -> dict:
+def compute_settings(budget: str, conf: str | Path, training: dict, scale: float = 1.0) -> dict:
     """How a recipe's compared methods were made equal, for its ``results.json``: fixed step
-    counts (with the seconds per step they were derived from) or seconds of wall-clock
-    (``run.sh --budget``). ``training``: each run's summary (``steps``), by name."""
+    counts (with the seconds per step they were derived from; ``scale``: the counts were
+    multiplied by it) or seconds of wall-clock (``run.sh --budget``). ``training``: each run's
+    summary (``steps``), by name."""
     if budget:
         return {"mode": "wall_clock", "budget_seconds": float(budget)}
     b = load(conf)
+    if scale != 1.0:
+        b["scale"] = scale
     return {"mode": "steps", "conf": str(conf), **b,
             "steps_run": {k: (training.get(k) or {}).get("steps") for k in b.get("steps") or {}},
             "rounds_run": {k: len((training.get(k) or {}).get("rounds") or []) for k in b.get("rounds") or {}}}
@@ -199,7 +202,8 @@ def compute_line(c: dict, what: str = "compared method") -> str:
     parts = [f"{k} {v}" for k, v in ran.items()]
     rounds = c.get("rounds_run") or {k: r["rounds"] for k, r in (c.get("rounds") or {}).items()}
     parts += [f"{k} {v} round(s)" for k, v in rounds.items() if v]
-    return (f"fixed steps per {what} ({', '.join(parts)}); {c['conf']}'s counts give each "
+    scaled = f" (x {c['scale']:g} here)" if c.get("scale", 1.0) != 1.0 else ""
+    return (f"fixed steps per {what} ({', '.join(parts)}); {c['conf']}'s counts{scaled} give each "
             f"{c.get('target_seconds')} s at the seconds per step measured on "
             f"{ref.get('date', '?')} ({ref.get('machine', '?')})")
 

@@ -29,6 +29,8 @@ data=data             # manifests
 exp=exp               # models, logs, results
 budget=""             # empty: the step counts of conf/budget.yaml (equal compute, the same numbers on every run); S: S seconds of wall-clock for OPD, OPD's seconds for each baseline
 baselines=true        # also train the fair baselines (sft_more, seqkd, td_opd)
+budget_conf=conf/budget.yaml  # the compared methods' step counts (local/study.sh gives its own)
+budget_scale=1        # those counts x this (local/study.sh: shorter runs, the same ratios; --smoke: 0.05)
 seeds=1               # N > 1: stages 2-3 once per training seed (seed .. seed+N-1) into exp/seed<s>/ after the shared stages 0-1; exp/results.json: mean, std, per seed
 backend=torch         # torch | deepspeed (conf/ds_zero2.json; --zero 3 for conf/ds_zero3.json)
 teacher_url=""        # a teacher served elsewhere (our server; vLLM): every stage that needs the teacher asks it
@@ -42,7 +44,7 @@ prompt="Transcribe the audio."  # the user turn after the audio (the training co
 smoke=false           # tiny corpus and few steps, for tests
 update_readme=false   # true: also write the results table into README.md (maintainers; always in ${exp}/RESULTS.md)
 seed=0
-help_message="Usage: bash run.sh [--stage N] [--stop_stage N] [--corpus synthetic|librispeech|aishell] [--corpus_dir DIR] [--budget SECONDS] [--seeds N] [--smoke true] [--update_readme true]
+help_message="Usage: bash run.sh [--stage N] [--stop_stage N] [--corpus synthetic|librispeech|aishell] [--corpus_dir DIR] [--budget SECONDS | --budget_conf F --budget_scale X] [--seeds N] [--smoke true] [--update_readme true]
        [--teacher_url URL [--teacher_model NAME] [--teacher_top_k K]] [--max_new_tokens auto|N]
        bash run.sh --eval_only true --model DIR --corpus librispeech|aishell --corpus_dir DIR [--test_part test-other]
        [--ngpu N] [--num_nodes N --node_rank R --master_addr HOST] [--hostfile F] [--dtype bfloat16] [--zero 2|3]
@@ -54,6 +56,7 @@ recipe=asr
 # paths given on the command line are relative to where run.sh was called from
 corpus_dir=$(abspath "${corpus_dir}"); model=$(abspath "${model}")
 [ "${data}" = data ] || data=$(abspath "${data}"); [ "${exp}" = exp ] || exp=$(abspath "${exp}")
+[ "${budget_conf}" = conf/budget.yaml ] || budget_conf=$(abspath "${budget_conf}")
 mkdir -p "${exp}"
 
 lang=en; lang_flag=""
@@ -202,7 +205,7 @@ if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
   gen_len=$(gen_length "${exp}/student_sft/final" text "${labelled[@]}")
   log "stage 3: decode the test set and score (at most ${gen_len} new tokens)"
   "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --lang ${lang} "${readme_args[@]}" \
-    --corpus ${corpus} --budget "${budget}" --smoke ${smoke} --max_new_tokens ${gen_len} --prompt "${prompt}" \
+    --corpus ${corpus} --budget "${budget}" --budget_conf "${budget_conf}" --budget_scale "${budget_scale}" --smoke ${smoke} --max_new_tokens ${gen_len} --prompt "${prompt}" \
     "${teacher_score[@]}"
   record_time decode_score $(( $(date +%s) - t0 ))
   "${PY}" local/make_results.py --data "${data}" --exp "${exp}" --lang ${lang} --only_times

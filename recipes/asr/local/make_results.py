@@ -131,6 +131,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", default="", help="run.sh --budget: seconds of wall-clock per compared method; "
                     "empty: the fixed step counts of --budget_conf")
     ap.add_argument("--budget_conf", default="conf/budget.yaml", help="the step counts and how they were measured")
+    ap.add_argument("--budget_scale", type=float, default=1.0, help="run.sh --budget_scale: the counts were multiplied by it")
     ap.add_argument("--smoke", default="false")
     ap.add_argument("--only_times", action="store_true", help="only refresh stage_seconds in results.json")
     ap.add_argument("--max_new_tokens", type=int, default=32, help="decoding length (run.sh: tools/gen_length.py)")
@@ -177,7 +178,8 @@ def main(argv=None) -> int:
     best = min([("student_after", a)] + [(k, v["wer"]) for k, v in results["baselines"].items()], key=lambda x: x[1])
     results["best_student"] = best[0]
     results["settings"] = {"corpus": args.corpus, "lang": args.lang, "metric": "cer" if args.lang == "zh" else "wer",
-                           "compute": compute_settings(args.budget, args.budget_conf, results["training"]),
+                           "compute": compute_settings(args.budget, args.budget_conf, results["training"],
+                                                              args.budget_scale),
                            "smoke": args.smoke == "true",
                            "models": load_json(exp / "models.json"), "data": load_json(data / "stats.json"),
                            "opd_config": str(exp / "opd" / "config.yaml"),

@@ -113,23 +113,51 @@ TEMPLATES = (
     ("show", 0.08, 5, _t_show),
 )
 
+CONNECTORS = ("and", "then")
 VOCABULARY = tuple(sorted(
-    set(DIGITS) | set(COLOURS) | set(DIRECTIONS) | set(SWITCHED) | set(OPENED)
+    set(DIGITS) | set(COLOURS) | set(DIRECTIONS) | set(SWITCHED) | set(OPENED) | set(CONNECTORS)
     | {"dial", "turn", "on", "off", "the", "open", "close", "go", "move", "steps", "play", "stop",
        "music", "set", "volume", "to", "show", "me"}
 ))
 assert 36 <= len(VOCABULARY) <= 50, len(VOCABULARY)
+# --task: the words an utterance may have (commands: one command; sentences: two or three
+# commands joined by "and" / "then", for outputs long enough for a student's mistakes to compound)
+MAX_WORDS = {"commands": 6, "sentences": 18}
 
 
 def sample_text(rng: random.Random, max_words: int = 6) -> tuple[str, str]:
-    """One utterance of at most ``max_words`` (>= 2) words: (text, template name)."""
+    """One command of at most ``max_words`` (>= 2) words: (text, template name)."""
     if max_words < 2:
         raise ValueError(f"max_words must be >= 2, got {max_words}")
     usable = [t for t in TEMPLATES if t[2] <= max_words]
     name, _, _, fn = rng.choices(usable, weights=[t[1] for t in usable], k=1)[0]
-    words = fn(rng, max_words)
+    words = fn(rng, min(max_words, MAX_WORDS["commands"]))
     assert 2 <= len(words) <= max_words and all(w in VOCABULARY for w in words), words
     return " ".join(words), name
+
+
+def sample_sentence(rng: random.Random, max_words: int = MAX_WORDS["sentences"]) -> tuple[str, str]:
+    """Two or three commands joined by "and" / "then", at most ``max_words`` words in all; one command
+    where two would not fit. The template name is the commands' names joined by "+"."""
+    if max_words < 5:  # two commands of two words and a connector
+        return sample_text(rng, max_words)
+    want = rng.choice((2, 3))
+    words: list[str] = []
+    names = []
+    for k in range(want):
+        room = max_words - len(words) - (1 if words else 0)
+        if room < 2:
+            break
+        text, name = sample_text(rng, min(room, MAX_WORDS["commands"]))
+        if words:
+            words.append(rng.choice(CONNECTORS))
+        words += text.split()
+        names.append(name)
+    assert len(words) <= max_words and all(w in VOCABULARY for w in words), words
+    return " ".join(words), "+".join(names)
+
+
+SAMPLERS = {"commands": sample_text, "sentences": sample_sentence}
 
 
 @dataclass
@@ -148,14 +176,16 @@ class Utt:
         return (self.text, self.voice, self.variant, self.speed, self.pitch)
 
 
-def plan(counts: dict[str, int], seed: int, voices, variants, speed_range, pitch_range) -> list[Utt]:
+def plan(counts: dict[str, int], seed: int, voices, variants, speed_range, pitch_range,
+         task: str = "commands") -> list[Utt]:
     """Draw every utterance's text and rendering; no two share (text, voice, variant, speed, pitch)."""
     seen: set[tuple] = set()
     utts = []
+    sample = SAMPLERS[task]
     for split in SPLITS:
-        rng = random.Random(f"{seed}:{split}")
+        rng = random.Random(f"{seed}:{split}" if task == "commands" else f"{seed}:{task}:{split}")
         for i in range(counts[split]):
-            text, template = sample_text(rng)
+            text, template = sample(rng)
             voice, variant = rng.choice(voices), rng.choice(variants)
             while True:
                 u = Utt(f"{split}-{i:06d}", split, text, template, voice, variant,
@@ -201,7 +231,7 @@ def render(utts: list[Utt], wav_dir: Path, args, seen: set[tuple]) -> dict:
                     raise SystemExit(f"{u.key}: {u.text!r} lasts {u.duration:.2f} s even at {u.speed} wpm; "
                                      f"raise --max_seconds or --max_speed")
                 rng = random.Random(f"{args.seed}:{u.key}:shorten:{rounds}")
-                u.text, u.template = sample_text(rng, max_words=n_words - 1)
+                u.text, u.template = SAMPLERS[args.task](rng, n_words - 1)
                 shortened.add(u.key)
             while u.spec() in seen:  # keep renderings unique
                 u.speed += 1
@@ -239,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_unlabelled", type=int, default=2400, help="clips in unlabelled.jsonl")
     p.add_argument("--num_dev", type=int, default=100, help="clips in dev.jsonl")
     p.add_argument("--num_test", type=int, default=200, help="clips in test.jsonl")
+    p.add_argument("--task", choices=sorted(SAMPLERS), default="commands",
+                   help="commands: one command of 2-6 words a clip; sentences: two or three commands joined "
+                   "by 'and' / 'then' (up to 18 words; use a longer --max_seconds, e.g. 6)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny preset for tests: 64/16/48/16/16 clips (overrides the five counts)")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed and counts, same corpus")
@@ -289,7 +322,7 @@ def main(argv=None) -> dict:
     wav_dir.mkdir(parents=True, exist_ok=True)
 
     t0 = time.time()
-    utts = plan(counts, args.seed, voices, variants, tuple(args.speed_range), tuple(args.pitch_range))
+    utts = plan(counts, args.seed, voices, variants, tuple(args.speed_range), tuple(args.pitch_range), args.task)
     seen = {u.spec() for u in utts}
     try:
         regen = render(utts, wav_dir, args, seen)
@@ -321,6 +354,7 @@ def main(argv=None) -> dict:
 
     stats = {
         "seed": args.seed,
+        "task": args.task,
         "sample_rate": args.sample_rate,
         "max_seconds_allowed": args.max_seconds,
         "voices": voices,
