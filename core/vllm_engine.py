@@ -8,13 +8,21 @@
   (``logprobs_mode: processed_logprobs``: after temperature, suppression, top-k / top-p).
   ``sync`` loads the trainer's current weights into it (``collective_rpc("reload_weights")`` with
   transformers' parameter names; ZeRO-3 partitions gathered first; LoRA adapters merged in) and
-  resets its prefix cache; ``prompt_logprobs`` scores fixed sequences (tests, benchmarks).
+  resets its prefix and encoder caches; ``prompt_logprobs`` scores fixed sequences (tests, benchmarks).
 - ``tis_weights``: truncated importance sampling, as TRL's ``vllm_importance_sampling_correction``
   and verl's rollout correction do: the engine's probabilities are not the trainer's (other
   kernels; bf16 on GPUs), so the losses use the trainer's own log-probs of the samples
   (recomputed, ``core.methods._rollout``) and each token's policy-loss term is weighted by
   ``min(p_trainer / p_engine, cap)``, both probabilities those of the sampling rule (suppressed
   tokens out, temperature, top-k, top-p).
+
+A thinker saved alone (``_THINKERS``: the Qwen2.5-Omni thinker, ``model_type
+qwen2_5_omni_thinker``) is known to vLLM only inside its full model's config; the engine hands vLLM
+the thinker's config wrapped in that one (``hf_overrides``) and the weights under the full model's
+names (``thinker.`` + the names on disk), so vLLM runs its own thinker, not its generic
+transformers fallback. Media prompts pass the processor keywords each row was collated with
+(``PromptBatch.processor_kwargs``: the frame-size cap and the clip's fps) as
+``mm_processor_kwargs``, so that vLLM's processor expands the placeholders as ours did.
 
 One engine per process: with several ranks each samples its own share of the prompts.
 The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so the weights pass as
@@ -82,6 +90,61 @@ def tis_weights(log_ratio: torch.Tensor, mask: torch.Tensor, cap: float) -> tupl
                "rollout/logp_abs_diff": float((diff.abs() * m).sum() / n)}
 
 
+# Thinkers saved alone whose architecture vLLM's registry knows only inside the full model: their
+# config's model_type -> (the full config's class in transformers, the architecture vLLM serves as
+# that config's thinker alone). The full model's weights are the thinker's prefixed ``thinker.``.
+_THINKERS = {"qwen2_5_omni_thinker": ("Qwen2_5OmniConfig", "Qwen2_5OmniModel")}
+THINKER_PREFIX = "thinker."
+
+
+def _thinker_type(model_dir: str) -> str | None:
+    """The folder's config ``model_type`` when it is a thinker saved alone (``_THINKERS``)."""
+    import json
+    from pathlib import Path
+    try:
+        t = json.loads((Path(model_dir) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+    return t if t in _THINKERS else None
+
+
+def _full_config(model_type: str, cfg):
+    """``cfg``, a thinker's config, as its full model's (``hf_overrides`` of the engine)."""
+    import transformers
+    cls_name, arch = _THINKERS[model_type]
+    if type(cfg).__name__ == cls_name:
+        return cfg
+    full = getattr(transformers, cls_name)(thinker_config=cfg.to_dict(), enable_audio_output=False)
+    full.architectures = [arch]
+    return full
+
+
+def _folder_weights(model_dir: str, prefix: str):
+    """``(prefix + name, tensor)`` of every tensor in the folder's safetensors files."""
+    from pathlib import Path
+    from safetensors import safe_open
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors weights")
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                yield prefix + k, st.get_tensor(k)
+
+
+def _checkpoint_names(model, named: list, prefix: str) -> list:
+    """``named`` (a model's ``state_dict`` items, transformers' in-memory names) under the names
+    ``save_pretrained`` writes, prefixed: what vLLM's loader of the full model reads."""
+    from core.models import is_peft_model
+    base = model.get_base_model() if is_peft_model(model) else model
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+        saved = revert_weight_conversion(base, dict(named))
+    except ImportError:  # a transformers without in-memory renaming: the names are the saved ones
+        saved = dict(named)
+    return [(prefix + k, v) for k, v in saved.items()]
+
+
 def _model_len(model_dir: str, asked: int) -> int:
     if asked > 0:
         return asked
@@ -108,9 +171,20 @@ class VLLMEngine:
             # several trainer processes: each holds its own engine inside the process group the
             # launcher made (vLLM's external_launcher mode, as TRL's colocated vLLM does)
             extra["distributed_executor_backend"] = "external_launcher"
+        self._thinker = _thinker_type(model_dir)
+        if self._thinker:
+            # vLLM's own thinker, from the full model's config; the folder's weights are loaded
+            # below under the full model's names (vLLM's loader would look for them unprefixed)
+            from functools import partial
+            extra["hf_overrides"] = partial(_full_config, self._thinker)
+            extra["load_format"] = "dummy"
         self.llm = LLM(model=str(model_dir), dtype=dtype, seed=seed, enforce_eager=enforce_eager,
                        max_model_len=self.max_model_len, gpu_memory_utilization=gpu_memory_utilization,
                        logprobs_mode="processed_logprobs", trust_remote_code=trust_remote_code, **extra)
+        if self._thinker:
+            self.llm.collective_rpc("reload_weights",
+                                    kwargs={"weights_iterator": _folder_weights(model_dir, THINKER_PREFIX)})
+            self._forget_outputs()
         self.start_seconds = time.time() - t0
         self.version = -1          # the trainer's update count the weights are from (-1: the folder's)
         self.sync_seconds = 0.0    # the last sync's time
@@ -120,13 +194,25 @@ class VLLMEngine:
                  self.max_model_len)
 
     # ------------------------------------------------------------------ weights
+    def _forget_outputs(self) -> None:
+        """After new weights: drop the prefix cache (KV of the old weights) and the encoder cache
+        (media embeddings of the old weights). The worker empties its encoder cache on a reload
+        but the scheduler's record of it stays: a clip seen before the reload would be looked up
+        there and fail ("Encoder cache miss")."""
+        self.llm.reset_prefix_cache()
+        reset = getattr(self.llm.llm_engine, "reset_encoder_cache", None)
+        if reset is not None:
+            reset()
+
     def sync(self, model, version: int | None = None) -> float:
-        """Load ``model``'s current weights into the engine and reset its prefix cache; returns the
+        """Load ``model``'s current weights into the engine and reset its caches; returns the
         seconds it took. ``version``: the trainer's update count, kept in ``self.version``."""
         t0 = time.time()
         with _full_weights(model) as named:
+            if self._thinker:
+                named = _checkpoint_names(model, named, THINKER_PREFIX)
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named)})
-        self.llm.reset_prefix_cache()
+        self._forget_outputs()
         self.sync_seconds = time.time() - t0
         if version is not None:
             self.version = version
@@ -147,6 +233,9 @@ class VLLMEngine:
                 p["prompt_token_ids"] = [t for j, t in enumerate(toks)
                                          if not (t in self._placeholders and j and toks[j - 1] == t)]
                 p["multi_modal_data"] = mm
+                kw = _processor_kwargs(batch, i)
+                if kw:
+                    p["mm_processor_kwargs"] = kw
             out.append(p)
         return out
 
@@ -250,6 +339,18 @@ def _multi_modal_data(batch: PromptBatch, i: int) -> dict:
     if batch.videos and batch.videos[i] is not None:
         mm["video"] = batch.videos[i].frames
     return mm
+
+
+def _processor_kwargs(batch: PromptBatch, i: int) -> dict:
+    """The processor keywords prompt ``i`` was collated with (``PromptBatch.processor_kwargs``),
+    flat (a ``videos_kwargs`` dict's items at the top), as vLLM's ``mm_processor_kwargs`` take them."""
+    kws = getattr(batch, "processor_kwargs", None)
+    if not kws or kws[i] is None:
+        return {}
+    flat = {}
+    for k, v in kws[i].items():
+        flat.update(v if k.endswith("_kwargs") and isinstance(v, dict) else {k: v})
+    return flat
 
 
 class _full_weights:

@@ -93,6 +93,9 @@ class PromptBatch:
 
     ``groups``: rows with the same value hold copies of one prompt (identical inputs), as
     ``repeat`` makes them; ``None`` (a collator's batch) when no row is known to copy another.
+    ``processor_kwargs``: the keywords each row's processor call had besides its text and media
+    (an audio-visual row's ``videos_kwargs``), for an engine that runs the processor again (vLLM);
+    empty when there were none.
     """
 
     inputs: dict[str, torch.Tensor]
@@ -101,6 +104,7 @@ class PromptBatch:
     audios: list[Any] = field(default_factory=list)
     videos: list[Any] = field(default_factory=list)
     groups: list[int] | None = None
+    processor_kwargs: list[dict] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -113,13 +117,14 @@ class PromptBatch:
         rep = lambda xs: [x for x in xs for _ in range(n)]  # noqa: E731
         groups = rep(self.groups if self.groups is not None else list(range(len(self))))
         return PromptBatch(take_samples(self.inputs, idx), rep(self.rows), rep(self.texts), rep(self.audios),
-                           rep(self.videos), groups)
+                           rep(self.videos), groups, rep(self.processor_kwargs))
 
     def select(self, idx: list[int]) -> "PromptBatch":
         idx = [int(i) for i in idx]
         pick = lambda xs: [xs[i] for i in idx] if xs else xs  # noqa: E731
         return PromptBatch(take_samples(self.inputs, idx), pick(self.rows), pick(self.texts), pick(self.audios),
-                           pick(self.videos), None if self.groups is None else pick(self.groups))
+                           pick(self.videos), None if self.groups is None else pick(self.groups),
+                           pick(self.processor_kwargs))
 
     def to(self, device) -> "PromptBatch":
         """The same prompts with every input tensor on ``device`` (this batch itself when they are
@@ -128,7 +133,8 @@ class PromptBatch:
         if all(not isinstance(v, torch.Tensor) or v.device == device for v in self.inputs.values()):
             return self
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.inputs.items()}
-        return PromptBatch(inputs, self.rows, self.texts, self.audios, self.videos, self.groups)
+        return PromptBatch(inputs, self.rows, self.texts, self.audios, self.videos, self.groups,
+                           self.processor_kwargs)
 
     def distinct(self) -> tuple[list[int], list[int]] | None:
         """``(first, inverse)`` over the prompts of ``groups``: ``first[u]`` is the row of the u-th
@@ -274,7 +280,8 @@ class AVPromptCollator:
     depend on its batch: Qwen3-Omni's processor pads audio to a batch's longest clip) with
     ``videos_kwargs`` holding the frame cap ``video_max_pixels`` (its defaults would upscale small
     frames) and the clip's real fps; ``video_second_per_grid`` is set from each clip's own fps,
-    and the processor's ``num_audio_tokens`` is dropped. ``missing_audio``: ``error`` (a video without a sound track,
+    and the processor's ``num_audio_tokens`` is dropped; each row's ``videos_kwargs`` stay in
+    ``PromptBatch.processor_kwargs``. ``missing_audio``: ``error`` (a video without a sound track,
     and no ``audio`` path, is an error naming the file) or ``silence`` (it gets silent audio of
     the clip's length). A ``video_max_pixels`` smaller than one merged patch of the processor's
     vision grid (28 x 28 for Qwen2.5-Omni, 32 x 32 for Qwen3-Omni: patch size x merge size) is
@@ -335,17 +342,17 @@ class AVPromptCollator:
                  for r in rows]
         loaded = [self.load(r) for r in rows]
         clips, audios = [c for c, _ in loaded], [a for _, a in loaded]
-        encs = []
-        for text, clip, audio in zip(texts, clips, audios):  # one row at a time, at its own fps
+        encs, kwargs = [], [{"videos_kwargs": self.videos_kwargs(c.fps)} for c in clips]
+        for text, clip, audio, kw in zip(texts, clips, audios, kwargs):  # one row at a time, at its own fps
             enc = self.processor(text=[text], videos=[clip.frames], audio=[audio], sampling_rate=self.sample_rate,
-                                 return_tensors="pt", videos_kwargs=self.videos_kwargs(clip.fps))
+                                 return_tensors="pt", **kw)
             encs.append({k: v for k, v in enc.items() if isinstance(v, torch.Tensor) and k != "num_audio_tokens"})
         inputs = stack_encodings(encs, self.tokenizer.pad_token_id) if encs else {}
         if "video_second_per_grid" in inputs:
             tps = getattr(getattr(self.processor, "video_processor", None), "temporal_patch_size", 2)
             inputs["video_second_per_grid"] = torch.tensor([tps / float(c.fps) for c in clips],
                                                            dtype=inputs["video_second_per_grid"].dtype)
-        return PromptBatch(inputs, list(rows), texts, audios, clips)
+        return PromptBatch(inputs, list(rows), texts, audios, clips, processor_kwargs=kwargs)
 
     def targets(self, texts: list[str], max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokenise reference completions + EOS, right-padded: ``(ids [B,T], mask [B,T])``."""

@@ -6,7 +6,9 @@ after the trainer's weights move, and equal them again after ``sync``; samples u
 seed are reproducible, never hold a suppressed token, stop at EOS, and their log-probs equal a
 trainer forward on the same tokens; GRPO and OPD runs of a few steps through ``core.bin.train``
 with ``rollout.engine: vllm`` raise a learnable reward / lower the divergence as the hf engine's
-runs do; a missing or broken vLLM stops ``core.bin.train`` with one ``error:`` line.
+runs do; a missing or broken vLLM stops ``core.bin.train`` with one ``error:`` line; audio
+prompts (a tiny Qwen2-Audio) and audio + video prompts (a tiny Qwen2.5-Omni thinker, before and
+after a weight sync) sample with log-probs equal to a trainer forward on the same media.
 """
 from __future__ import annotations
 
@@ -241,3 +243,26 @@ def test_audio_prompts_through_the_engine(tmp_path):
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["rows"] == 4 and res["tokens"] > 0
     assert res["max_abs_diff"] < 1e-4, res
+
+
+def test_audio_video_prompts_through_the_engine(tmp_path):
+    """A tiny Qwen2.5-Omni thinker saved alone (head size 32), two short mp4 clips with a sound
+    track collated by ``AVPromptCollator`` (video item, then its audio item): vLLM runs its own
+    thinker from the folder (config wrapped as the full model's, weights under ``thinker.``), the
+    frames go with the collator's frame-size cap and fps so that its processor expands the
+    placeholders to our counts, 2 samples per prompt never hold a suppressed token, and their
+    log-probs equal a trainer forward with the same media and suppression; blanking the media
+    moves the trainer's log-probs, so the agreement is not that of a model that ignores them.
+    After the trainer's weights move and are synced, the same clips sample again (the engine's
+    encoder cache emptied with its weights) and still agree. Run in a child process: this
+    module's engine is alive in this one."""
+    script = ROOT / "tests/resources/vllm_av_check.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["rows"] == 4 and res["tokens"] > 0 and not res["suppressed_drawn"], res
+    assert res["prompt_tokens"][0] != res["prompt_tokens"][1], res   # clips of two lengths: other placeholder counts
+    assert res["max_abs_diff"] < 1e-4 and res["max_abs_diff_after_sync"] < 1e-4, res
+    assert res["media_effect"] > 1e-2, res
