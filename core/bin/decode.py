@@ -35,12 +35,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+
+log = logging.getLogger("core.bin.decode")
 
 MODALITIES = ("auto", "audio", "text", "av")
 
@@ -113,11 +116,20 @@ def decode(model_dir: str, manifest: str, out: str, *, prompt: str = "", batch_s
 def write_hypotheses(out: str, rows: list[dict], hyps: list[str], target_field: str = "text",
                      as_manifest: bool = False) -> None:
     """``key``/``text`` (+ ``ref``) JSON lines, or with ``as_manifest`` the rows with the hypothesis
-    as their ``target_field``."""
+    as their ``target_field``. A manifest for training has no empty targets: rows whose hypothesis
+    is empty are left out, and their number and first keys are logged (all empty: an error)."""
     from core.data.manifest import write_manifest
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     if as_manifest:
-        write_manifest(out, [{**r, target_field: h} for r, h in zip(rows, hyps)])
+        kept = [{**r, target_field: h} for r, h in zip(rows, hyps) if h.strip()]
+        empty = [r["key"] for r, h in zip(rows, hyps) if not h.strip()]
+        if rows and not kept:
+            raise SystemExit(f"error: {out}: all {len(rows)} outputs are empty; there is nothing to train on "
+                             "(is the model that decoded them trained?)")
+        if empty:
+            log.warning("%s: %d of %d outputs are empty and left out of the manifest (e.g. %s)", out, len(empty),
+                        len(rows), ", ".join(empty[:5]))
+        write_manifest(out, kept)
         return
     with open(out, "w") as f:
         for r, h in zip(rows, hyps):

@@ -179,3 +179,20 @@ def test_length_order_longest_first_output_in_manifest_order(tiny, tmp_path, mon
     got, plain = _read(a), _read(b)
     assert [h["key"] for h in got] == [r["key"] for r in rows] == [h["key"] for h in plain]
     assert [h["text"] for h in got] == [h["text"] for h in plain]
+
+
+def test_a_training_manifest_leaves_out_empty_outputs(tmp_path, caplog):
+    """``--as_manifest`` writes SFT data (sequence-level KD): an empty output would be an empty
+    target, which the manifest reader refuses, so such rows are left out and counted in the log;
+    when every output is empty there is nothing to train on, and that is an error naming the file."""
+    import logging
+
+    from core.bin.decode import write_hypotheses
+    rows = [{"key": f"u{i}", "audio": "a.wav", "task": "asr"} for i in range(4)]
+    out = tmp_path / "kd.jsonl"
+    with caplog.at_level(logging.WARNING):
+        write_hypotheses(str(out), rows, ["one two", "", "  ", "three"], as_manifest=True)
+    assert [r["key"] for r in map(json.loads, out.read_text().splitlines())] == ["u0", "u3"]
+    assert "2 of 4 outputs are empty and left out of the manifest (e.g. u1, u2)" in caplog.text
+    with pytest.raises(SystemExit, match=r"kd2.jsonl: all 4 outputs are empty"):
+        write_hypotheses(str(tmp_path / "kd2.jsonl"), rows, [""] * 4, as_manifest=True)
