@@ -79,9 +79,9 @@ if [ "${smoke}" = "true" ]; then
   smoke_args=(--smoke true)
   teacher_over=(train.eval_every=0 train.save_every=0); student_over=(train.max_steps=10 train.eval_every=0 train.save_every=0)
   scale=0.05
-  [ "${weak_steps}" -le 40 ] || weak_steps=10
+  [ "${weak_steps}" -le 40 ] || weak_steps=40   # fewer: the smoke teacher writes nothing at all
 fi
-teacher_steps() { case "$1" in strong) [ "${smoke}" = "true" ] && echo 40 || echo 900 ;; weak) echo "${weak_steps}" ;; esac; }
+teacher_steps() { case "$1" in strong) [ "${smoke}" = "true" ] && echo 60 || echo 900 ;; weak) echo "${weak_steps}" ;; esac; }
 done_model() { [ -f "$1/final/config.json" ]; }
 
 if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
@@ -130,6 +130,7 @@ if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
     ln -sfn "$(readlink -f "${t}")" "${e}/teacher"; ln -sfn "$(readlink -f "${st}")" "${e}/student_sft"
     ln -sfn "$(readlink -f "${b}/teacher_init")" "${e}/teacher_init"; ln -sfn "$(readlink -f "${b}/student_init")" "${e}/student_init"
     cp "${b}/models.json" "${e}/models.json"
+    log "stage 1: ${s}: warm-up ready (${e})"
   done
 fi
 

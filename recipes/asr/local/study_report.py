@@ -142,7 +142,7 @@ def plot(study: dict, out: Path) -> None:
                         for s, r in done.items()], fontsize=8)
     ax.set_ylabel("test WER (%)")
     ax.set_title("Which method wins, at equal compute (bars: mean over seeds; dots: seeds)", fontsize=9)
-    ax.legend(fontsize=7, ncol=len(cols))
+    ax.legend(fontsize=7, ncol=len(cols), loc="upper left")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 
