@@ -103,10 +103,9 @@ THINKER_PREFIX = "thinker."
 
 def _thinker_type(model_dir: str) -> str | None:
     """The folder's config ``model_type`` when it is a thinker saved alone (``_THINKERS``)."""
-    import json
-    from pathlib import Path
+    from core.models import model_type_of
     try:
-        t = json.loads((Path(model_dir) / "config.json").read_text()).get("model_type")
+        t = model_type_of(model_dir)
     except (OSError, ValueError):
         return None
     return t if t in _THINKERS else None
@@ -462,11 +461,9 @@ def serving_problem(model_dir: str | None = None, *, head: int | None = None, fr
     if importlib.util.find_spec("vllm") is None:
         return f"vllm is not installed here; {INSTALL_HINT}"
     if model_dir is not None:
-        import json
-        from pathlib import Path
+        from core.models import model_type_of
         head = head_size(model_dir) if head is None else head
-        kind = json.loads((Path(model_dir) / "config.json").read_text()).get("model_type")
-        if frames is None and kind == "qwen2_audio":
+        if frames is None and model_type_of(model_dir) == "qwen2_audio":
             frames = mel_frames(model_dir)
     why = []
     try:

@@ -245,8 +245,11 @@ while time.time() - t0 < limit:
 sys.exit(f"no answer from {url} after {limit:g} s")
 PY
 }
-start_server() {  # model_dir: starts our teacher server on 127.0.0.1, waits for /health, sets teacher_url
+pick_port() {  # --port, or a free port of 127.0.0.1 when it is 0
   [ "${port}" != 0 ] || port=$("${PY}" -c "import socket;s=socket.socket();s.bind(('127.0.0.1',0));print(s.getsockname()[1])")
+}
+start_server() {  # model_dir: starts our teacher server on 127.0.0.1, waits for /health, sets teacher_url
+  pick_port
   log "starting the teacher server on 127.0.0.1:${port} (log: ${exp}/teacher_server.log)"
   # one thread for the server, so that the student's training keeps the other core
   OMP_NUM_THREADS=1 "${PY}" -m core.bin.serve_teacher --model "$1" --host 127.0.0.1 --port "${port}" \
@@ -257,7 +260,7 @@ start_server() {  # model_dir: starts our teacher server on 127.0.0.1, waits for
 }
 start_vllm() {  # model_dir: starts vLLM's OpenAI-compatible server on 127.0.0.1 (core.vllm_engine.server_command
                 # and server_env, one thread), waits for /v1/models, sets teacher_url and teacher_model
-  [ "${port}" != 0 ] || port=$("${PY}" -c "import socket;s=socket.socket();s.bind(('127.0.0.1',0));print(s.getsockname()[1])")
+  pick_port
   log "starting the vLLM teacher server on 127.0.0.1:${port} (log: ${exp}/teacher_server.log)"
   # this Python process becomes the server (exec) with the command and environment core.vllm_engine
   # builds, leading its own process group, so that stop_server also ends its engine's processes

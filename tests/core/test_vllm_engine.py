@@ -230,17 +230,22 @@ def test_zero3_partitions_are_gathered_for_the_engine(tiny, tmp_path):
     assert len(rows) == 3 and max(r["train/rollout/logp_abs_diff"] for r in rows) < 1e-3
 
 
+def _child_check(script: str, tmp_path) -> dict:
+    """Run ``tests/resources/<script>`` in a child process (this module's engine is alive in this
+    one) on ``tmp_path``; its last stdout line, a JSON object."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests/resources" / script), str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def test_audio_prompts_through_the_engine(tmp_path):
     """A tiny Qwen2-Audio (head size 32, the released 30 s feature chunk): the collator's prompt
     ids (audio placeholders expanded) and the clip go to vLLM as multi-modal data; the samples'
     log-probs equal a trainer forward with the same audio features. Run in a child process: this
     module's engine is alive in this one."""
-    script = ROOT / "tests/resources/vllm_audio_check.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = _child_check("vllm_audio_check.py", tmp_path)
     assert res["rows"] == 4 and res["tokens"] > 0
     assert res["max_abs_diff"] < 1e-4, res
 
@@ -256,12 +261,7 @@ def test_audio_video_prompts_through_the_engine(tmp_path):
     After the trainer's weights move and are synced, the same clips sample again (the engine's
     encoder cache emptied with its weights) and still agree. Run in a child process: this
     module's engine is alive in this one."""
-    script = ROOT / "tests/resources/vllm_av_check.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = _child_check("vllm_av_check.py", tmp_path)
     assert res["rows"] == 4 and res["tokens"] > 0 and not res["suppressed_drawn"], res
     assert res["prompt_tokens"][0] != res["prompt_tokens"][1], res   # clips of two lengths: other placeholder counts
     assert res["max_abs_diff"] < 1e-4 and res["max_abs_diff_after_sync"] < 1e-4, res

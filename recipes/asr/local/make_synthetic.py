@@ -144,7 +144,7 @@ def sample_sentence(rng: random.Random, max_words: int = MAX_WORDS["sentences"])
     want = rng.choice((2, 3))
     words: list[str] = []
     names = []
-    for k in range(want):
+    for _ in range(want):
         room = max_words - len(words) - (1 if words else 0)
         if room < 2:
             break

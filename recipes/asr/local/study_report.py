@@ -26,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_results import utterance_errors  # noqa: E402
 
+from tools.aggregate_seeds import combine  # noqa: E402
 from tools.bootstrap import fmt_ci, keyed_diff  # noqa: E402
 from tools.report import update_readme  # noqa: E402
 
@@ -48,12 +49,6 @@ def _get(r: dict, path: tuple):
     return r
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    m = sum(xs) / len(xs)
-    sd = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
-    return m, sd
-
-
 def setting_summary(folder: Path) -> dict | None:
     """One setting's seeds: WER per system (per seed, mean, std) and the pooled paired differences."""
     seeds = sorted((p for p in folder.glob("seed*") if (p / "results.json").is_file()),
@@ -62,15 +57,12 @@ def setting_summary(folder: Path) -> dict | None:
         return None
     runs = [json.loads((p / "results.json").read_text()) for p in seeds]
     out: dict = {"seeds": [int(p.name[4:]) for p in seeds], "systems": {}}
-    teacher = [r["teacher"]["wer"] for r in runs]
-    out["teacher"] = dict(zip(("mean", "std"), _mean_std(teacher)), per_seed=teacher)
+    out["teacher"] = combine([r["teacher"]["wer"] for r in runs])   # mean, sample std, per seed
     for col, path, _ in METHODS:
         v = [_get(r, path) for r in runs]
         if any(x is None for x in v):
             continue
-        w = [x["wer"] for x in v]
-        m, sd = _mean_std(w)
-        out["systems"][col] = {"mean": m, "std": sd, "per_seed": w}
+        out["systems"][col] = combine([x["wer"] for x in v])
     decoded = {"opd": "student_after", "seqkd": "seqkd", "td_opd": "td_opd"}
     for name, a, b in COMPARED:
         try:
