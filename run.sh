@@ -77,9 +77,9 @@ case "${cmd}" in
     log "running the test suite (${workers} workers)"
     set +e
     if [ "${workers}" = 0 ]; then
-      "${VENV}/bin/python" -m pytest "$@"
+      "${VENV}/bin/python" -m pytest --durations=15 "$@"
     else
-      "${VENV}/bin/python" -m pytest -n "${workers}" --dist loadfile --no-loadscope-reorder "$@"
+      "${VENV}/bin/python" -m pytest -n "${workers}" --dist loadfile --no-loadscope-reorder --durations=15 "$@"
     fi
     rc=$?
     set -e

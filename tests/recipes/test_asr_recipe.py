@@ -4,6 +4,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,15 @@ def test_opd_study_trains_resumes_and_reports(smoke, tmp_path):
     proc = subprocess.run(args[:5] + ["commands_medium_tiny"] + args[6:], capture_output=True, text=True, env=ENV,
                           timeout=600)
     assert proc.returncode == 2 and "'commands_medium_tiny': the teacher must be strong or weak" in proc.stderr
+    # --readme writes the table between the study markers and the plot beside the README
+    readme = tmp_path / "doc/README.md"
+    readme.parent.mkdir()
+    readme.write_text("# x\n\n<!-- study:start -->\n(not measured yet)\n<!-- study:end -->\n\nafter\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "recipes/asr/local/study_report.py"),
+                           "--exp", str(exp), "--settings", "commands_weak_tiny", "--readme", str(readme)],
+                          capture_output=True, text=True, env=dict(ENV, PYTHONPATH=str(ROOT)), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = readme.read_text()
+    assert "| commands (2-6 words) | weak | tiny |" in text and "![OPD study](assets/study.png)" in text
+    assert "(not measured yet)" not in text and text.endswith("after\n")
+    assert (readme.parent / "assets/study.png").read_bytes() == (exp / "study.png").read_bytes()

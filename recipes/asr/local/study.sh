@@ -13,8 +13,9 @@
 #   TASK     commands: the recipe's default data (2-6 words a clip, 3 s audio chunk);
 #            sentences: two or three commands joined by "and" / "then" (5-18 words, 6 s chunk),
 #            outputs long enough for a student's own mistakes to compound
-#   TEACHER  strong: the recipe's teacher SFT (900 steps); weak: the same teacher stopped early
-#            (--weak_steps), a clearly imperfect teacher
+#   TEACHER  strong: the recipe's teacher SFT (900 steps; on sentences --sentences_steps); weak: the
+#            same SFT over fewer steps (--weak_steps, its own cosine schedule), a clearly imperfect
+#            teacher
 #   STUDENT  small: the recipe's student (hidden 48, 2 + 2 layers); tiny: hidden 32, 1 + 1 layers
 # Every setting's models share its task's tokenizer; the two students of a task learn from the
 # same teacher.
@@ -41,6 +42,8 @@ settings="commands_strong_small commands_strong_tiny commands_weak_small command
 seeds=3                 # training seeds per setting (0 .. N-1), after one shared warm-up
 weak_steps=500          # the weak teacher's SFT steps (the strong one: conf/teacher_sft.yaml's 900); dev
                         # reward 1 - WER per clip: 150 steps 0.16, 400 steps 0.65, 900 steps 0.98
+sentences_steps=2400    # the sentences task's strong teacher's SFT steps: its outputs are three times
+                        # as long, and 900 steps left it at a dev reward of 0.63
 measure=false           # true: first measure seconds per step (--target_seconds of wall-clock per method)
 target_seconds=45       # --measure: each compared method's seconds on this machine
 budget_dir=conf/study   # budget_<task>_<student>.yaml: the step counts (--measure writes them here)
@@ -50,7 +53,7 @@ data_sentences=data_sentences   # the sentences task's data
 smoke=false             # tiny corpora, few steps, one seed: for tests
 update_readme=false     # true: also write the study's table into README.md
 help_message="Usage: bash local/study.sh [--stage 0..3] [--stop_stage 0..3] [--settings \"TASK_TEACHER_STUDENT ...\"]
-       [--seeds N] [--weak_steps N] [--measure true [--target_seconds S]] [--budget_dir DIR] [--exp DIR] [--data DIR] [--data_sentences DIR]
+       [--seeds N] [--weak_steps N] [--sentences_steps N] [--measure true [--target_seconds S]] [--budget_dir DIR] [--exp DIR] [--data DIR] [--data_sentences DIR]
        [--smoke true] [--update_readme true]"
 . ../../tools/parse_options.sh
 recipe=asr_study
@@ -61,7 +64,9 @@ seed=0
 [ "${data}" = data ] || data=$(abspath "${data}")
 [ "${data_sentences}" = data_sentences ] || data_sentences=$(abspath "${data_sentences}")
 [[ "${seeds}" =~ ^[1-9][0-9]*$ ]] || { echo "--seeds must be a positive integer, got '${seeds}'" >&2; exit 2; }
-[[ "${weak_steps}" =~ ^[1-9][0-9]*$ ]] || { echo "--weak_steps must be a positive integer, got '${weak_steps}'" >&2; exit 2; }
+for x in weak_steps sentences_steps; do
+  [[ "${!x}" =~ ^[1-9][0-9]*$ ]] || { echo "--${x} must be a positive integer, got '${!x}'" >&2; exit 2; }
+done
 mkdir -p "${exp}"
 
 tasks=()
@@ -82,7 +87,12 @@ if [ "${smoke}" = "true" ]; then
   scale=0.05
   [ "${weak_steps}" -le 40 ] || weak_steps=40   # fewer: the smoke teacher writes nothing at all
 fi
-teacher_steps() { case "$1" in strong) [ "${smoke}" = "true" ] && echo 60 || echo 900 ;; weak) echo "${weak_steps}" ;; esac; }
+teacher_steps() {  # TASK QUALITY: the teacher's SFT steps
+  case "$2" in
+    weak) echo "${weak_steps}" ;;
+    strong) if [ "${smoke}" = "true" ]; then echo 60; elif [ "$1" = sentences ]; then echo "${sentences_steps}"; else echo 900; fi ;;
+  esac
+}
 done_model() { [ -f "$1/final/config.json" ]; }
 
 if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
@@ -113,10 +123,10 @@ if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
       cmp -s "${other}/tokenizer/tokenizer.json" "${b}/tokenizer/tokenizer.json" || {
         echo "${other} and ${b}: the tokenizers differ; remove ${w} and run stage 1 again" >&2; exit 1; }
     done
-    t="${w}/teacher_${quality}"; n=$(teacher_steps "${quality}")
+    t="${w}/teacher_${quality}"; n=$(teacher_steps "${task}" "${quality}")
     if done_model "${t}"; then  # a teacher kept from an earlier run must be the one asked for now
       had=$("${PY}" -c "import json,sys;print(json.load(open(sys.argv[1]))['steps'])" "${t}/train_summary.json")
-      [ "${had}" = "${n}" ] || { echo "${t}: trained ${had} steps, ${n} asked (--weak_steps?): remove it to train it again" >&2; exit 1; }
+      [ "${had}" = "${n}" ] || { echo "${t}: trained ${had} steps, ${n} asked (--weak_steps, --sentences_steps?): remove it to train it again" >&2; exit 1; }
     else
       log "stage 1: ${task}: ${quality} teacher, SFT for ${n} steps"
       train conf/teacher_sft.yaml model.path="${b}/teacher_init" output_dir="${t}" \

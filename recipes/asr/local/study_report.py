@@ -10,7 +10,8 @@ Reads ``<exp>/<setting>/seed<s>/results.json`` (run.sh's stage 3 of each seed) a
   with a 95% paired bootstrap interval over the utterances of all seeds together (an utterance of
   seed 0 is paired with the same utterance of seed 0 of the other method);
 - ``<exp>/STUDY.md``: the table (``--readme``: also into the README between the
-  ``<!-- study:start -->`` and ``<!-- study:end -->`` markers, never for a smoke run);
+  ``<!-- study:start -->`` and ``<!-- study:end -->`` markers, with the plot copied to the
+  README's ``assets/study.png``; never for a smoke run);
 - ``<exp>/study.png``: the mean WER of each method per setting, with one dot per seed.
 
 A setting with no finished seed is listed as missing; one with fewer seeds than the others says
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -163,8 +165,11 @@ def main(argv=None) -> int:
     plot(study, args.exp / "study.png")
     print(f"wrote {args.exp / 'STUDY.md'}, {args.exp / 'study.json'}, {args.exp / 'study.png'}")
     if args.readme and args.smoke != "true":
-        update_readme(args.readme, table + note, tag="study")
-        print(f"study table written into {args.readme}")
+        assets = Path(args.readme).parent / "assets"
+        assets.mkdir(exist_ok=True)
+        shutil.copyfile(args.exp / "study.png", assets / "study.png")
+        update_readme(args.readme, table + note + "\n\n![OPD study](assets/study.png)", tag="study")
+        print(f"study table written into {args.readme}, its plot into {assets / 'study.png'}")
     return 0
 
 
