@@ -118,6 +118,7 @@ def plot(study: dict, out: Path) -> None:
     ax = fig.add_subplot(1, 1, 1)
     cols = [c for c, _, _ in METHODS]
     width = 0.8 / len(cols)
+    dots_all = []
     for j, c in enumerate(cols):
         xs, ms, dots = [], [], []
         for i, r in enumerate(done.values()):
@@ -129,12 +130,15 @@ def plot(study: dict, out: Path) -> None:
             ms.append(100 * v["mean"])
             dots += [(x, 100 * w) for w in v["per_seed"]]
         ax.bar(xs, ms, width=width * 0.95, label=c)
+        dots_all += dots + list(zip(xs, ms))
         if dots:
             ax.scatter([d[0] for d in dots], [d[1] for d in dots], s=6, color="black", zorder=3)
     ax.set_xticks(range(len(done)))
     ax.set_xticklabels([s.replace("_", "\n") + f"\nteacher {100 * r['teacher']['mean']:.1f}%"
                         for s, r in done.items()], fontsize=8)
     ax.set_ylabel("test WER (%)")
+    top = max([y for _, y in dots_all] or [100.0])
+    ax.set_ylim(0, top * 1.25)   # room for the legend above the bars
     ax.set_title("Which method wins, at equal compute (bars: mean over seeds; dots: seeds)", fontsize=9)
     ax.legend(fontsize=7, ncol=len(cols), loc="upper left")
     fig.tight_layout()
