@@ -69,9 +69,10 @@ for x in weak_steps sentences_steps; do
 done
 mkdir -p "${exp}"
 
+split_setting() { IFS=_ read -r task quality size <<< "$1"; }   # SETTING: sets task, quality, size
 tasks=()
 for s in ${settings}; do
-  IFS=_ read -r task quality size <<< "${s}"
+  split_setting "${s}"
   case "${task}" in commands|sentences) ;; *) echo "--settings: '${s}': the task must be commands or sentences" >&2; exit 2 ;; esac
   case "${quality}" in strong|weak) ;; *) echo "--settings: '${s}': the teacher must be strong or weak" >&2; exit 2 ;; esac
   case "${size}" in small|tiny) ;; *) echo "--settings: '${s}': the student must be small or tiny" >&2; exit 2 ;; esac
@@ -110,7 +111,7 @@ fi
 
 if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
   for s in ${settings}; do
-    IFS=_ read -r task quality size <<< "${s}"
+    split_setting "${s}"
     d=$(data_of "${task}"); w="${exp}/${task}"
     # the task's tokenizer and models (conf/study/models_<task>_<student>.yaml); the same text and
     # seed give every student of the task the same tokenizer as its teacher, checked below
@@ -147,9 +148,9 @@ if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
   done
 fi
 
-run_stage2() {  # SETTING SUBDIR SEED [run.sh options...]: run.sh's stages 2-3 in ${exp}/SETTING/SUBDIR
-  local s=$1 sub="${exp}/$1/$2" sd=$3 x; shift 3
-  IFS=_ read -r task quality size <<< "${s}"
+run_stage2() {  # SETTING SUBDIR SEED STOP_STAGE [run.sh options...]: run.sh's stages 2-STOP_STAGE in ${exp}/SETTING/SUBDIR
+  local s=$1 sub="${exp}/$1/$2" sd=$3 stop=$4 x; shift 4
+  split_setting "${s}"
   mkdir -p "${sub}"
   for x in teacher student_sft teacher_init student_init models.json; do
     [ -e "${exp}/${s}/${x}" ] || { echo "${exp}/${s}/${x} is missing: run stage 1 first" >&2; return 1; }
@@ -165,12 +166,12 @@ if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
     # the cost), from one wall-clock run each: conf/study/budget_<task>_<student>.yaml
     measured=" "
     for s in ${settings}; do
-      IFS=_ read -r task quality size <<< "${s}"
+      split_setting "${s}"
       [[ "${measured}" == *" ${task}_${size} "* ]] && continue
       measured+="${task}_${size} "
       log "stage 2: measuring ${task}_${size} (${target_seconds} s of wall-clock per method)"
       m="${exp}/${s}/measure"; rm -rf "${m}"
-      stop=2 run_stage2 "${s}" measure 0 --budget "${target_seconds}" "${smoke_args[@]}"
+      run_stage2 "${s}" measure 0 2 --budget "${target_seconds}" "${smoke_args[@]}"
       half=$("${PY}" -c "print(${target_seconds} / 2)")
       "${PY}" -m tools.step_budget measure --conf "${budget_dir}/budget_${task}_${size}.yaml" --target_seconds "${target_seconds}" \
         --machine "2-core x86 CPU of this project's machine kind (OMP_NUM_THREADS=2)" \
@@ -180,13 +181,13 @@ if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
   fi
   n=${seeds}; [ "${smoke}" = "true" ] && n=1
   for s in ${settings}; do
-    IFS=_ read -r task quality size <<< "${s}"
+    split_setting "${s}"
     conf="${budget_dir}/budget_${task}_${size}.yaml"
     [ -f "${conf}" ] || { echo "${conf} is missing: run with --measure true first" >&2; exit 1; }
     for ((sd = 0; sd < n; sd++)); do
       if [ -f "${exp}/${s}/seed${sd}/results.json" ]; then log "stage 2: ${s} seed ${sd}: done before"; continue; fi
       log "stage 2: ${s} seed ${sd}"
-      stop=3 run_stage2 "${s}" "seed${sd}" "${sd}" --budget_conf "${conf}" --budget_scale "${scale}" "${smoke_args[@]}"
+      run_stage2 "${s}" "seed${sd}" "${sd}" 3 --budget_conf "${conf}" --budget_scale "${scale}" "${smoke_args[@]}"
     done
   done
 fi
