@@ -146,7 +146,7 @@ def test_opd_study_trains_resumes_and_reports(smoke, tmp_path):
             "--data", str(data), "--exp", str(exp), "--budget_dir", str(bud)]
     proc = subprocess.run(args, capture_output=True, text=True, env=ENV, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    # the weak teacher is the teacher's SFT stopped early; the tiny student is the tiny one
+    # the weak teacher is the teacher's SFT over --weak_steps; the tiny student is the tiny one
     assert json.loads((exp / "commands/teacher_weak/train_summary.json").read_text())["steps"] == 40
     assert json.loads((exp / "commands/build_tiny/models.json").read_text())["student"]["hidden"] == 32
     res = json.loads((exp / "commands_weak_tiny/seed0/results.json").read_text())

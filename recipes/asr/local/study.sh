@@ -41,7 +41,7 @@ stop_stage=3
 settings="commands_strong_small commands_strong_tiny commands_weak_small commands_weak_tiny sentences_strong_small"
 seeds=3                 # training seeds per setting (0 .. N-1), after one shared warm-up
 weak_steps=500          # the weak teacher's SFT steps (the strong one: conf/teacher_sft.yaml's 900); dev
-                        # reward 1 - WER per clip: 150 steps 0.16, 400 steps 0.65, 900 steps 0.98
+                        # reward 1 - WER per clip: 150 steps 0.16, 400 steps 0.65, 500 0.80, 900 steps 0.97
 sentences_steps=2400    # the sentences task's strong teacher's SFT steps: its outputs are three times
                         # as long, and 900 steps left it at a dev reward of 0.63
 measure=false           # true: first measure seconds per step (--target_seconds of wall-clock per method)
