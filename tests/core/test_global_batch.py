@@ -12,11 +12,10 @@ tolerance (checked below for token-mean).
 """
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import free_port
 
 from core import config as C
 from core.backends import TorchEngine
@@ -121,12 +120,6 @@ def _worker(rank, port, setting, out_path):
         tdist.destroy_process_group()
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def setting(tiny):
     assert sum(LENGTHS[:4]) != sum(LENGTHS[4:])
@@ -137,7 +130,7 @@ def setting(tiny):
 def two_processes(setting, tmp_path_factory):
     """Every case run by 2 processes of 4 samples each (one spawn for all cases)."""
     out = tmp_path_factory.mktemp("procs") / "procs.pt"
-    mp.spawn(_worker, args=(_port(), setting, str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), setting, str(out)), nprocs=2, join=True)
     return torch.load(out)
 
 
